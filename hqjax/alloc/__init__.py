@@ -1,0 +1,3 @@
+"""hqjax.alloc."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""hqjax.curvature."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""hqjax.quant."""
+
+__all__: list[str] = []

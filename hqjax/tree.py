@@ -1,0 +1,247 @@
+"""Pytree vector algebra, random probes and the partition of parameters into layer blocks.
+
+Every curvature operator and estimator in hqjax works on vectors shaped like a params
+pytree. This module is the only place that knows how to add, scale, dot and sample such
+vectors, and how a params pytree splits into named layers ("blocks").
+
+Block names are Flax module paths joined by ``/`` (``'Conv_0'``, ``'layer1/block0/conv1'``):
+the same strings a person reads in ``model.tabulate`` and the keys of a BitConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "tree_dot",
+    "tree_add",
+    "tree_sub",
+    "tree_scale",
+    "tree_axpy",
+    "tree_norm",
+    "tree_zeros_like",
+    "tree_size",
+    "tree_random_like",
+    "check_same_structure",
+    "Blocks",
+    "blocks",
+    "path_name",
+]
+
+PyTree = Any
+
+# Leaf names that make a module a quantizable layer (a block of its own).
+OWNER_LEAVES = ("kernel", "embedding")
+# Top-level Flax variable collections that are not part of a module path.
+_COLLECTIONS = ("params",)
+
+
+# ----------------------------------------------------------------------------- algebra
+def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
+    """Inner product ``sum_i <a_i, b_i>`` over matching leaves, accumulated in float32+."""
+    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y).real, a, b))
+    return sum(leaves, jnp.zeros((), jnp.result_type(float)))
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_scale(alpha, a: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: alpha * x, a)
+
+
+def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y`` leaf-wise."""
+    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+
+
+def tree_norm(a: PyTree) -> jax.Array:
+    return jnp.sqrt(tree_dot(a, a))
+
+
+def tree_zeros_like(a: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, a)
+
+
+def tree_size(a: PyTree) -> int:
+    """Number of scalars in a pytree (static)."""
+    return int(sum(np.size(x) for x in jax.tree.leaves(a)))
+
+
+def tree_random_like(key: jax.Array, like: PyTree, dist: str = "rademacher") -> PyTree:
+    """A random vector shaped like ``like``.
+
+    Parameters
+    ----------
+    key : PRNG key.
+    like : pytree whose leaves give shapes and dtypes.
+    dist : ``'rademacher'`` (entries ±1, the Hutchinson probe of Avron & Toledo 2011 with
+        minimal variance) or ``'gaussian'`` / ``'normal'`` (standard normal entries).
+    """
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    if dist == "rademacher":
+        out = [jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    elif dist in ("gaussian", "normal"):
+        out = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    else:
+        raise ValueError(f"unknown probe distribution {dist!r}: use 'rademacher' or 'gaussian'")
+    return jax.tree.unflatten(treedef, out)
+
+
+def check_same_structure(a: PyTree, b: PyTree, what_a: str = "params", what_b: str = "vector") -> None:
+    """Raise a clear error when two pytrees differ in structure or leaf shapes."""
+    sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+    if sa != sb:
+        pa = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]}
+        pb = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(b)[0]}
+        raise ValueError(
+            f"{what_b} does not have the structure of {what_a}: "
+            f"only in {what_a}: {sorted(pa - pb)[:5]}, only in {what_b}: {sorted(pb - pa)[:5]}. "
+            f"Build it with jax.tree.map over {what_a} (e.g. hqjax.tree_random_like)."
+        )
+    for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        if jnp.shape(x) != jnp.shape(y):
+            raise ValueError(
+                f"{what_b} leaf {path_name(p)!r} has shape {jnp.shape(y)} but {what_a} has {jnp.shape(x)}"
+            )
+
+
+# ----------------------------------------------------------------------------- blocks
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """``'/'``-joined string of a pytree key path, without the ``params`` collection."""
+    parts = [_key_str(k) for k in path]
+    if parts and parts[0] in _COLLECTIONS:
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """A partition of a params pytree's leaves into named layers.
+
+    Attributes
+    ----------
+    names : block names in first-appearance order (Flax module paths).
+    leaf_block : for each leaf in ``jax.tree.leaves`` order, its block index, or -1 when the
+        leaf belongs to no block (e.g. BatchNorm scale/bias with the default rule).
+    leaf_paths : each leaf's path name (for messages and tables).
+    treedef : the params tree structure the partition was made for.
+    sizes : number of parameters in each block.
+    """
+
+    names: tuple[str, ...]
+    leaf_block: tuple[int, ...]
+    leaf_paths: tuple[str, ...]
+    treedef: Any
+    sizes: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no block named {name!r}; blocks are {list(self.names)}") from None
+
+    def mask(self, name: str) -> PyTree:
+        """Boolean pytree (one Python bool per leaf): which leaves belong to block ``name``."""
+        i = self.index(name)
+        return jax.tree.unflatten(self.treedef, [b == i for b in self.leaf_block])
+
+    def restrict(self, tree: PyTree, name: str) -> PyTree:
+        """Zero every leaf outside block ``name`` (projection ``P_b v``)."""
+        i = self.index(name)
+        leaves = jax.tree.leaves(tree)
+        return jax.tree.unflatten(
+            self.treedef, [x if b == i else jnp.zeros_like(x) for x, b in zip(leaves, self.leaf_block)]
+        )
+
+    def restrict_operator(self, matvec: Callable[[PyTree], PyTree], name: str) -> Callable[[PyTree], PyTree]:
+        """The diagonal block ``P_b M P_b`` of an operator, as an operator on full vectors."""
+        return lambda v: self.restrict(matvec(self.restrict(v, name)), name)
+
+    def dots(self, a: PyTree, b: PyTree) -> jax.Array:
+        """Per-block inner products ``[<a_b, b_b> for b in names]`` as one array."""
+        per_leaf = [jnp.vdot(x, y).real for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+        out = []
+        for i in range(len(self.names)):
+            terms = [d for d, blk in zip(per_leaf, self.leaf_block) if blk == i]
+            out.append(sum(terms[1:], terms[0]))
+        if not out:
+            return jnp.zeros((0,), jnp.result_type(float))
+        return jnp.stack(out)
+
+    def leaves_of(self, tree: PyTree, name: str) -> dict[str, jax.Array]:
+        """The leaves of ``tree`` in block ``name``, keyed by their path names."""
+        i = self.index(name)
+        return {p: x for p, x, b in zip(self.leaf_paths, jax.tree.leaves(tree), self.leaf_block) if b == i}
+
+    def kernel(self, tree: PyTree, name: str) -> jax.Array:
+        """The block's owning weight (its ``kernel`` or ``embedding`` leaf)."""
+        for p, x in self.leaves_of(tree, name).items():
+            if p.rsplit("/", 1)[-1] in OWNER_LEAVES:
+                return x
+        raise KeyError(f"block {name!r} has no kernel/embedding leaf")
+
+
+def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None) -> Blocks:
+    """Partition ``params`` into named layer blocks.
+
+    Parameters
+    ----------
+    params : a Flax params pytree (with or without the top-level ``'params'`` collection).
+    rule : optional function from a leaf's path name (``'layer1/conv1/kernel'``) to its block
+        name, or ``None`` to leave the leaf out of every block. The default puts every leaf
+        of a module that owns a ``kernel`` or ``embedding`` into a block named by the
+        module path, and leaves the rest (normalization scales and biases) out.
+
+    Returns
+    -------
+    Blocks : the partition, with names in parameter order.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_name(p) for p, _ in flat]
+    if rule is None:
+        owners = {p.rsplit("/", 1)[0] if "/" in p else "" for p in paths if p.rsplit("/", 1)[-1] in OWNER_LEAVES}
+
+        def rule(p: str) -> str | None:
+            module = p.rsplit("/", 1)[0] if "/" in p else ""
+            return module if module in owners else None
+
+    names: list[str] = []
+    leaf_block: list[int] = []
+    for p in paths:
+        name = rule(p)
+        if name is None:
+            leaf_block.append(-1)
+            continue
+        if name not in names:
+            names.append(name)
+        leaf_block.append(names.index(name))
+    sizes = [0] * len(names)
+    for (_, x), b in zip(flat, leaf_block):
+        if b >= 0:
+            sizes[b] += int(np.size(x))
+    return Blocks(tuple(names), tuple(leaf_block), tuple(paths), treedef, tuple(sizes))

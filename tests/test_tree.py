@@ -1,0 +1,75 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hqjax
+from hqjax.models import CNN, ResNet20
+
+
+def _params():
+    return {"params": {"a": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
+                       "bn": {"scale": jnp.ones(3), "bias": jnp.zeros(3)},
+                       "emb": {"embedding": jnp.ones((4, 2))}}}
+
+
+def test_algebra_matches_raveled_numpy():
+    p = _params()
+    q = jax.tree.map(lambda x: x * 0.5 + 1.0, p)
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    np.testing.assert_allclose(hqjax.tree_dot(p, q), flat(p) @ flat(q), rtol=1e-6)
+    np.testing.assert_allclose(flat(hqjax.tree_axpy(2.0, p, q)), 2 * flat(p) + flat(q))
+    np.testing.assert_allclose(hqjax.tree_norm(p), np.linalg.norm(flat(p)), rtol=1e-6)
+    assert hqjax.tree_size(p) == flat(p).size
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_random_like_shapes_and_values(dist):
+    p = _params()
+    v = hqjax.tree_random_like(jax.random.key(0), p, dist)
+    assert jax.tree.structure(v) == jax.tree.structure(p)
+    leaves = np.concatenate([np.ravel(x) for x in jax.tree.leaves(v)])
+    if dist == "rademacher":
+        assert set(np.unique(leaves)) == {-1.0, 1.0}
+    else:
+        assert len(np.unique(leaves)) == leaves.size
+    w = hqjax.tree_random_like(jax.random.key(0), p, dist)
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)))
+    with pytest.raises(ValueError, match="unknown probe distribution"):
+        hqjax.tree_random_like(jax.random.key(0), p, "uniform")
+
+
+def test_blocks_default_rule_groups_by_owning_module():
+    b = hqjax.blocks(_params())
+    assert b.names == ("a", "emb")
+    assert b.sizes == (9, 8)
+    p = _params()
+    r = b.restrict(p, "a")
+    assert float(jnp.sum(r["params"]["emb"]["embedding"])) == 0.0
+    assert jnp.array_equal(r["params"]["a"]["kernel"], p["params"]["a"]["kernel"])
+    d = b.dots(p, p)
+    np.testing.assert_allclose(d, [jnp.sum(jnp.arange(6.0) ** 2) + 3, 8.0])
+    assert b.kernel(p, "a").shape == (2, 3)
+    with pytest.raises(KeyError, match="no block named"):
+        b.index("nope")
+
+
+def test_blocks_names_match_flax_module_paths():
+    v = ResNet20().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    b = hqjax.blocks(v["params"])
+    assert b.names[0] == "fc" or "stem" in b.names
+    assert "stage2/block0/conv1" in b.names and "stem" in b.names and "fc" in b.names
+    assert len(b) == 20  # 19 convolutions + the classifier
+    assert sum(b.sizes) < hqjax.tree_size(v["params"])  # BatchNorm parameters are in no block
+    c = CNN().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    assert hqjax.blocks(c).names == ("conv1", "conv2", "dense")
+
+
+def test_custom_rule_and_structure_check():
+    b = hqjax.blocks(_params(), rule=lambda p: "all")
+    assert b.names == ("all",) and b.sizes == (hqjax.tree_size(_params()),)
+    with pytest.raises(ValueError, match="does not have the structure"):
+        hqjax.check_same_structure(_params(), {"params": {}})
+    bad = jax.tree.map(lambda x: x[None], _params())
+    with pytest.raises(ValueError, match="has shape"):
+        hqjax.check_same_structure(_params(), bad)
