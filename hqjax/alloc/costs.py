@@ -218,6 +218,20 @@ class LayerCosts:
             return self.latency(name, w_bits, a_bits)
         raise ValueError(f"unknown budget kind {kind!r}; budgets are {list(COST_KINDS)}")
 
+    def matrix(self, kind: str, names: Sequence[str], choices: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``[len(names), len(choices)]`` costs under ``kind`` at each ``(w_bits, a_bits)`` choice."""
+        for n in names:
+            self._check(n)
+        w = np.array([c[0] for c in choices], np.float64)
+        a = np.array([c[1] for c in choices], np.float64)
+        if kind == "size":
+            nw = np.array([self.n_weights[n] for n in names], np.float64)[:, None]
+            nb = np.array([self.n_bias.get(n, 0) for n in names], np.float64)[:, None]
+            return nw * w / 8 + nb * self.bias_bits / 8
+        if kind == "bops":
+            return np.array([self.macs[n] for n in names], np.float64)[:, None] * (w * a)
+        return np.array([[self.cost(kind, n, cw, ca) for cw, ca in choices] for n in names], np.float64)
+
     def table(self, bits: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
         """``{layer: {b: {size, bops[, latency]}}}`` at W=A=b, for reports."""
         kinds = COST_KINDS if self.latency_us is not None else COST_KINDS[:2]

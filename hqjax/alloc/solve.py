@@ -178,6 +178,8 @@ def _groups(layers: list[str], ties) -> list[list[str]]:
 
 
 def _cost_matrix(costs, kind, layers, choices) -> np.ndarray:
+    if hasattr(costs, "matrix"):
+        return np.asarray(costs.matrix(kind, layers, choices), np.float64)
     return np.array([[float(costs.cost(kind, n, w, a)) for (w, a) in choices] for n in layers], np.float64)
 
 
