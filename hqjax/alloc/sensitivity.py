@@ -170,7 +170,8 @@ def weight_perturbations(
     out: dict[str, dict[int, float]] = {}
     for name in blks.names:
         w = blks.kernel(params, name)
-        out[name] = {int(b): float(jax.jit(perturb, static_argnums=1)(w, int(b))) for b in bits}
+        # Eager: one small kernel per layer and bit width, not worth a compilation each.
+        out[name] = {int(b): float(perturb(w, int(b))) for b in bits}
     return out
 
 
