@@ -74,6 +74,7 @@ def solve_choice_program(
     *,
     backend: str = "CBC",
     time_limit: float | None = None,
+    reduce: bool = True,
 ) -> SolveOutcome:
     """Solve the one-hot choice program.
 
@@ -84,7 +85,10 @@ def solve_choice_program(
     costs, limits : one ``[G, C]`` cost matrix and one upper limit per budget.
     backend : ``'CBC'`` (default, fastest here), ``'SCIP'``, ``'HIGHS'`` or ``'CP-SAT'``.
     time_limit : seconds; on expiry the best solution found is returned with status FEASIBLE.
+    reduce : first drop the choices that the LP relaxation's bound proves cannot beat a
+        rounded LP solution (reduced-cost fixing, exact); the backend solves what is left.
     """
+    t0 = time.perf_counter()
     backend = backend.upper()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; OR-Tools backends available: {list(BACKENDS)}")
@@ -92,12 +96,128 @@ def solve_choice_program(
         raise ValueError("every group needs at least one allowed choice")
     obj = _objective(np.asarray(score, np.float64), allowed)
     rows = [_normalized(np.asarray(c, np.float64), allowed, float(l)) for c, l in zip(costs, limits)]
+    if reduce and allowed.sum() > allowed.shape[0]:
+        reduced = _reduce_by_lp_bound(obj, allowed, rows)
+        if reduced is not None:
+            keep, incumbent = reduced
+            if (keep.sum(axis=1) == 1).all():  # the bound proves the rounded LP optimum optimal
+                return SolveOutcome(incumbent, "OPTIMAL", time.perf_counter() - t0)
+            allowed = keep
     if backend == "CP-SAT":
         exact = [_exact_integer_row(np.asarray(c, np.float64), allowed, float(l)) for c, l in zip(costs, limits)]
         rows = [e if e is not None else _rounded_row(a, r) for e, (a, r) in zip(exact, rows)]
         obj_int = np.rint(obj / max(float(obj.max(initial=0.0)), 1e-300) * _OBJ_RESOLUTION).astype(np.int64)
-        return _solve_cpsat(obj_int, allowed, rows, time_limit)
-    return _solve_mip(backend, obj, allowed, rows, time_limit)
+        out = _solve_cpsat(obj_int, allowed, rows, time_limit)
+    else:
+        out = _solve_mip(backend, obj, allowed, rows, time_limit)
+    return dataclasses.replace(out, time_s=time.perf_counter() - t0)
+
+
+def _reduce_by_lp_bound(obj, allowed, rows):
+    """Reduced-cost fixing from the LP relaxation (Nemhauser & Wolsey 1988, Sec. II.6.2).
+
+    For any multipliers ``u`` (one per group) and ``λ <= 0`` (one per budget), with reduced
+    costs ``d = obj - u - Σ_k λ_k a_k``, every feasible one-hot ``x`` satisfies
+    ``obj·x >= Σu + Σ_k λ_k rhs_k + Σ_g d[g, c_g]``. So choice ``(g, c)`` can only appear in a
+    solution of objective at least ``LB0 - min_c d[g] + d[g, c]``; when that exceeds the
+    objective of a feasible rounding of the LP optimum, the choice is dropped. The bound is
+    valid for whatever duals GLOP returns (it is recomputed here in float64), so the
+    reduction is exact; it leaves the backend a core of a few groups with near-tied choices.
+
+    Returns ``(keep mask, incumbent choice)`` or None when no feasible rounding was found.
+    """
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    if solver is None:
+        return None
+    G, C = allowed.shape
+    idx = [(g, c) for g in range(G) for c in np.flatnonzero(allowed[g])]
+    # No upper bound: x <= 1 follows from the group rows, and a bound would carry its own
+    # multiplier, leaving the row duals without the reduced-cost property used below.
+    xs = [solver.NumVar(0.0, solver.infinity(), "") for _ in idx]
+    ones = [solver.Constraint(1.0, 1.0) for _ in range(G)]
+    for (g, c), v in zip(idx, xs):
+        ones[g].SetCoefficient(v, 1.0)
+    cts = []
+    for coef, rhs in rows:
+        ct = solver.Constraint(-solver.infinity(), rhs)
+        for (g, c), v in zip(idx, xs):
+            if coef[g, c] != 0.0:
+                ct.SetCoefficient(v, float(coef[g, c]))
+        cts.append(ct)
+    objective = solver.Objective()
+    for (g, c), v in zip(idx, xs):
+        objective.SetCoefficient(v, float(obj[g, c]))
+    objective.SetMinimization()
+    if solver.Solve() != pywraplp.Solver.OPTIMAL:
+        return None
+    x = np.zeros((G, C))
+    for (g, c), v in zip(idx, xs):
+        x[g, c] = v.solution_value()
+    u = np.array([ct.dual_value() for ct in ones])
+    lam = np.minimum(np.array([ct.dual_value() for ct in cts]), 0.0)
+    d = obj - u[:, None] - sum((l * coef for l, (coef, _) in zip(lam, rows)), np.zeros_like(obj))
+    d = np.where(allowed, d, np.inf)
+    m = d.min(axis=1)
+    lb0 = float(u.sum() + sum(l * rhs for l, (_, rhs) in zip(lam, rows)) + m.sum())
+    incumbent = _round_lp(x, obj, allowed, rows)
+    if incumbent is None:
+        return None
+    z = float(obj[np.arange(G), incumbent].sum())
+    slack = 1e-9 * (_OBJ_RANGE + abs(z))  # float64 summation error is far below this
+    keep = allowed & (lb0 - m[:, None] + d <= z + slack)
+    keep[np.arange(G), incumbent] = True
+    return keep, incumbent
+
+
+def _round_lp(x, obj, allowed, rows):
+    """A feasible one-hot rounding of an LP solution, or None."""
+    G = x.shape[0]
+    base = np.where(allowed, x, -1.0).argmax(axis=1)
+    frac = np.flatnonzero(x.max(axis=1) < 1 - 1e-6)
+    weight = sum(coef for coef, _ in rows) if rows else np.zeros_like(x)
+    tries = [base.copy()]
+    for k in range(len(rows) + 1):  # cheapest support choice by all budgets, then by each one
+        pick = base.copy()
+        w = weight if k == len(rows) else rows[k][0]
+        for g in frac:
+            support = np.flatnonzero((x[g] > 1e-9) & allowed[g])
+            pick[g] = support[np.argmin(w[g, support])]
+        tries.append(pick)
+        pick = base.copy()
+        for g in frac:  # cheapest allowed choice overall
+            cands = np.flatnonzero(allowed[g])
+            pick[g] = cands[np.argmin(w[g, cands])]
+        tries.append(pick)
+    rowsel = np.arange(G)
+    # Strictly inside: an incumbent over a budget by a rounding error would give a bound
+    # below the true optimum and drop choices the optimum needs.
+    limits = [rhs - 1e-12 * max(1.0, abs(rhs)) for _, rhs in rows]
+    best = None
+    for pick in tries:
+        if all(coef[rowsel, pick].sum() <= lim for (coef, _), lim in zip(rows, limits)):
+            pick = _improve(obj, allowed, rows, limits, pick)
+            if best is None or obj[rowsel, pick].sum() < obj[rowsel, best].sum():
+                best = pick
+    return best
+
+
+def _improve(obj, allowed, rows, limits, pick, max_moves: int = 64):
+    """Greedy: switch the one choice that lowers the objective most while every budget holds."""
+    G = len(pick)
+    rowsel = np.arange(G)
+    for _ in range(max_moves):
+        gain = np.where(allowed, obj[rowsel, pick][:, None] - obj, -np.inf)
+        for (coef, _), lim in zip(rows, limits):
+            slack = lim - coef[rowsel, pick].sum()
+            gain = np.where(coef - coef[rowsel, pick][:, None] <= slack, gain, -np.inf)
+        g, c = np.unravel_index(np.argmax(gain), gain.shape)
+        if not gain[g, c] > 0:
+            break
+        pick = pick.copy()
+        pick[g] = c
+    return pick
 
 
 def _exact_integer_row(cost, allowed, limit):
