@@ -96,6 +96,7 @@ def solve_choice_program(
         raise ValueError("every group needs at least one allowed choice")
     obj = _objective(np.asarray(score, np.float64), allowed)
     rows = [_normalized(np.asarray(c, np.float64), allowed, float(l)) for c, l in zip(costs, limits)]
+    incumbent = None
     if reduce and allowed.sum() > allowed.shape[0]:
         reduced = _reduce_by_lp_bound(obj, allowed, rows)
         if reduced is not None:
@@ -110,6 +111,11 @@ def solve_choice_program(
         out = _solve_cpsat(obj_int, allowed, rows, time_limit)
     else:
         out = _solve_mip(backend, obj, allowed, rows, time_limit)
+    if incumbent is not None and out.status != "OPTIMAL":
+        # Time ran out: the LP rounding is a feasible answer too; return the better one.
+        rowsel = np.arange(len(incumbent))
+        if out.choice is None or obj[rowsel, incumbent].sum() < obj[rowsel, out.choice].sum():
+            out = SolveOutcome(incumbent, "FEASIBLE", out.time_s)
     return dataclasses.replace(out, time_s=time.perf_counter() - t0)
 
 

@@ -196,6 +196,7 @@ def allocate(
     ties: Sequence[Sequence[str]] = (),
     backend: str = "CBC",
     time_limit: float | None = None,
+    reduce: bool = True,
 ) -> Allocation:
     """The bit configuration of least summed sensitivity within the budgets (HAWQ-V3 Eq. 12).
 
@@ -217,6 +218,8 @@ def allocate(
     ties : groups of layers that must take the same choice.
     backend : ``'CBC'``, ``'SCIP'``, ``'HIGHS'`` or ``'CP-SAT'``.
     time_limit : seconds; on expiry the best solution is returned with ``proven_optimal=False``.
+    reduce : drop the choices the LP relaxation's bound excludes before the backend runs
+        (exact; see ``backends._reduce_by_lp_bound``). False hands the whole program over.
 
     Raises
     ------
@@ -259,7 +262,7 @@ def allocate(
     if any(limits[k] < minimal[k] * (1 - _REL_TOL) for k in kinds):
         raise InfeasibleBudgetError(limits, minimal, _minimal_with_others(cost_g, allowed, limits, backend))
 
-    out = _solve_checked(score, allowed, cost_g, limits, backend, time_limit)
+    out = _solve_checked(score, allowed, cost_g, limits, backend, time_limit, reduce)
     if out.choice is None:
         if out.status == "INFEASIBLE":
             raise InfeasibleBudgetError(limits, minimal, _minimal_with_others(cost_g, allowed, limits, backend))
@@ -294,7 +297,7 @@ def _resolve_limit(value, cost, allowed, choices) -> float:
     return value
 
 
-def _solve_checked(score, allowed, cost_g, limits, backend, time_limit):
+def _solve_checked(score, allowed, cost_g, limits, backend, time_limit, reduce=True):
     """Solve, then check the answer against the unscaled budgets in float64.
 
     A MIP solver's feasibility tolerance (~1e-7 of the scaled row) can admit an assignment
@@ -304,7 +307,8 @@ def _solve_checked(score, allowed, cost_g, limits, backend, time_limit):
     kinds = list(limits)
     eff = dict(limits)
     for _ in range(4):
-        out = solve_choice_program(score, allowed, [cost_g[k] for k in kinds], [eff[k] for k in kinds], backend=backend, time_limit=time_limit)
+        out = solve_choice_program(score, allowed, [cost_g[k] for k in kinds], [eff[k] for k in kinds],
+                                   backend=backend, time_limit=time_limit, reduce=reduce)
         if out.choice is None:
             return out
         rows = np.arange(len(allowed))
