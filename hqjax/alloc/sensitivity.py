@@ -139,8 +139,13 @@ class SensitivityTable:
 
 def _default_quantizer_perturbation():
     # Lazy: hqjax.quant is written in parallel and must not be needed to import this module.
-    from hqjax.quant import weight_perturbation
-
+    try:
+        from hqjax.quant import weight_perturbation
+    except ImportError:
+        raise ImportError(
+            "hqjax.quant.weight_perturbation is not available in this install; pass "
+            "quantizer=(w, bits) -> Q(w) to compute ||Q_b(W) - W||^2"
+        ) from None
     return weight_perturbation
 
 
