@@ -206,6 +206,8 @@ def sensitivity_table(
     traces=None,
     eigenvalues=None,
     eigenvalue_samples=None,
+    act_traces=None,
+    act_perturbations: Mapping[str, Mapping[int, float]] | None = None,
     quantizer: Callable[[jax.Array, int], jax.Array] | None = None,
     blocks=None,
 ) -> SensitivityTable:
@@ -219,6 +221,9 @@ def sensitivity_table(
         ``{layer: trace}`` / ``{layer: (trace, stderr)}``.
     eigenvalues : ``{layer: EigenResult or [λ_1, ...]}`` (e.g. ``hqjax.block_top_eigenvalues``).
     eigenvalue_samples : ``{layer: [λ over data subsets]}`` for Q-BERT.
+    act_traces : ``hqjax.activation_traces`` result (or ``{layer: trace}``): the Hessian trace
+        w.r.t. each layer's input activation (HAWQ-V2 Sec. 3.3).
+    act_perturbations : ``{layer: {bits: ||Q_b(a) - a||^2}}`` for those activations.
     quantizer : ``(w, bits) -> Q(w)``; default the hqjax.quant weight quantizer.
     blocks : a ``hqjax.Blocks``; default ``hqjax.blocks(params)``.
     """
@@ -231,6 +236,8 @@ def sensitivity_table(
         t = _per_block(traces, name)
         trace, stderr = (t if isinstance(t, (tuple, list)) else (t, None)) if t is not None else (None, None)
         w = np.asarray(blks.kernel(params, name))
+        at = _per_block(act_traces, name)
+        at = at[0] if isinstance(at, (tuple, list)) else at
         rows[name] = LayerSensitivity(
             n_params=int(size),
             perturbation=pert[name],
@@ -239,6 +246,8 @@ def sensitivity_table(
             eigenvalues=_floats(_per_block(eigenvalues, name)),
             eigenvalue_samples=_floats(_per_block(eigenvalue_samples, name)),
             weight_norm_sq=float(np.sum(np.square(w, dtype=np.float64))),
+            act_trace=None if at is None else float(at),
+            act_perturbation={int(b): float(v) for b, v in (act_perturbations or {}).get(name, {}).items()},
         )
     return SensitivityTable(rows)
 

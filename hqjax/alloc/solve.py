@@ -212,8 +212,9 @@ def allocate(
     candidates : weight bit widths each free layer may take.
     metric : registered metric name or ``fn(row, bits)``; used when ``table`` is a table.
     act_candidates : None: activation bits follow weight bits (W4A4, W8A8); a sequence:
-        activation bits are chosen per layer too (a single value fixes them).
-    fixed : ``{layer: bits | (w, a)}``; a fixed layer not in ``table`` joins the program
+        activation bits are chosen per layer too (a single value fixes them), scored by the
+        table's ``act_trace * act_perturbation[a]`` where present (HAWQ-V2 Sec. 3.3), else 0.
+    fixed : ``{layer: bits | (w, a)}`` (an int ``b`` means W=b and A=b); a fixed layer not in ``table`` joins the program
         with zero sensitivity (its cost still counts).
     ties : groups of layers that must take the same choice.
     backend : ``'CBC'``, ``'SCIP'``, ``'HIGHS'`` or ``'CP-SAT'``.

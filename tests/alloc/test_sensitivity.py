@@ -36,7 +36,10 @@ def test_table_from_curvature_results_round_trips_through_json(params, tmp_path)
     eig = {"conv1": [5.0, 1.0], "conv2": np.array([4.0]), "dense": [0.5]}
     samples = {"conv1": [1.0, 2.0, 3.0], "conv2": [1.0, 1.0], "dense": [0.1, 0.3]}
     table = hqjax.sensitivity_table(params, (4, 8), traces=traces, eigenvalues=eig, eigenvalue_samples=samples,
+                                    act_traces={"conv2": 0.7}, act_perturbations={"conv2": {4: 0.3, 8: 0.01}},
                                     quantizer=symmetric_per_channel)
+    assert table["conv2"].act_trace == 0.7 and table["conv2"].act_perturbation == {4: 0.3, 8: 0.01}
+    assert table["conv1"].act_trace is None
     assert table.names == ("conv1", "conv2", "dense")
     assert table["conv1"].n_params == 3 * 3 * 1 * 8 + 8
     assert table["conv2"].trace == 2.0 and table["conv2"].trace_stderr == 0.2
