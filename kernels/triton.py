@@ -1,0 +1,145 @@
+"""Pallas Triton backend (NVIDIA GPUs): int8 x int8 -> int32 tiles on the tensor cores.
+
+One program per (block_m, block_n) output tile; it walks K in ``block_k`` steps inside the
+kernel (a ``fori_loop``, lowered to an ``scf.for`` that Triton software-pipelines), keeps the
+int32 accumulator in registers, and applies the fused dyadic epilogue
+(:func:`.requant.requantize`) before the single store, so a quantized layer is one launch.
+
+The int4-weight variant reads packed bytes (half the weight traffic) and unpacks them in
+registers into the two K-halves of :mod:`.packing`'s layout, multiplying each by its block
+of activations: ``acc += a_lo @ w_lo + a_hi @ w_hi``. Triton wants power-of-two tiles of at
+least 16 on each ``tl.dot`` dimension; operands are zero-padded to whole blocks
+(:mod:`._tiling`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from ._tiling import ceil_to, pad2, split_k_halves
+from .packing import unpack_int4_halves
+from .requant import Requant, out_dtype_of, requant_vectors, requantize
+
+__all__ = ["TritonBlocks", "matmul_triton", "int4_matmul_triton"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBlocks:
+    """Tile sizes and launch parameters (powers of two, each >= 16).
+
+    The defaults are the usual int8 tensor-core tile for sm80/sm90; ``block_m`` shrinks to
+    the next power of two >= M for small batches (the memory-bound, weight-streaming case).
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def check(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"TritonBlocks.{name}={v}: Triton tiles must be powers of two "
+                                 ">= 16 (e.g. 16, 32, 64, 128, 256)")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _fit(blocks: TritonBlocks, m: int) -> TritonBlocks:
+    blocks.check()
+    return dataclasses.replace(blocks, block_m=min(blocks.block_m, max(16, _next_pow2(m))))
+
+
+def _kernel(*refs, nk: int, bk: int, k_off: int, int4: bool, has_rq: bool, has_init: bool,
+            out_dtype: str | None):
+    a_ref, b_ref = refs[:2]
+    rq_refs = refs[2:5] if has_rq else ()
+    o_ref = refs[-1]
+    bm, bn = o_ref.shape
+
+    def dot(x, y):
+        return jnp.dot(x, y, preferred_element_type=jnp.int32)
+
+    def body(k, acc):
+        start = pl.multiple_of(k * bk, bk)
+        if int4:
+            w_lo, w_hi = unpack_int4_halves(b_ref[pl.ds(start, bk), :])
+            acc += dot(a_ref[:, pl.ds(start, bk)], w_lo)
+            return acc + dot(a_ref[:, pl.ds(start + k_off, bk)], w_hi)
+        return acc + dot(a_ref[:, pl.ds(start, bk)], b_ref[pl.ds(start, bk), :])
+
+    acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
+    if has_rq:
+        mult, shift, bias = (r[...] for r in rq_refs)
+        acc = requantize(acc, mult, shift, bias, out_dtype=out_dtype)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
+    """Shared launcher: ``a`` (M, K), ``b`` int8 (K, N) or packed (ceil(K/2), N)."""
+    m, k = a.shape
+    n = b.shape[1]
+    bl = _fit(blocks, m)
+    bm, bn, bk = bl.block_m, bl.block_n, bl.block_k
+    mp, np_ = ceil_to(m, bm), ceil_to(n, bn)
+    if int4:
+        kh = b.shape[0]
+        khp = ceil_to(kh, bk)
+        a_p = pad2(split_k_halves(a, k, kh, khp), mp, 2 * khp)
+        b_p = pad2(b, khp, np_)
+        nk, k_off, k_rows = khp // bk, khp, khp
+    else:
+        kp = ceil_to(k, bk)
+        a_p, b_p = pad2(a, mp, kp), pad2(b, kp, np_)
+        nk, k_off, k_rows = kp // bk, 0, kp
+    operands = [a_p, b_p]
+    in_specs = [pl.BlockSpec((bm, a_p.shape[1]), lambda i, j: (i, 0)),
+                pl.BlockSpec((k_rows, bn), lambda i, j: (0, j))]
+    if rq is not None:
+        operands += list(requant_vectors(rq, n, np_))
+        in_specs += [pl.BlockSpec((1, bn), lambda i, j: (0, j))] * 3
+    out_dtype = out_dtype_of(rq)
+    aliases = {}
+    if out_init is not None:  # testing hook: tiles the kernel never writes keep this value
+        operands.append(pad2(out_init.astype(out_dtype), mp, np_))
+        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+        aliases = {len(operands) - 1: 0}
+    kernel = functools.partial(
+        _kernel, nk=nk, bk=bk, k_off=k_off, int4=int4, has_rq=rq is not None,
+        has_init=out_init is not None, out_dtype=None if rq is None else rq.out_dtype)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(mp // bm, np_ // bn),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=bl.num_warps, num_stages=bl.num_stages),
+        interpret=interpret,
+        name="hqjax_int4_matmul" if int4 else "hqjax_int8_matmul",
+    )(*operands)
+    return out[:m, :n]
+
+
+def matmul_triton(a, b, rq: Requant | None = None, *, blocks: TritonBlocks = TritonBlocks(),
+                  interpret: bool = False, out_init=None):
+    """``a (M, K) int8 @ b (K, N) int8`` -> int32 (or ``rq``'s dtype), Pallas Triton."""
+    return _call(a, b, rq, blocks, interpret, out_init, int4=False)
+
+
+def int4_matmul_triton(a, packed, rq: Requant | None = None, *,
+                       blocks: TritonBlocks = TritonBlocks(), interpret: bool = False,
+                       out_init=None):
+    """``a (M, K) int8 @ unpack_int4(packed)`` with the unpack in registers, Pallas Triton."""
+    return _call(a, packed, rq, blocks, interpret, out_init, int4=True)
