@@ -152,11 +152,17 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--blocks", type=int, nargs=3, default=None, metavar=("BM", "BN", "BK"))
     p.add_argument("--no-models", action="store_true", help="square sizes only")
+    p.add_argument("--conv-only", action="store_true", help="only the convolution comparison")
     p.add_argument("--check-pallas", action="store_true",
                    help="run the Pallas path in interpret mode on tiny shapes (CPU code check)")
     args = p.parse_args(argv)
 
     platform = jax.default_backend()
+    if args.conv_only:
+        conv = bench_conv(args.reps)
+        print(f"KEY: conv method faster on {platform} over ResNet-20: {min(conv, key=conv.get)} "
+              f"({conv['im2col'] / conv['xla_conv']:.2f}x im2col/xla_conv time)")
+        return
     pallas = K.default_backend() if K.default_backend() != "xla" else None
     interpret = False
     sizes = args.sizes or ([1024, 2048, 4096, 8192] if pallas else [1024, 2048, 4096])
