@@ -11,6 +11,9 @@ by ``benchmarks/int_matmul.py`` (see benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -60,6 +63,18 @@ def im2col(x, kernel_hw, strides=(1, 1), padding="SAME"):
     return jnp.concatenate(cols, axis=-1)
 
 
+_patches_jit = jax.jit(im2col, static_argnames=("kernel_hw", "strides", "padding"))
+
+
+@functools.partial(jax.jit, static_argnames=("strides", "pads"))
+def _xla_conv(x, w, out_scale, *, strides, pads):
+    xi = x.astype(jnp.int32) if x.dtype == jnp.uint8 else x  # conv has no mixed u8 x s8
+    acc = lax.conv_general_dilated(xi, w.astype(xi.dtype), strides, pads,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   preferred_element_type=jnp.int32)
+    return apply_requant(acc, out_scale)
+
+
 def int_conv2d(x, w, *, strides=(1, 1), padding="SAME", out_scale: Requant | None = None,
                backend: str = "auto", interpret: bool | None = None, blocks=None,
                method: str = "auto"):
@@ -102,11 +117,14 @@ def int_conv2d(x, w, *, strides=(1, 1), padding="SAME", out_scale: Requant | Non
             check_requant(out_scale, w.shape[-1])
         strides = _pair(strides, "strides")
         pads = _padding(padding, w.shape[:2], strides, x.shape[1:3])
-        xi = x.astype(jnp.int32) if x.dtype == jnp.uint8 else x  # conv has no mixed u8 x s8
-        acc = lax.conv_general_dilated(xi, w.astype(xi.dtype), strides, pads,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       preferred_element_type=jnp.int32)
-        return apply_requant(acc, out_scale)
-    patches = im2col(x, w.shape[:2], strides, padding)
+        return _xla_conv(x, w, out_scale, strides=strides, pads=pads)
+    return _im2col_conv(x, w, _pair(strides, "strides"),
+                        _padding(padding, w.shape[:2], _pair(strides, "strides"), x.shape[1:3]),
+                        out_scale, backend, interpret, blocks)
+
+
+def _im2col_conv(x, w, strides, pads, out_scale, backend, interpret, blocks):
+    # jitted pieces: eager im2col would dispatch (and compile) one tiny op per slice
+    patches = _patches_jit(x, kernel_hw=w.shape[:2], strides=strides, padding=pads)
     return int_matmul(patches, w.reshape(-1, w.shape[-1]), out_scale=out_scale,
                       backend=backend, interpret=interpret, blocks=blocks)

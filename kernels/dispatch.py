@@ -12,6 +12,7 @@ folds into the epilogue's bias, so the kernels only ever see int8 x int8.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -88,10 +89,17 @@ def _product(a, b, rq, backend, interpret, blocks, *, int4: bool):
 
 
 def _matmul(a, b, out_scale, backend, interpret, blocks, *, int4: bool):
+    """Checks on concrete values here; the arithmetic runs as one jitted computation."""
     backend, interpret, blocks = _resolve(backend, interpret, blocks)
-    n = b.shape[-1]
     if out_scale is not None:
-        check_requant(out_scale, n)
+        check_requant(out_scale, b.shape[-1])
+    return _matmul_jit(a, b, out_scale, backend=backend, interpret=interpret, blocks=blocks,
+                       int4=int4)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret", "blocks", "int4"))
+def _matmul_jit(a, b, out_scale, *, backend, interpret, blocks, int4: bool):
+    n = b.shape[-1]
     squeeze = a.ndim == 1
     a = a[None, :] if squeeze else a
     correction = None

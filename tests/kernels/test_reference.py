@@ -1,11 +1,15 @@
 """XLA reference backend against NumPy int64: int8, packed int4, fused epilogue."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hqjax.kernels import pack_int4
 from hqjax.kernels.reference import int4_matmul_xla, matmul_xla
+
+matmul_xla = jax.jit(matmul_xla)  # one executable per shape instead of one per eager op
+int4_matmul_xla = jax.jit(int4_matmul_xla)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 1000, 3), (64, 77, 33)])
