@@ -36,6 +36,8 @@ class TritonBlocks:
 
     The defaults are the usual int8 tensor-core tile for sm80/sm90; ``block_m`` shrinks to
     the next power of two >= M for small batches (the memory-bound, weight-streaming case).
+    ``group_m`` row-blocks are walked together along N (Triton's grouped ordering), so
+    tiles launched together share their A and B blocks in L2.
     """
 
     block_m: int = 128
@@ -43,8 +45,11 @@ class TritonBlocks:
     block_k: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    group_m: int = 8
 
     def check(self) -> None:
+        if self.group_m < 1:
+            raise ValueError(f"TritonBlocks.group_m={self.group_m}: must be >= 1")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -59,6 +64,14 @@ def _next_pow2(x: int) -> int:
 def _fit(blocks: TritonBlocks, m: int) -> TritonBlocks:
     blocks.check()
     return dataclasses.replace(blocks, block_m=min(blocks.block_m, max(16, _next_pow2(m))))
+
+
+def _grouped(pid, nm: int, nn: int, group_m: int):
+    """(row block, column block) of program ``pid`` in grouped order (Triton tutorial 03)."""
+    per_group = group_m * nn
+    first_m = (pid // per_group) * group_m
+    size = jnp.minimum(nm - first_m, group_m)
+    return first_m + (pid % per_group) % size, (pid % per_group) // size
 
 
 def _kernel(*refs, nk: int, bk: int, k_off: int, int4: bool, has_rq: bool, has_init: bool,
@@ -103,12 +116,14 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
         kp = ceil_to(k, bk)
         a_p, b_p = pad2(a, mp, kp), pad2(b, kp, np_)
         nk, k_off, k_rows = kp // bk, 0, kp
+    nm, nn = mp // bm, np_ // bn
+    ij = functools.partial(_grouped, nm=nm, nn=nn, group_m=bl.group_m)
     operands = [a_p, b_p]
-    in_specs = [pl.BlockSpec((bm, a_p.shape[1]), lambda i, j: (i, 0)),
-                pl.BlockSpec((k_rows, bn), lambda i, j: (0, j))]
+    in_specs = [pl.BlockSpec((bm, a_p.shape[1]), lambda p: (ij(p)[0], 0)),
+                pl.BlockSpec((k_rows, bn), lambda p: (0, ij(p)[1]))]
     if rq is not None:
         operands += list(requant_vectors(rq, n, np_))
-        in_specs += [pl.BlockSpec((1, bn), lambda i, j: (0, j))] * 3
+        in_specs += [pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1]))] * 3
     out_dtype = out_dtype_of(rq)
     aliases = {}
     if out_init is not None:  # testing hook: tiles the kernel never writes keep this value
@@ -121,9 +136,9 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=(mp // bm, np_ // bn),
+        grid=(nm * nn,),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((bm, bn), ij),
         input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=bl.num_warps, num_stages=bl.num_stages),
         interpret=interpret,

@@ -70,3 +70,11 @@ def test_lowers_for_cuda(make_requant, variant):
 def test_blocks_are_validated():
     with pytest.raises(ValueError, match="block_k=48"):
         TritonBlocks(block_k=48).check()
+
+
+def test_grouped_order_with_a_partial_last_group_covers_every_tile(make_operands, oracle):
+    a, b, _ = make_operands(40, 50, 70)  # 3 x 5 tiles, groups of 2 rows: the last is partial
+    out = matmul_triton(jnp.asarray(a), jnp.asarray(b), interpret=True,
+                        blocks=TritonBlocks(16, 16, 32, group_m=2),
+                        out_init=_poison(40, 70, "int32"))
+    np.testing.assert_array_equal(np.asarray(out), oracle.matmul(a, b))
