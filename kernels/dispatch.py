@@ -69,14 +69,12 @@ def _check_operands(a, b, what: str, k_of_b):
                          f"K={k_of_b} (shape {b.shape})")
 
 
-def _uint8_to_int8(a, rq: Requant | None, col_sums):
-    """Exact int8 form of a uint8 product: returns (a - 128, rq or correction to add)."""
-    a8 = (a.astype(jnp.int32) - 128).astype(jnp.int8)
-    corr = 128 * col_sums
-    if rq is None:
-        return a8, None, corr
+def _with_correction(rq: Requant | None, corr):
+    """Fold the uint8 correction ``corr`` (N,) into ``rq``'s bias: (rq, what is left to add)."""
+    if corr is None or rq is None:
+        return rq, corr
     bias = corr if rq.bias is None else rq.bias.astype(jnp.int32) + corr
-    return a8, rq.replace(bias=bias), None
+    return rq.replace(bias=bias), None
 
 
 def _product(a, b, rq, backend, interpret, blocks, *, int4: bool):
@@ -102,25 +100,27 @@ def _matmul_jit(a, b, out_scale, *, backend, interpret, blocks, int4: bool):
     n = b.shape[-1]
     squeeze = a.ndim == 1
     a = a[None, :] if squeeze else a
-    correction = None
-    if a.dtype == jnp.uint8:
+    corr = None
+    if a.dtype == jnp.uint8:  # a @ b = (a - 128) @ b + 128 * colsum(b), exactly
         w = unpack_int4(b, a.shape[-1], axis=-2) if int4 else b
-        a, out_scale, correction = _uint8_to_int8(
-            a, out_scale, jnp.sum(w.astype(jnp.int32), axis=-2))
+        corr = 128 * jnp.sum(w.astype(jnp.int32), axis=-2)  # b's batch dims + (N,)
+        a = (a.astype(jnp.int32) - 128).astype(jnp.int8)
+
+    def one(x, y, c):
+        rq, rest = _with_correction(out_scale, c)
+        out = _product(x, y, rq, backend, interpret, blocks, int4=int4)
+        return out if rest is None else out + rest
+
     if b.ndim == 2:  # shared weights: every leading dimension of a is rows of M
         lead = a.shape[:-1]
-        out = _product(a.reshape(math.prod(lead), a.shape[-1]), b, out_scale, backend,
-                       interpret, blocks, int4=int4).reshape(*lead, n)
+        out = one(a.reshape(math.prod(lead), a.shape[-1]), b, corr).reshape(*lead, n)
     else:  # batched weights: one product per broadcast batch index
         batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a_b = jnp.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b_b = jnp.broadcast_to(b, batch + b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        one = lambda x, y: _product(x, y, out_scale, backend, interpret, blocks, int4=int4)  # noqa: E731
-        out = jax.vmap(one)(a_b, b_b).reshape(*batch, a.shape[-2], n)
-        if correction is not None:
-            correction = jnp.broadcast_to(correction, batch + (n,)).reshape(*batch, 1, n)
-    if correction is not None:
-        out = out + correction
+        c_b = None if corr is None else jnp.broadcast_to(corr, batch + (n,)).reshape(-1, n)
+        out = jax.vmap(one, in_axes=(0, 0, None if corr is None else 0))(a_b, b_b, c_b)
+        out = out.reshape(*batch, a.shape[-2], n)
     return out[0] if squeeze else out
 
 

@@ -36,11 +36,18 @@ def test_leading_dims_uint8_and_epilogue_identical_on_every_backend(rng, oracle,
 
 
 @pytest.mark.parametrize("backend", K.BACKENDS)
-def test_batched_weights_and_int4_identical_on_every_backend(rng, oracle, backend):
+def test_batched_weights_and_int4_identical_on_every_backend(rng, oracle, make_requant,
+                                                            backend):
     a = rng.integers(-128, 128, (3, 6, 33)).astype(np.int8)
     b = rng.integers(-128, 128, (3, 33, 20)).astype(np.int8)  # one weight per batch entry
     out = _run(K.int_matmul, backend, jnp.asarray(a), jnp.asarray(b))
     np.testing.assert_array_equal(np.asarray(out), oracle.matmul(a, b))
+    # uint8 with batched weights: the correction differs per batch entry
+    au = rng.integers(0, 256, (3, 6, 33)).astype(np.uint8)
+    rq = make_requant(20, 33, "int8")
+    out = _run(K.int_matmul, backend, jnp.asarray(au), jnp.asarray(b), out_scale=rq)
+    np.testing.assert_array_equal(np.asarray(out).astype(np.int64),
+                                  oracle.requant(oracle.matmul(au, b), rq))
     w4 = rng.integers(-8, 8, (33, 20)).astype(np.int8)
     out = _run(K.int4_matmul, backend, jnp.asarray(a[0]), K.pack_int4(w4))
     np.testing.assert_array_equal(np.asarray(out), oracle.matmul(a[0], w4))
@@ -85,3 +92,18 @@ def test_vector_activation():
 def test_bad_input_raises_early(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend, platform, target",
+                         [("triton", "cuda", "xla.gpu.triton"), ("mosaic", "tpu", "tpu_custom_call")])
+def test_public_paths_lower_for_their_platform(make_requant, backend, platform, target):
+    """Batched weights (vmapped kernel), uint8 activations and the epilogue, compiled for HW."""
+    rq = make_requant(200, 96, "int8")
+    f = jax.jit(lambda a, b, p: (
+        K.int_matmul(a, b, out_scale=rq, backend=backend, interpret=False),
+        K.int4_matmul(a[0], p, backend=backend, interpret=False)))
+    lowered = f.trace(jax.ShapeDtypeStruct((3, 40, 96), jnp.uint8),
+                      jax.ShapeDtypeStruct((3, 96, 200), jnp.int8),
+                      jax.ShapeDtypeStruct((48, 200), jnp.int8)).lower(
+                          lowering_platforms=(platform,))
+    assert lowered.as_text().count(target) >= 2
