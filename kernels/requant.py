@@ -20,7 +20,6 @@ applies the ReLU of a quantized ``conv -> relu`` for free).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -136,9 +135,11 @@ def check_requant(rq: Requant, n: int) -> None:
     except Exception:  # noqa: BLE001 - jax tracers raise on conversion
         return
     if np.any(m < 0) or np.any(m > _INT_MAX):
-        raise ValueError(f"Requant.multiplier must lie in [0, 2^31), got min {m.min()} max {m.max()}")
+        raise ValueError(f"Requant.multiplier must lie in [0, 2^31), got min {m.min()} "
+                         f"max {m.max()}")
     if np.any(s < 1) or np.any(s > _MAX_SHIFT):
-        raise ValueError(f"Requant.shift must lie in [1, {_MAX_SHIFT}], got min {s.min()} max {s.max()}")
+        raise ValueError(f"Requant.shift must lie in [1, {_MAX_SHIFT}], got min {s.min()} "
+                         f"max {s.max()}")
 
 
 def _mul_wide(a, m):
@@ -228,7 +229,3 @@ def requant_vectors(rq: Requant, n: int, n_padded: int):
         return jnp.pad(x, (0, n_padded - n), constant_values=fill)[None, :]
 
     return row(rq.multiplier, 0), row(rq.shift, 1), row(rq.bias, 0)
-
-
-def _ceil_to(x: int, m: int) -> int:
-    return int(math.ceil(x / m) * m)

@@ -95,7 +95,8 @@ def test_bad_input_raises_early(call, err, match):
 
 
 @pytest.mark.parametrize("backend, platform, target",
-                         [("triton", "cuda", "xla.gpu.triton"), ("mosaic", "tpu", "tpu_custom_call")])
+                         [("triton", "cuda", "xla.gpu.triton"),
+                          ("mosaic", "tpu", "tpu_custom_call")])
 def test_public_paths_lower_for_their_platform(make_requant, backend, platform, target):
     """Batched weights (vmapped kernel), uint8 activations and the epilogue, compiled for HW."""
     rq = make_requant(200, 96, "int8")
