@@ -56,8 +56,9 @@ def _fit(blocks: MosaicBlocks, m: int, n: int, k: int) -> MosaicBlocks:
                         min(blocks.block_k, ceil_to(k, 128)))
 
 
-def _kernel(*refs, int4: bool, has_rq: bool, has_init: bool, out_dtype: str | None):
-    n_in = (3 if int4 else 2) + (3 if has_rq else 0) + (1 if has_init else 0)
+def _kernel(*refs, int4: bool, has_rq: bool, has_init: bool, rq_meta: tuple | None):
+    n_ab = 3 if int4 else 2
+    n_in = n_ab + (4 if has_rq else 0) + (1 if has_init else 0)
     ins, o_ref, acc_ref = refs[:n_in], refs[n_in], refs[n_in + 1]
     k = pl.program_id(2)
 
@@ -79,8 +80,9 @@ def _kernel(*refs, int4: bool, has_rq: bool, has_init: bool, out_dtype: str | No
     def _():
         acc = acc_ref[...]
         if has_rq:
-            mult, shift, bias = (r[...] for r in ins[-3 - has_init:len(ins) - has_init])
-            acc = requantize(acc, mult, shift, bias, out_dtype=out_dtype)
+            mult, shift, bias, zero = (r[...] for r in ins[n_ab:n_ab + 4])
+            acc = requantize(acc, mult, shift, bias, zero, out_dtype=rq_meta[0],
+                             clip=rq_meta[1])
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -104,7 +106,7 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
                     pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j))]
     if rq is not None:
         operands += list(requant_vectors(rq, n, np_))
-        in_specs += [pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))] * 3
+        in_specs += [pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))] * 4
     out_dtype = out_dtype_of(rq)
     aliases = {}
     if out_init is not None:  # testing hook: tiles the kernel never writes keep this value
@@ -113,7 +115,7 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
         aliases = {len(operands) - 1: 0}
     kernel = functools.partial(_kernel, int4=int4, has_rq=rq is not None,
                                has_init=out_init is not None,
-                               out_dtype=None if rq is None else rq.out_dtype)
+                               rq_meta=None if rq is None else (rq.out_dtype, rq.clip))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),

@@ -10,12 +10,14 @@ int64 (disabled by default in JAX and slow or absent on accelerators): the 62-bi
 
 The rule, exactly (``q`` is the output)::
 
-    q = clip(floor((acc + bias) * m / 2^s + 1/2), qmin, qmax)
+    q = clip(round((acc + bias) * m / 2^s) + zero_point, qmin, qmax)
 
-i.e. round to nearest with ties toward +inf (add ``2^(s-1)``, then an arithmetic shift), with
-``acc + bias`` in int32, ``0 <= m < 2^31``, ``1 <= s <= 62`` per output channel, and
-``[qmin, qmax]`` the range of ``out_dtype`` (int8: [-128, 127]; uint8: [0, 255], which also
-applies the ReLU of a quantized ``conv -> relu`` for free).
+with ``round`` to nearest, ties away from zero (as ``hqjax.quant``'s ``dyadic_requantize``
+and TFLite's rounding right shift), ``acc + bias`` in int32, ``0 <= m < 2^31`` and
+``1 <= s <= 62`` per output channel, and ``[qmin, qmax]`` the range of ``out_dtype`` (int8:
+[-128, 127]; uint8: [0, 255]) or a narrower ``clip`` (e.g. [0, 15] for 4-bit unsigned
+activations stored in uint8). A ReLU before the requantization is a lower clip at
+``zero_point``, since the rounding is monotone and maps 0 to 0.
 """
 
 from __future__ import annotations
@@ -47,14 +49,20 @@ class Requant:
         Right shift ``s`` in ``[1, 62]``; the channel's real scale is ``m / 2^s``.
     bias : int32 array of shape (N,) or () or None
         Added to the int32 accumulator before scaling (bias quantized with ``S_w S_a``).
+    zero_point : int32 array of shape (N,) or () or None
+        Added after rounding (asymmetric output quantization).
     out_dtype : str
-        ``"int8"`` or ``"uint8"``: the clip range and dtype of the output.
+        ``"int8"`` or ``"uint8"``: the dtype of the output and its default clip range.
+    clip : (int, int) or None
+        ``(qmin, qmax)`` inside ``out_dtype``'s range; None for the whole range.
     """
 
     multiplier: Any
     shift: Any
     bias: Any = None
+    zero_point: Any = None
     out_dtype: str = struct.field(pytree_node=False, default="int8")
+    clip: Any = struct.field(pytree_node=False, default=None)
 
     def to_json(self) -> dict:
         """Plain-data form (lists of ints) for JSON files."""
@@ -63,16 +71,22 @@ class Requant:
             "multiplier": as_list(self.multiplier),
             "shift": as_list(self.shift),
             "bias": as_list(self.bias),
+            "zero_point": as_list(self.zero_point),
             "out_dtype": self.out_dtype,
+            "clip": None if self.clip is None else list(self.clip),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "Requant":
         as_arr = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
-        return cls(as_arr(d["multiplier"]), as_arr(d["shift"]), as_arr(d["bias"]), d["out_dtype"])
+        clip = d.get("clip")
+        return cls(as_arr(d["multiplier"]), as_arr(d["shift"]), as_arr(d["bias"]),
+                   as_arr(d.get("zero_point")), d["out_dtype"],
+                   None if clip is None else tuple(clip))
 
 
-def requant_from_scale(scale, bias=None, *, out_dtype: str = "int8", bits: int = 31) -> Requant:
+def requant_from_scale(scale, bias=None, *, zero_point=None, out_dtype: str = "int8",
+                       clip=None, bits: int = 31) -> Requant:
     """Dyadic approximation ``m / 2^s`` of positive real scales, as HAWQ-V3's ``batch_frexp``.
 
     ``scale = f * 2^e`` with ``f`` in [0.5, 1) (``frexp``); ``m = round(f * 2^bits)`` and
@@ -82,9 +96,10 @@ def requant_from_scale(scale, bias=None, *, out_dtype: str = "int8", bits: int =
     ----------
     scale : array_like of positive floats, shape (N,) or ()
         Real rescaling ``S_w S_a / S_out`` of each output channel.
-    bias : array_like of ints, optional
-        int32 bias added to the accumulator.
+    bias, zero_point : array_like of ints, optional
+        int32 bias added to the accumulator; zero point added after rounding.
     out_dtype : {"int8", "uint8"}
+    clip : (qmin, qmax), optional
     bits : int
         Multiplier precision, at most 31.
     """
@@ -109,7 +124,9 @@ def requant_from_scale(scale, bias=None, *, out_dtype: str = "int8", bits: int =
         jnp.asarray(mult, jnp.int32),
         jnp.asarray(shift, jnp.int32),
         None if bias is None else jnp.asarray(bias, jnp.int32),
+        None if zero_point is None else jnp.asarray(zero_point, jnp.int32),
         out_dtype,
+        None if clip is None else (int(clip[0]), int(clip[1])),
     )
 
 
@@ -119,7 +136,11 @@ def check_requant(rq: Requant, n: int) -> None:
         raise TypeError(f"out_scale must be a hqjax.kernels.Requant, got {type(rq).__name__}")
     if rq.out_dtype not in OUT_DTYPES:
         raise ValueError(f"Requant.out_dtype={rq.out_dtype!r}; use one of {OUT_DTYPES}")
-    for name in ("multiplier", "shift", "bias"):
+    lo, hi, _ = _qrange(rq.out_dtype)
+    if rq.clip is not None and not (len(rq.clip) == 2 and lo <= rq.clip[0] <= rq.clip[1] <= hi):
+        raise ValueError(f"Requant.clip={rq.clip}; use (qmin, qmax) with "
+                         f"{lo} <= qmin <= qmax <= {hi} for out_dtype {rq.out_dtype}")
+    for name in ("multiplier", "shift", "bias", "zero_point"):
         x = getattr(rq, name)
         if x is None:
             continue
@@ -163,25 +184,31 @@ def _qrange(out_dtype: str) -> tuple[int, int, Any]:
     return (-128, 127, jnp.int8) if out_dtype == "int8" else (0, 255, jnp.uint8)
 
 
-def requantize(acc, multiplier, shift, bias=None, *, out_dtype: str = "int8"):
+def requantize(acc, multiplier, shift, bias=None, zero_point=None, *, out_dtype: str = "int8",
+               clip=None):
     """HAWQ-V3 dyadic requantization of an int32 accumulator, exactly, in int32 arithmetic.
 
-    ``clip(floor((acc + bias) * multiplier / 2^shift + 1/2), qmin, qmax)``; per-channel
-    parameters broadcast against the last axis of ``acc``. Used verbatim inside the Pallas
-    kernels' epilogues, so it uses only int32 elementwise operations they all lower.
+    ``clip(round((acc + bias) * multiplier / 2^shift) + zero_point, qmin, qmax)``, rounding
+    half away from zero; per-channel parameters broadcast against the last axis of ``acc``.
+    Used verbatim inside the Pallas kernels' epilogues, so it uses only int32 elementwise
+    operations they all lower.
 
     Parameters
     ----------
     acc : int32 array (..., N)
     multiplier, shift : int32 arrays broadcastable to ``acc`` (see :class:`Requant`)
-    bias : int32 array broadcastable to ``acc``, optional
+    bias, zero_point : int32 arrays broadcastable to ``acc``, optional
     out_dtype : {"int8", "uint8"}
+    clip : (qmin, qmax), optional
+        Narrower than ``out_dtype``'s range, e.g. (0, 15) for 4-bit unsigned activations.
 
     Returns
     -------
     array of ``out_dtype`` with the shape of ``acc``.
     """
     qmin, qmax, dtype = _qrange(out_dtype)
+    if clip is not None:
+        qmin, qmax = int(clip[0]), int(clip[1])
     x = acc.astype(jnp.int32)
     if bias is not None:
         x = x + bias.astype(jnp.int32)
@@ -191,9 +218,12 @@ def requantize(acc, multiplier, shift, bias=None, *, out_dtype: str = "int8"):
     hi, lo = _mul_wide(x, m)
     one = jnp.int32(1)
     sign = jnp.int32(_INT_MIN)
-    # Rounding constant 2^(s-1): in the low word when s <= 32, else in the high word.
-    r_lo = jnp.where(s <= 32, one << jnp.clip(s - 1, 0, 31), 0)
-    r_hi = jnp.where(s > 32, one << jnp.clip(s - 33, 0, 31), 0)
+    # Round half away from zero = floor((P + 2^(s-1) - [P < 0]) / 2^s): the -1 moves only
+    # negative ties down. P < 0 exactly when its high word is. The constant lies in the low
+    # word when s <= 32; otherwise it is (2^(s-33) - neg) * 2^32 + (-neg mod 2^32).
+    neg = (hi < 0).astype(jnp.int32)
+    r_lo = jnp.where(s <= 32, (one << jnp.clip(s - 1, 0, 31)) - neg, -neg)
+    r_hi = jnp.where(s > 32, (one << jnp.clip(s - 33, 0, 31)) - neg, 0)
     lo = lo + r_lo
     carry = ((lo ^ sign) < (r_lo ^ sign)).astype(jnp.int32)  # unsigned lo < r_lo: wrapped
     hi = hi + carry + r_hi
@@ -205,6 +235,10 @@ def requantize(acc, multiplier, shift, bias=None, *, out_dtype: str = "int8"):
     # s >= 32: the low word only ever contributes to the floor, which the shift drops.
     narrow = hi >> jnp.clip(s - 32, 0, 31)
     q = jnp.where(s <= 31, wide, narrow)
+    if zero_point is not None:
+        # saturating add: q may be near the int32 limits when the clip would catch it anyway
+        z = jnp.broadcast_to(jnp.asarray(zero_point).astype(jnp.int32), x.shape)
+        q = jnp.clip(q, -(2**30), 2**30) + z
     return jnp.clip(q, qmin, qmax).astype(dtype)
 
 
@@ -212,7 +246,8 @@ def apply_requant(acc, rq: Requant | None):
     """``acc`` unchanged when ``rq`` is None, else :func:`requantize` with ``rq``'s fields."""
     if rq is None:
         return acc
-    return requantize(acc, rq.multiplier, rq.shift, rq.bias, out_dtype=rq.out_dtype)
+    return requantize(acc, rq.multiplier, rq.shift, rq.bias, rq.zero_point,
+                      out_dtype=rq.out_dtype, clip=rq.clip)
 
 
 def out_dtype_of(rq: Requant | None):
@@ -220,7 +255,8 @@ def out_dtype_of(rq: Requant | None):
 
 
 def requant_vectors(rq: Requant, n: int, n_padded: int):
-    """(1, n_padded) int32 rows of multiplier, shift and bias for a kernel's epilogue blocks.
+    """(1, n_padded) int32 rows of multiplier, shift, bias and zero point for a kernel's
+    epilogue blocks.
 
     Padded channels get shift 1 and multiplier 0 (a valid, unused requant).
     """
@@ -228,4 +264,4 @@ def requant_vectors(rq: Requant, n: int, n_padded: int):
         x = jnp.broadcast_to(jnp.asarray(x if x is not None else 0).astype(jnp.int32), (n,))
         return jnp.pad(x, (0, n_padded - n), constant_values=fill)[None, :]
 
-    return row(rq.multiplier, 0), row(rq.shift, 1), row(rq.bias, 0)
+    return row(rq.multiplier, 0), row(rq.shift, 1), row(rq.bias, 0), row(rq.zero_point, 0)

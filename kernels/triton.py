@@ -75,9 +75,9 @@ def _grouped(pid, nm: int, nn: int, group_m: int):
 
 
 def _kernel(*refs, nk: int, bk: int, k_off: int, int4: bool, has_rq: bool, has_init: bool,
-            out_dtype: str | None):
+            rq_meta: tuple | None):
     a_ref, b_ref = refs[:2]
-    rq_refs = refs[2:5] if has_rq else ()
+    rq_refs = refs[2:6] if has_rq else ()
     o_ref = refs[-1]
     bm, bn = o_ref.shape
 
@@ -94,8 +94,8 @@ def _kernel(*refs, nk: int, bk: int, k_off: int, int4: bool, has_rq: bool, has_i
 
     acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.int32))
     if has_rq:
-        mult, shift, bias = (r[...] for r in rq_refs)
-        acc = requantize(acc, mult, shift, bias, out_dtype=out_dtype)
+        mult, shift, bias, zero = (r[...] for r in rq_refs)
+        acc = requantize(acc, mult, shift, bias, zero, out_dtype=rq_meta[0], clip=rq_meta[1])
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -123,7 +123,7 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
                 pl.BlockSpec((k_rows, bn), lambda p: (0, ij(p)[1]))]
     if rq is not None:
         operands += list(requant_vectors(rq, n, np_))
-        in_specs += [pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1]))] * 3
+        in_specs += [pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1]))] * 4
     out_dtype = out_dtype_of(rq)
     aliases = {}
     if out_init is not None:  # testing hook: tiles the kernel never writes keep this value
@@ -132,7 +132,8 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
         aliases = {len(operands) - 1: 0}
     kernel = functools.partial(
         _kernel, nk=nk, bk=bk, k_off=k_off, int4=int4, has_rq=rq is not None,
-        has_init=out_init is not None, out_dtype=None if rq is None else rq.out_dtype)
+        has_init=out_init is not None,
+        rq_meta=None if rq is None else (rq.out_dtype, rq.clip))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),

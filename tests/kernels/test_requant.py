@@ -19,6 +19,14 @@ def _near_ties(rng, n):
     d = rng.integers(-2, 3, n)
     a = [((int(qq) << int(ss)) - (1 << (int(ss) - 1))) // int(mm) + int(dd)
          for qq, ss, mm, dd in zip(q, s, m, d)]
+    # exact ties, both signs: m = 2^j makes acc * m / 2^s = acc / 2^(s-j), a tie at odd
+    # multiples of 2^(s-j-1)
+    j = rng.integers(0, 31, n)
+    s2 = np.minimum(j + rng.integers(1, 25, n), 62)
+    q2 = rng.integers(-200, 200, n)
+    a += [(2 * int(qq) + 1) << (int(ss - jj) - 1) for qq, ss, jj in zip(q2, s2, j)]
+    m = np.concatenate([m, 2 ** j])
+    s = np.concatenate([s, s2])
     keep = np.array([-(2**31) <= v < 2**31 for v in a])
     return np.array(a, dtype=object)[keep].astype(np.int64), m[keep], s[keep]
 
@@ -36,7 +44,7 @@ def test_requantize_exact_against_python_integers(rng, oracle, out_dtype):
     acc, m, s = (np.concatenate(p) for p in ((acc, t_acc), (m, t_m), (s, t_s)))
     f = jax.jit(lambda x, mm, ss: requantize(x, mm, ss, out_dtype=out_dtype))
     got = np.asarray(f(acc.astype(np.int32), m.astype(np.int32), s.astype(np.int32)))
-    want = np.array([oracle.requant(np.array([x]), Requant(mm, ss, None, out_dtype))[0]
+    want = np.array([oracle.requant(np.array([x]), Requant(mm, ss, out_dtype=out_dtype))[0]
                      for x, mm, ss in zip(acc, m, s)])
     assert got.dtype == np.dtype(out_dtype)
     np.testing.assert_array_equal(got.astype(np.int64), want)
@@ -45,11 +53,21 @@ def test_requantize_exact_against_python_integers(rng, oracle, out_dtype):
     assert (s <= 31).any() and (s > 32).any()
 
 
-def test_requantize_per_channel_bias_broadcasts_over_rows(rng, oracle):
+def test_requantize_per_channel_bias_zero_point_clip_broadcast_over_rows(rng, oracle):
     acc = rng.integers(-(2**22), 2**22, (7, 5)).astype(np.int32)
-    rq = requant_from_scale(rng.uniform(1e-5, 1e-4, 5), rng.integers(-1000, 1000, 5))
-    got = jax.jit(requantize)(jnp.asarray(acc), rq.multiplier, rq.shift, rq.bias)
-    np.testing.assert_array_equal(np.asarray(got), oracle.requant(acc, rq))
+    rq = requant_from_scale(rng.uniform(1e-5, 1e-4, 5), rng.integers(-1000, 1000, 5),
+                            zero_point=rng.integers(0, 8, 5), out_dtype="uint8", clip=(0, 15))
+    f = jax.jit(lambda acc, rq: requantize(acc, rq.multiplier, rq.shift, rq.bias,
+                                           rq.zero_point, out_dtype="uint8", clip=(0, 15)))
+    want = oracle.requant(acc, rq)
+    assert 0 < (want == 15).mean() < 1 and 0 < (want == 0).mean() < 1
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(acc), rq)), want)
+
+
+def test_rounding_is_half_away_from_zero():
+    acc = jnp.array([-5, -3, -1, 1, 3, 5], jnp.int32)  # x / 2 = -2.5, -1.5, -0.5, ...
+    got = requantize(acc, jnp.int32(1), jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(got), [-3, -2, -1, 1, 2, 3])
 
 
 def test_requant_from_scale_is_dyadic_approximation():
@@ -75,6 +93,7 @@ def test_requant_from_scale_rejects_unrepresentable(scale):
         (Requant(jnp.ones(3, jnp.int32), jnp.ones(4, jnp.int32)), r"multiplier has shape \(3,\)"),
         (Requant(jnp.ones(4, jnp.float32), jnp.ones(4, jnp.int32)), "int32"),
         (Requant(jnp.int32(5), jnp.int32(3), out_dtype="int16"), "out_dtype"),
+        (Requant(jnp.int32(5), jnp.int32(3), out_dtype="uint8", clip=(-1, 15)), "clip"),
     ],
 )
 def test_check_requant_names_the_bad_value(rq, match):
@@ -83,9 +102,10 @@ def test_check_requant_names_the_bad_value(rq, match):
 
 
 def test_requant_json_round_trip_and_pytree():
-    rq = requant_from_scale([0.01, 0.02], [3, -4], out_dtype="uint8")
+    rq = requant_from_scale([0.01, 0.02], [3, -4], zero_point=[1, 2], out_dtype="uint8",
+                            clip=(0, 15))
     back = Requant.from_json(json.loads(json.dumps(rq.to_json())))
-    assert back.out_dtype == "uint8"
+    assert back.out_dtype == "uint8" and back.clip == (0, 15)
     for x, y in zip(jax.tree.leaves(rq), jax.tree.leaves(back)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert len(jax.tree.leaves(rq)) == 3  # out_dtype is static metadata
+    assert len(jax.tree.leaves(rq)) == 4  # out_dtype and clip are static metadata

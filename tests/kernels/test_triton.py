@@ -44,7 +44,9 @@ def test_int4_matmul_exact(make_operands, oracle, shape):
 def test_fused_epilogue_exact(make_operands, make_requant, oracle, shape, out_dtype, int4):
     m, k, n = shape
     a, b, w4 = make_operands(m, k, n)
-    rq = make_requant(n, k, out_dtype)
+    # the uint8 case also has a zero point and a narrower clip (7-bit unsigned)
+    rq = make_requant(n, k, out_dtype, zero_point=out_dtype == "uint8",
+                      clip=(0, 127) if out_dtype == "uint8" else None)
     fn, w = (int4_matmul_triton, pack_int4(w4)) if int4 else (matmul_triton, jnp.asarray(b))
     out = fn(jnp.asarray(a), w, rq, blocks=BLOCKS, interpret=True,
              out_init=_poison(m, n, out_dtype))
