@@ -137,6 +137,9 @@ def check_requant(rq: Requant, n: int) -> None:
     if rq.out_dtype not in OUT_DTYPES:
         raise ValueError(f"Requant.out_dtype={rq.out_dtype!r}; use one of {OUT_DTYPES}")
     lo, hi, _ = _qrange(rq.out_dtype)
+    if rq.clip is not None and not isinstance(rq.clip, tuple):
+        raise TypeError(f"Requant.clip={rq.clip!r} must be a (qmin, qmax) tuple (static "
+                        "metadata, hashed under jit)")
     if rq.clip is not None and not (len(rq.clip) == 2 and lo <= rq.clip[0] <= rq.clip[1] <= hi):
         raise ValueError(f"Requant.clip={rq.clip}; use (qmin, qmax) with "
                          f"{lo} <= qmin <= qmax <= {hi} for out_dtype {rq.out_dtype}")

@@ -94,6 +94,7 @@ def test_requant_from_scale_rejects_unrepresentable(scale):
         (Requant(jnp.ones(4, jnp.float32), jnp.ones(4, jnp.int32)), "int32"),
         (Requant(jnp.int32(5), jnp.int32(3), out_dtype="int16"), "out_dtype"),
         (Requant(jnp.int32(5), jnp.int32(3), out_dtype="uint8", clip=(-1, 15)), "clip"),
+        (Requant(jnp.int32(5), jnp.int32(3), out_dtype="uint8", clip=[0, 15]), "tuple"),
     ],
 )
 def test_check_requant_names_the_bad_value(rq, match):
