@@ -36,7 +36,8 @@ class TritonBlocks:
 
     The defaults are the usual int8 tensor-core tile for sm80/sm90; ``block_m`` shrinks to
     the next power of two >= M for small batches (the memory-bound, weight-streaming case).
-    ``group_m`` row-blocks are walked together along N (Triton's grouped ordering), so
+    With the default blocks and M <= 64, a memory-bound configuration is used instead
+    (``_SMALL_M_BLOCKS``). ``group_m`` row-blocks are walked together along N (Triton's grouped ordering), so
     tiles launched together share their A and B blocks in L2.
     """
 
@@ -61,8 +62,17 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+# Small M (decode, batch-1 inference) is memory-bound: narrower N tiles give 2x the programs
+# (128 for N=8192) to spread the weight stream over more SMs, deeper K tiles fewer loop
+# steps. A heuristic, not yet measured on hardware; used only when blocks are the default.
+_SMALL_M = 64
+_SMALL_M_BLOCKS = TritonBlocks(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
+
+
 def _fit(blocks: TritonBlocks, m: int) -> TritonBlocks:
     blocks.check()
+    if m <= _SMALL_M and blocks == TritonBlocks():
+        blocks = _SMALL_M_BLOCKS
     return dataclasses.replace(blocks, block_m=min(blocks.block_m, max(16, _next_pow2(m))))
 
 

@@ -80,3 +80,11 @@ def test_grouped_order_with_a_partial_last_group_covers_every_tile(make_operands
                         blocks=TritonBlocks(16, 16, 32, group_m=2),
                         out_init=_poison(40, 70, "int32"))
     np.testing.assert_array_equal(np.asarray(out), oracle.matmul(a, b))
+
+
+def test_default_blocks_small_m_config_exact(make_operands, oracle):
+    """M <= 64 with default blocks switches to the memory-bound tiles; still exact."""
+    a, _, w4 = make_operands(3, 700, 130)
+    out = int4_matmul_triton(jnp.asarray(a), pack_int4(w4), interpret=True,
+                             out_init=_poison(3, 130, "int32"))
+    np.testing.assert_array_equal(np.asarray(out), oracle.matmul(a, w4))
