@@ -66,7 +66,7 @@ def test_requantize_per_channel_bias_zero_point_clip_broadcast_over_rows(rng, or
 
 def test_rounding_is_half_away_from_zero():
     acc = jnp.array([-5, -3, -1, 1, 3, 5], jnp.int32)  # x / 2 = -2.5, -1.5, -0.5, ...
-    got = requantize(acc, jnp.int32(1), jnp.int32(1))
+    got = jax.jit(requantize)(acc, jnp.int32(1), jnp.int32(1))
     np.testing.assert_array_equal(np.asarray(got), [-3, -2, -1, 1, 2, 3])
 
 
