@@ -121,7 +121,7 @@ def _matmul_jit(a, b, out_scale, *, backend, interpret, blocks, int4: bool):
         c_b = None if corr is None else jnp.broadcast_to(corr, batch + (n,)).reshape(-1, n)
         out = jax.vmap(one, in_axes=(0, 0, None if corr is None else 0))(a_b, b_b, c_b)
         out = out.reshape(*batch, a.shape[-2], n)
-    return out[0] if squeeze else out
+    return out[..., 0, :] if squeeze else out
 
 
 def int_matmul(a, b, *, out_scale: Requant | None = None, backend: str = "auto",

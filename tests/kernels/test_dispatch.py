@@ -62,12 +62,16 @@ def test_under_jit_with_traced_requant(rng, oracle, make_requant):
                                   oracle.requant(oracle.matmul(a, b), rq))
 
 
-def test_vector_activation():
+def test_vector_activation(oracle):
     a = jnp.arange(-3, 3, dtype=jnp.int8)
     b = jnp.ones((6, 2), jnp.int8)
     out = K.int_matmul(a, b)
     assert out.shape == (2,)
     np.testing.assert_array_equal(np.asarray(out), [-3, -3])
+    bb = jnp.arange(4 * 6 * 2, dtype=jnp.int8).reshape(4, 6, 2)  # batched weights
+    out = K.int_matmul(a, bb)
+    assert out.shape == (4, 2)
+    np.testing.assert_array_equal(np.asarray(out), oracle.matmul(a, bb))
 
 
 @pytest.mark.parametrize(
