@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hqjax.quant.dyadic import dyadic, dyadic_requantize
+from hqjax.quant.requant import dyadic, dyadic_requantize
 from hqjax.quant.quantizers import QuantSpec, int_range, qparams_from_range, quantize
 from hqjax.quant.transform import STATS, QuantizedModel, weight_specs
 
