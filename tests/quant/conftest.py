@@ -16,7 +16,7 @@ def digits():
 
 def train_float(model, data, epochs: int, seed: int = 0, lr: float = 3e-3, batch: int = 64):
     """Plain float training (Adam) of a model without BatchNorm; returns its variables."""
-    variables = model.init(jax.random.key(seed), data.x_train[:2])
+    variables = jax.jit(model.init)(jax.random.key(seed), data.x_train[:2])
     opt = optax.adam(lr)
 
     @jax.jit
