@@ -15,9 +15,9 @@ X = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 1)), jnp.float
 
 
 @pytest.fixture(scope="module")
-def cnn():
+def cnn(init_np):
     model = CNN()
-    return model, jax.jit(model.init)(jax.random.key(0), X[:2])
+    return model, init_np(model, X[:2])
 
 
 def test_quantize_params_touches_only_configured_kernels(cnn):
@@ -98,9 +98,9 @@ def test_grad_flows_through_ste_and_optax_loop(cnn):
     assert float(loss(p)) < l0
 
 
-def test_resnet_batchnorm_train_mode_and_paths():
+def test_resnet_batchnorm_train_mode_and_paths(init_np):
     model = CifarResNet(depth=8, width=4)
-    v = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), X[:2])
+    v = init_np(model, X[:2])
     names = hqjax.blocks(v["params"]).names
     assert "stage2/block0/conv1" in names
     qm = quantize_model(model, hqjax.uniform_bit_config(names, 4, 8), params=v["params"])
