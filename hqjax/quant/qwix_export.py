@@ -46,10 +46,10 @@ def qwix_rule_specs(bit_config: Mapping, *, strict: bool = False,
     specs = []
     for layer in sorted(cfg, key=lambda n: (-len(n), n)):
         entry = cfg[layer]
+        weight = _qtype(layer, "weight_bits", entry["weight_bits"], strict, rounded)
         act = _qtype(layer, "act_bits", entry["act_bits"], strict, rounded)
-        spec = {"module_path": re.escape(layer),
-                "weight_qtype": _qtype(layer, "weight_bits", entry["weight_bits"], strict, rounded),
-                "act_qtype": act, "weight_calibration_method": "absmax"}
+        spec = {"module_path": re.escape(layer), "weight_qtype": weight, "act_qtype": act,
+                "weight_calibration_method": "absmax"}
         if act is not None:
             spec["act_static_scale"] = act_static_scale
         specs.append(spec)
