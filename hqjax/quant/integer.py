@@ -29,7 +29,7 @@ import numpy as np
 from flax import struct
 
 from hqjax.quant.requant import dyadic, dyadic_requantize
-from hqjax.quant.quantizers import QuantSpec, int_range, qparams_from_range, quantize
+from hqjax.quant.quantizers import QuantSpec, int_range, qparams_from_range
 from hqjax.quant.transform import STATS, QuantizedModel, weight_specs
 
 __all__ = ["int_matmul", "fold_batchnorm", "IntegerModel", "to_integer", "save_integer_model",

@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from hqjax.quant.bitconfig import validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range

@@ -48,14 +48,14 @@ def test_missing_qwix_raises_clear_import_error():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("qwix") is None, reason="Qwix is not installed")
-def test_rules_drive_qwix_on_the_cnn():
+def test_rules_drive_qwix_on_the_cnn(init_np):
     import qwix
 
     from hqjax.models import CNN
 
     model = CNN()
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)), jnp.float32)
-    v = jax.jit(model.init)(jax.random.key(0), x)
+    v = init_np(model, x)
     cfg = {"conv1": {"weight_bits": 8, "act_bits": 8}, "conv2": {"weight_bits": 8, "act_bits": 8},
            "dense": {"weight_bits": 4, "act_bits": None}}
     qmodel = qwix.quantize_model(model, qwix.QtProvider(to_qwix_rules(cfg)))
