@@ -55,7 +55,7 @@ def test_rules_drive_qwix_on_the_cnn(init_np):
 
     model = CNN()
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)), jnp.float32)
-    v = init_np(model, x)
+    v = jax.tree.map(jnp.asarray, init_np(model, x))  # Qwix finds params by identity: jax arrays
     cfg = {"conv1": {"weight_bits": 8, "act_bits": 8}, "conv2": {"weight_bits": 8, "act_bits": 8},
            "dense": {"weight_bits": 4, "act_bits": None}}
     qmodel = qwix.quantize_model(model, qwix.QtProvider(to_qwix_rules(cfg)))
