@@ -24,7 +24,7 @@ def test_hutchinson_total_and_every_block_from_one_pass_within_4_stderr(cnn, ex)
 
 def test_hutch_plus_plus_within_4_stderr_and_exact_for_low_rank(cnn, ex):
     exact = {n: cnn.H[np.ix_(i, i)].trace() for n, i in cnn.idx.items()}
-    res = hqjax.trace(cnn.matvec, cnn.params, jax.random.key(1), num_probes=48, method="hutch++", chunk_size=4)
+    res = hqjax.trace(cnn.matvec, cnn.params, jax.random.key(1), num_probes=30, method="hutch++")
     _assert_within(res, cnn.H.trace(), exact)
     # Rank 3 <= sketch size 4: the low-rank part is the whole operator, so the answer is exact.
     M = ex.symmetric(32, seed=1, rank=3)
