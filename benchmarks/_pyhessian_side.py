@@ -226,7 +226,7 @@ def main(inp, out_prefix):
 
     (loss, g), T["gradient"] = timed(grad, R)
     M["gradient"] = peak_rss_mb()
-    V["loss"] = float(loss)
+    V["loss"] = float(loss.detach())
     V["grad_norm"] = float(torch.sqrt(sum((gi * gi).sum() for gi in g)))
 
     # PyHessian caches the graph of the gradient once (forward + backward(create_graph=True));
