@@ -11,6 +11,9 @@ and compile time is reported apart. Variants:
   (equal weights, so the same loss and the same Hessian, exactly).
 - ``mbK-scan``: the same with ``lax.scan`` not unrolled (a convolution gradient inside a loop
   body; PERF_NOTES measured it 17-50x slower).
+- ``rr``: reverse-over-reverse with the first backward cached, as PyHessian does
+  (``jax.vjp(jax.grad(f), params)`` once, then each product is the pullback; ``H`` is
+  symmetric, so the pullback of ``v`` is ``H v``).
 - ``eigen``: ``plain`` compiled with YNNPACK off (``xla_cpu_experimental_ynn_fusion_type=''``),
   i.e. XLA's Eigen convolutions instead of the default YNNPACK ones.
 
@@ -65,7 +68,13 @@ def build(variant, batch_loss, params, data, probe):
         grad = jax.jit(jax.grad(f)).lower(params).compile(compiler_options=opts)
     ops, comp = {"grad": lambda: grad(params)}, {"grad": c[0]}
     with compile_clock() as c:
-        if "lin" in variant:
+        if variant.startswith("rr"):
+            _, pullback = jax.vjp(jax.grad(f), params)
+            apply, run, consts = hoisted(lambda v: pullback(v)[0], probe)
+            leaves = jax.tree.leaves(probe)
+            run_c = run.lower(consts, leaves).compile(compiler_options=opts)
+            ops["hvp"] = lambda: run_c(consts, leaves)
+        elif "lin" in variant:
             apply, run, consts = hoisted(hqjax.hessian(f, params, linearize=True, check_finite=False), probe)
             leaves = jax.tree.leaves(probe)
             run_c = run.lower(consts, leaves).compile(compiler_options=opts)
