@@ -1,0 +1,261 @@
+"""The end-to-end job: train, analyze, allocate, quantize, evaluate, report.
+
+Each stage is a function of a :class:`Job` (the configuration, the output folder and lazily
+loaded state) that reads what earlier stages wrote to the output folder and writes its own
+files there atomically; :func:`run_stages` runs the stages up to a target, skipping those
+whose marker carries the current fingerprint (see ``hqjax.config.stage_fingerprints``). The
+analysis is resumable per layer: every layer's row of the sensitivity table is its own file,
+computed from a PRNG key derived from the seed and the layer's index only, so a resumed run
+produces exactly the result of an uninterrupted one.
+
+The numerical work is the public API of the other areas: ``hqjax.curvature`` (HAWQ-V2
+Hutchinson traces, HAWQ-V1 top eigenvalues, PyHessian's SLQ density), ``hqjax.quant``
+(weight perturbation per bit, fake quantization, QAT, integer-only conversion) and
+``hqjax.alloc`` (costs, sensitivity metrics, the ILP of HAWQ-V3 Sec. 3.4).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hqjax.config import STAGES, RunConfig, UserError, stage_fingerprints
+from hqjax.train import (TrainConfig, accuracy, load_variables, make_loss_fn, progress_bar, save_variables,
+                         train_cached)
+from hqjax.workdir import Workdir
+
+__all__ = ["Job", "run_stages", "check_names", "STAGE_FUNCTIONS"]
+
+# Fault injection for the resume test: SIGKILL this process after this many analysis units
+# were written in it (a real, uncatchable kill at a deterministic point).
+_KILL_ENV = "HQJAX_TEST_KILL_AFTER_UNITS"
+
+
+def check_names(config: RunConfig) -> None:
+    """Fail before any work when a model, data set or metric name is unknown."""
+    from hqjax.data import DATASETS
+    from hqjax.models import MODELS
+
+    if config.model not in MODELS:
+        raise UserError(f"unknown model {config.model!r}; valid models: {', '.join(sorted(MODELS))}")
+    if config.dataset not in DATASETS and config.data_dir is None:
+        raise UserError(
+            f"unknown dataset {config.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}, "
+            f"or a TensorFlow Datasets name together with --data-dir (its prepared folder)")
+    _check_metric(config.metric)
+
+
+def _check_metric(name: str) -> None:
+    from hqjax import alloc
+
+    registry = getattr(alloc, "METRICS", None)
+    if registry is not None and name not in registry:
+        raise UserError(f"unknown metric {name!r}; registered metrics: {', '.join(sorted(registry))}")
+
+
+class Job:
+    """A configuration, its output folder, and state loaded on first use.
+
+    Parameters
+    ----------
+    config : the run's configuration.
+    log : where one-line progress messages go (``print`` by default).
+    progress : show progress bars (``None``: only when stderr is a terminal).
+    """
+
+    def __init__(self, config: RunConfig, *, log: Callable[[str], None] = print, progress: bool | None = None):
+        self.config = config
+        self.work = Workdir(config.out)
+        self.fingerprints = stage_fingerprints(config)
+        self.log = log
+        self.progress = progress
+        self.units_written = 0
+
+    @functools.cached_property
+    def dataset(self):
+        from hqjax.data import load_dataset
+
+        c = self.config
+        try:
+            return load_dataset(c.dataset, c.data_dir, seed=c.seed)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    @functools.cached_property
+    def model(self):
+        from hqjax.models import get_model
+
+        return get_model(self.config.model, num_classes=self.dataset.num_classes)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        c = self.config
+        return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate, seed=c.seed)
+
+    @functools.cached_property
+    def variables(self):
+        """Full-precision variables written by the train stage."""
+        return load_variables(self.work.path("fp_model.msgpack"))
+
+    @functools.cached_property
+    def blocks(self):
+        from hqjax.tree import blocks
+
+        return blocks(self.variables["params"])
+
+    def unit_written(self) -> None:
+        self.units_written += 1
+        limit = os.environ.get(_KILL_ENV)
+        if limit and self.units_written >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- train
+def stage_train(job: Job) -> None:
+    """Train the full-precision model (or load it from the cache) and record its accuracy."""
+    d, c = job.dataset, job.config
+    t0 = time.perf_counter()
+    variables, cached = train_cached(job.model, c.model, d, job.train_config, progress=job.progress)
+    save_variables(job.work.path("fp_model.msgpack"), variables)
+    job.__dict__.pop("variables", None)
+    job.__dict__.pop("blocks", None)
+    acc = accuracy(job.model.apply, variables, d.x_test, d.y_test)
+    n_params = int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
+    job.work.write_json("train.json", {"test_accuracy": acc, "n_params": n_params, "from_cache": cached,
+                                       "seconds": round(time.perf_counter() - t0, 3),
+                                       "n_train": int(len(d.x_train)), "n_test": int(len(d.x_test))})
+    job.log(f"[train] {c.model} on {d.name}: test accuracy {acc:.4f}, {n_params} parameters"
+            f"{' (loaded from cache)' if cached else ''}")
+
+
+# ----------------------------------------------------------------------------- analyze
+def _hessian_batches(job: Job):
+    """The (seeded) training subset the curvature is measured on, as stacked masked batches."""
+    from hqjax.data import stack_batches
+
+    c, d = job.config, job.dataset
+    idx = np.random.default_rng(c.seed).permutation(len(d.x_train))[: c.hessian_examples]
+    xs, ys, counts = stack_batches(d.x_train[idx], d.y_train[idx], min(c.hessian_batch, len(idx)))
+    masks = np.arange(xs.shape[1])[None, :] < counts[:, None]
+    return (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(masks)), jnp.asarray(counts)
+
+
+def _analysis_operator(job: Job):
+    """``hvp(params, v)``, jitted, of the mean loss over the analysis batches."""
+    from hqjax.curvature import dataset_loss, hvp
+
+    batches, counts = _hessian_batches(job)
+    f = dataset_loss(make_loss_fn(job.model, job.variables), batches, counts)
+    return jax.jit(lambda p, v: hvp(f, p, v))
+
+
+def _analyze_layer(job: Job, hvp_fn, index: int, name: str) -> dict:
+    """One row of the sensitivity table: HAWQ-V2 trace, HAWQ-V1 top eigenvalues, perturbations."""
+    from hqjax.curvature import top_eigenvalues, trace
+    from hqjax.quant import weight_perturbation
+
+    c, params, blk = job.config, job.variables["params"], job.blocks
+    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), index)
+    k_trace, k_eig = jax.random.split(key)
+    restricted = blk.restrict_operator(lambda v: hvp_fn(params, v), name)
+    tr = trace(restricted, params, k_trace, num_probes=c.num_probes)
+    eig = top_eigenvalues(restricted, params, k_eig, k=c.top_k, max_iters=c.eig_iters)
+    w = blk.kernel(params, name)
+    n = int(blk.sizes[blk.index(name)])
+    return {
+        "layer": name,
+        "index": index,
+        "n_params": n,
+        "n_weights": int(np.size(w)),
+        "trace": float(tr.total),
+        "trace_stderr": float(tr.total_stderr),
+        "num_probes": int(np.asarray(tr.num_probes)),
+        "avg_trace": float(tr.total) / n,
+        "top_eigenvalues": [float(x) for x in np.asarray(eig.eigenvalues)],
+        "perturbation": {str(b): float(weight_perturbation(w, b)) for b in c.weight_bits},
+    }
+
+
+def _density(job: Job, hvp_fn) -> dict:
+    from hqjax.curvature import spectral_density
+
+    c, params = job.config, job.variables["params"]
+    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), 10_000)
+    res = spectral_density(lambda v: hvp_fn(params, v), params, key, num_steps=c.density_steps)
+    return {"nodes": np.asarray(res.nodes).tolist(), "weights": np.asarray(res.weights).tolist()}
+
+
+def stage_analyze(job: Job) -> None:
+    """Per-layer sensitivity (resumable layer by layer) and the full-model eigenvalue density."""
+    fp, work, blk = job.fingerprints["analyze"], job.work, job.blocks
+    hvp_fn = _analysis_operator(job)
+    rows = []
+    bar = progress_bar(total=len(blk) + 1, desc="analyze", enabled=job.progress)
+    for i, name in enumerate(blk.names):
+        unit = os.path.join("analysis", f"layer_{i:03d}.json")
+        if work.exists(unit) and work.read_json(unit).get("fingerprint") == fp:
+            row = work.read_json(unit)["row"]
+            job.log(f"[analyze] {name}: done before, reused")
+        else:
+            row = _analyze_layer(job, hvp_fn, i, name)
+            work.write_json(unit, {"fingerprint": fp, "row": row})
+            job.log(f"[analyze] {name}: trace {row['trace']:.4g} ± {row['trace_stderr']:.2g}, top eigenvalues "
+                    + ", ".join(f"{e:.4g}" for e in row["top_eigenvalues"]))
+            job.unit_written()
+        rows.append(row)
+        bar.update(1)
+    unit = os.path.join("analysis", "density.json")
+    if work.exists(unit) and work.read_json(unit).get("fingerprint") == fp:
+        density = work.read_json(unit)["density"]
+    else:
+        density = _density(job, hvp_fn)
+        work.write_json(unit, {"fingerprint": fp, "density": density})
+        job.unit_written()
+    bar.update(1)
+    bar.close()
+    c = job.config
+    work.write_json("sensitivity.json", {
+        "model": c.model, "dataset": c.dataset, "seed": c.seed, "num_probes": c.num_probes,
+        "hessian_examples": c.hessian_examples, "weight_bits": list(c.weight_bits), "layers": rows})
+    work.write_json("density.json", density)
+
+
+# ----------------------------------------------------------------------------- registry
+STAGE_FUNCTIONS: dict[str, Callable[[Job], None]] = {
+    "train": stage_train,
+    "analyze": stage_analyze,
+}
+
+
+def run_stages(config: RunConfig, until: str = "report", *, log: Callable[[str], None] = print,
+               progress: bool | None = None, force: tuple[str, ...] = ()) -> Job:
+    """Run every stage up to and including ``until``, skipping finished ones.
+
+    A stage is skipped when its marker holds the current fingerprint (same relevant config
+    and same upstream); ``force`` names stages to run regardless. Returns the :class:`Job`.
+    """
+    if until not in STAGES:
+        raise UserError(f"unknown stage {until!r}; stages are {list(STAGES)}")
+    check_names(config)
+    job = Job(config, log=log, progress=progress)
+    job.work.write_json("config.json", config.to_dict())
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        if stage not in STAGE_FUNCTIONS:
+            raise NotImplementedError(f"stage {stage!r} is not available yet")
+        fp = job.fingerprints[stage]
+        if job.work.is_done(stage, fp) and stage not in force:
+            log(f"[{stage}] up to date, skipped")
+            continue
+        t0 = time.perf_counter()
+        STAGE_FUNCTIONS[stage](job)
+        job.work.mark_done(stage, fp, time.perf_counter() - t0)
+    return job
