@@ -333,6 +333,97 @@ def stage_allocate(job: Job) -> None:
             + f" (cost {alloc.costs[c.budget_kind]:.6g}, {alloc.status.lower()})")
 
 
+# ----------------------------------------------------------------------------- quantize
+def _calibrate(qmodel, variables, x: np.ndarray, batch_size: int = 128):
+    """Fresh activation ranges from ``x`` (HAWQ-V3 calibrates min/max on training data)."""
+    from hqjax.quant import STATS
+
+    variables = {k: v for k, v in variables.items() if k != STATS}
+    calibrate = jax.jit(lambda v, xb: qmodel.calibrate(v, xb, train=False))
+    for i in range(0, len(x), batch_size):
+        variables = calibrate(variables, x[i : i + batch_size])
+    return variables
+
+
+def _qat(job: Job, qmodel, variables):
+    """Quantization-aware fine-tuning (HAWQ-V3 Sec. 4) with ``hqjax.make_qat_step``: AdamW,
+    cosine decay, BatchNorm statistics frozen (they are folded into integer weights)."""
+    import optax
+
+    from hqjax.quant import init_qat_state, make_qat_step, state_variables
+
+    c, d = job.config, job.dataset
+    steps_per_epoch = len(d.x_train) // c.batch_size
+    total = max(c.qat_epochs * steps_per_epoch, 1)
+    optimizer = optax.adamw(optax.cosine_decay_schedule(c.qat_learning_rate, total), weight_decay=0.0)
+    step = jax.jit(make_qat_step(qmodel, optimizer, batchnorm="freeze"))
+    state = init_qat_state(variables, optimizer)
+    rng = np.random.default_rng(c.seed + 1)
+    bar = progress_bar(total=total, desc="QAT", enabled=job.progress)
+    for _ in range(c.qat_epochs):
+        order = rng.permutation(len(d.x_train))
+        for i in range(steps_per_epoch):
+            idx = order[i * c.batch_size : (i + 1) * c.batch_size]
+            state, m = step(state, d.x_train[idx], d.y_train[idx])
+            bar.update(1)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+    bar.close()
+    return state_variables(state)
+
+
+def stage_quantize(job: Job) -> None:
+    """Calibrate (post-training quantization), fine-tune with QAT, re-calibrate, and convert
+    to an integer-only model (HAWQ-V3 Sec. 3: BN folding, dyadic requantization)."""
+    from hqjax.quant import load_bit_config, quantize_model, save_integer_model, to_integer
+
+    c, d, work = job.config, job.dataset, job.work
+    bit_config = load_bit_config(work.path("bit_config.json"), job.blocks.names)
+    qmodel = quantize_model(job.model, bit_config, params=job.variables["params"])
+    calib = d.x_train[np.random.default_rng(c.seed + 2).permutation(len(d.x_train))[: c.calib_examples]]
+    ptq = _calibrate(qmodel, job.variables, calib)
+    save_variables(work.path("ptq_model.msgpack"), ptq)
+    qat = _calibrate(qmodel, _qat(job, qmodel, ptq), calib) if c.qat_epochs else ptq
+    save_variables(work.path("qat_model.msgpack"), qat)
+    integer = to_integer(qmodel, qat, d.input_shape)
+    save_integer_model(integer, work.path("int_model"))
+    job.log(f"[quantize] calibrated on {len(calib)} examples, {c.qat_epochs} QAT epochs, integer model written")
+
+
+# ----------------------------------------------------------------------------- evaluate
+def stage_evaluate(job: Job) -> None:
+    """Accuracy and cost of every stage: full precision, PTQ, QAT (fake-quant), integer-only."""
+    from hqjax.quant import load_bit_config, load_integer_model, quantize_model
+
+    c, d, work = job.config, job.dataset, job.work
+    names = job.blocks.names
+    bit_config = load_bit_config(work.path("bit_config.json"), names)
+    qmodel = quantize_model(job.model, bit_config, params=job.variables["params"])
+    costs = layer_costs(job)
+    fp_size = float(sum(costs.n_weights[n] * 4 + costs.n_bias.get(n, 0) * 4 for n in names))
+    q_size = float(sum(costs.size_bytes(n, bit_config[n]["weight_bits"]) for n in names))
+    bops = float(sum(costs.bops(n, bit_config[n]["weight_bits"], bit_config[n]["act_bits"]) for n in names))
+    bits = "/".join(str(bit_config[n]["weight_bits"]) for n in names)
+    integer = load_integer_model(work.path("int_model"))
+    int_logits = np.concatenate([np.asarray(jax.jit(integer.__call__)(d.x_test[i : i + 512]))
+                                 for i in range(0, len(d.x_test), 512)])
+    stages = {
+        "full_precision": {"accuracy": accuracy(job.model.apply, job.variables, d.x_test, d.y_test),
+                           "size_bytes": fp_size, "bits": "32"},
+        "ptq_fake_quant": {"accuracy": accuracy(qmodel.apply, load_variables(work.path("ptq_model.msgpack")),
+                                                d.x_test, d.y_test), "size_bytes": q_size, "bits": bits},
+        "qat_fake_quant": {"accuracy": accuracy(qmodel.apply, load_variables(work.path("qat_model.msgpack")),
+                                                d.x_test, d.y_test), "size_bytes": q_size, "bits": bits},
+        "integer_only": {"accuracy": float(np.mean(int_logits.argmax(-1) == d.y_test)), "size_bytes": q_size,
+                         "bits": bits},
+    }
+    alloc = work.read_json("allocation.json")
+    used = alloc["costs"][c.budget_kind]
+    work.write_json("metrics.json", {
+        "stages": stages, "bops": bops, "n_test": int(len(d.x_test)),
+        "budget": {"kind": c.budget_kind, "value": alloc["budget"], "used": used, "unit": alloc["unit"]}})
+    job.log("[evaluate] " + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in stages.items()))
+
+
 # ----------------------------------------------------------------------------- report
 def stage_report(job: Job) -> None:
     """Plots and ``report.md`` from whatever the earlier stages wrote."""
@@ -348,6 +439,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[Job], None]] = {
     "train": stage_train,
     "analyze": stage_analyze,
     "allocate": stage_allocate,
+    "quantize": stage_quantize,
+    "evaluate": stage_evaluate,
     "report": stage_report,
 }
 
