@@ -160,17 +160,41 @@ def _analysis_operator(job: Job):
     return jax.jit(lambda p, v: hvp(f, p, v))
 
 
-def _analyze_layer(job: Job, hvp_fn, index: int, name: str) -> dict:
-    """One row of the sensitivity table: HAWQ-V2 trace, HAWQ-V1 top eigenvalues, perturbations."""
+def _layer_estimator(job: Job, hvp_fn):
+    """One jitted ``(params, mask, key) -> (trace, stderr, eigenvalues)`` for every layer.
+
+    The layer is a 0/1 mask argument (the diagonal block ``P_l H P_l``), not a closure, so
+    the estimators compile once for the whole model instead of once per layer (compilation
+    dominated the analysis of small models: 13-20 s per layer against about 1 s).
+    """
     from hqjax.curvature import top_eigenvalues, trace
+
+    c = job.config
+
+    def masked(params, mask):
+        mul = lambda a, b: jax.tree.map(jnp.multiply, a, b)
+        return lambda v: mul(mask, hvp_fn(params, mul(mask, v)))
+
+    @jax.jit
+    def estimate(params, mask, key):
+        k_trace, k_eig = jax.random.split(key)
+        op = masked(params, mask)
+        tr = trace(op, params, k_trace, num_probes=c.num_probes)
+        eig = top_eigenvalues(op, params, k_eig, k=c.top_k, max_iters=c.eig_iters)
+        return tr.total, tr.total_stderr, tr.num_probes, eig.eigenvalues
+
+    return estimate
+
+
+def _analyze_layer(job: Job, estimate, index: int, name: str) -> dict:
+    """One row of the sensitivity table: HAWQ-V2 trace, HAWQ-V1 top eigenvalues, perturbations."""
     from hqjax.quant import weight_perturbation
 
     c, params, blk = job.config, job.variables["params"], job.blocks
+    mask = jax.tree.map(lambda inside, x: jnp.full(jnp.shape(x), float(inside), jnp.result_type(x)),
+                        blk.mask(name), params)
     key = jax.random.fold_in(jax.random.PRNGKey(c.seed), index)
-    k_trace, k_eig = jax.random.split(key)
-    restricted = blk.restrict_operator(lambda v: hvp_fn(params, v), name)
-    tr = trace(restricted, params, k_trace, num_probes=c.num_probes)
-    eig = top_eigenvalues(restricted, params, k_eig, k=c.top_k, max_iters=c.eig_iters)
+    total, stderr, num_probes, eigenvalues = estimate(params, mask, key)
     w = blk.kernel(params, name)
     n = int(blk.sizes[blk.index(name)])
     pert = jax.jit(weight_perturbation, static_argnums=1)
@@ -179,11 +203,11 @@ def _analyze_layer(job: Job, hvp_fn, index: int, name: str) -> dict:
         "index": index,
         "n_params": n,
         "n_weights": int(np.size(w)),
-        "trace": float(tr.total),
-        "trace_stderr": float(tr.total_stderr),
-        "num_probes": int(np.asarray(tr.num_probes)),
-        "avg_trace": float(tr.total) / n,
-        "top_eigenvalues": [float(x) for x in np.asarray(eig.eigenvalues)],
+        "trace": float(total),
+        "trace_stderr": float(stderr),
+        "num_probes": int(num_probes),
+        "avg_trace": float(total) / n,
+        "top_eigenvalues": [float(x) for x in np.asarray(eigenvalues)],
         "perturbation": {str(b): float(pert(w, b)) for b in c.weight_bits},
         "weight_norm_sq": float(np.sum(np.square(np.asarray(w, np.float64)))),
     }
@@ -202,6 +226,7 @@ def stage_analyze(job: Job) -> None:
     """Per-layer sensitivity (resumable layer by layer) and the full-model eigenvalue density."""
     fp, work, blk = job.fingerprints["analyze"], job.work, job.blocks
     hvp_fn = _analysis_operator(job)
+    estimate = _layer_estimator(job, hvp_fn)
     rows = []
     bar = progress_bar(total=len(blk) + 1, desc="analyze", enabled=job.progress)
     for i, name in enumerate(blk.names):
@@ -210,7 +235,7 @@ def stage_analyze(job: Job) -> None:
             row = work.read_json(unit)["row"]
             job.log(f"[analyze] {name}: done before, reused")
         else:
-            row = _analyze_layer(job, hvp_fn, i, name)
+            row = _analyze_layer(job, estimate, i, name)
             work.write_json(unit, {"fingerprint": fp, "row": row})
             job.log(f"[analyze] {name}: trace {row['trace']:.4g} ± {row['trace_stderr']:.2g}, top eigenvalues "
                     + ", ".join(f"{e:.4g}" for e in row["top_eigenvalues"]))

@@ -1,0 +1,65 @@
+"""Bad input at the command line: a message that says what would work, and exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hqjax.cli import EXIT_USER, main
+
+FAST = ["--epochs", "1", "--probes", "2", "--hessian-examples", "64", "--hessian-batch", "64", "--top-k", "1",
+        "--eig-iters", "2", "--density-steps", "4", "--no-progress"]
+
+
+def _fails(argv, capsys, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == EXIT_USER, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_unknown_model_lists_models(tmp_path, capsys):
+    _fails(["run", "--out", str(tmp_path), "--model", "vgg"], capsys, "unknown model 'vgg'", "cnn", "resnet20")
+
+
+def test_unknown_dataset_lists_datasets(tmp_path, capsys):
+    _fails(["run", "--out", str(tmp_path), "--dataset", "imagenet"], capsys, "unknown dataset 'imagenet'", "digits",
+           "mnist_subset", "--data-dir")
+
+
+def test_unknown_metric_lists_metrics(tmp_path, capsys):
+    _fails(["run", "--out", str(tmp_path), "--metric", "hawq_v9"], capsys, "unknown metric 'hawq_v9'", "hawq_v3")
+
+
+def test_missing_tfds_data_dir_says_how_to_prepare(tmp_path, capsys):
+    _fails(["run", "--out", str(tmp_path / "o"), "--dataset", "cifar10", "--data-dir", str(tmp_path / "none")],
+           capsys, "does not exist", "download_and_prepare")
+
+
+def test_unknown_config_key_and_bad_budget(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"modle": "cnn"}')
+    _fails(["run", "--out", str(tmp_path / "o"), "--config", str(cfg)], capsys, "unknown config key", "model")
+    _fails(["run", "--out", str(tmp_path / "o"), "--budget", "lots"], capsys, "cannot read budget")
+
+
+def test_infeasible_budget_names_smallest_feasible(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HQJAX_CACHE", str(tmp_path / "cache"))
+    err = _fails(["allocate", "--out", str(tmp_path / "o"), "--bits", "4,8", "--budget", "0.1", *FAST], capsys,
+                 "infeasible", "smallest feasible size budget")
+    # the suggested budget works
+    suggested = err.split("--budget ")[1].split(",")[0]
+    assert main(["allocate", "--out", str(tmp_path / "o"), "--budget", suggested]) == 0
+
+
+def test_console_script_exit_codes(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    bad = subprocess.run([sys.executable, "-m", "hqjax.cli", "--model", "nope", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown model" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "hqjax.cli", "run", "--no-such-flag"], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert usage.returncode == 2 and "unrecognized arguments" in usage.stderr
