@@ -3,17 +3,27 @@
 See the README's "Quantization" section for a tour.
 """
 
-from hqjax.quant import bitconfig, calibration, qat, quantizers, transform
+from hqjax.quant import bitconfig as _bitconfig
+from hqjax.quant import calibration as _calibration
+from hqjax.quant import requant as _requant
+from hqjax.quant import integer as _integer
+from hqjax.quant import qat as _qat
+from hqjax.quant import quantizers as _quantizers
+from hqjax.quant import transform as _transform
 from hqjax.quant.bitconfig import *  # noqa: F401,F403
 from hqjax.quant.calibration import *  # noqa: F401,F403
+from hqjax.quant.requant import *  # noqa: F401,F403
+from hqjax.quant.integer import *  # noqa: F401,F403
 from hqjax.quant.qat import *  # noqa: F401,F403
 from hqjax.quant.quantizers import *  # noqa: F401,F403
 from hqjax.quant.transform import *  # noqa: F401,F403
 
 __all__: list[str] = [
-    *bitconfig.__all__,
-    *calibration.__all__,
-    *qat.__all__,
-    *quantizers.__all__,
-    *transform.__all__,
+    *_bitconfig.__all__,
+    *_calibration.__all__,
+    *_requant.__all__,
+    *_integer.__all__,
+    *_qat.__all__,
+    *_quantizers.__all__,
+    *_transform.__all__,
 ]

@@ -175,8 +175,12 @@ def _qparams(x, spec, x_range):
     return jax.lax.stop_gradient(scale), jax.lax.stop_gradient(zero)
 
 
+# largest float32 below 2^31: 32-bit integers computed in float32 must not round up past int32
+_F32_INT32_MAX = 2**31 - 128
+
+
 def _round_clip(x, scale, zero, qmin, qmax):
-    return jnp.clip(jnp.round(x / scale) + zero, qmin, qmax)
+    return jnp.clip(jnp.round(x / scale) + zero, max(qmin, -_F32_INT32_MAX), min(qmax, _F32_INT32_MAX))
 
 
 def quantize(x: jax.Array, spec: QuantSpec, x_range: tuple[Any, Any] | None = None) -> QArray:
