@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import time
 from typing import Callable
@@ -410,7 +411,12 @@ def stage_quantize(job: Job) -> None:
     qat = _calibrate(qmodel, _qat(job, qmodel, ptq), calib) if c.qat_epochs else ptq
     save_variables(work.path("qat_model.msgpack"), qat)
     integer = to_integer(qmodel, qat, d.input_shape)
-    save_integer_model(integer, work.path("int_model"))
+    # written to a temporary folder and renamed, so a kill never leaves a half-written model
+    tmp = work.path(f".int_model.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_integer_model(integer, tmp)
+    shutil.rmtree(work.path("int_model"), ignore_errors=True)
+    os.replace(tmp, work.path("int_model"))
     job.log(f"[quantize] calibrated on {len(calib)} examples, {c.qat_epochs} QAT epochs, integer model written")
 
 
