@@ -32,7 +32,8 @@ from hqjax.train import (TrainConfig, accuracy, load_variables, make_loss_fn, pr
                          train_cached)
 from hqjax.workdir import Workdir
 
-__all__ = ["Job", "run_stages", "check_names", "STAGE_FUNCTIONS"]
+__all__ = ["Job", "run_stages", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
+           "sensitivity_from_rows", "layer_costs", "uniform_cost", "resolve_budget"]
 
 # Fault injection for the resume test: SIGKILL this process after this many analysis units
 # were written in it (a real, uncatchable kill at a deterministic point).
@@ -397,27 +398,48 @@ def _qat(job: Job, qmodel, variables):
     return state_variables(state)
 
 
-def stage_quantize(job: Job) -> None:
-    """Calibrate (post-training quantization), fine-tune with QAT, re-calibrate, and convert
-    to an integer-only model (HAWQ-V3 Sec. 3: BN folding, dyadic requantization)."""
-    from hqjax.quant import load_bit_config, quantize_model, save_integer_model, to_integer
+def quantize_finetune(job: Job, bit_config: dict):
+    """PTQ, QAT and integer conversion of the job's full-precision model under ``bit_config``.
 
-    c, d, work = job.config, job.dataset, job.work
-    bit_config = load_bit_config(work.path("bit_config.json"), job.blocks.names)
+    Returns ``(qmodel, ptq_variables, qat_variables, integer_model)``: calibrated min/max
+    activation ranges (post-training quantization), then ``qat_epochs`` of QAT and a fresh
+    calibration, then BN folding and dyadic requantization (HAWQ-V3 Sec. 3) into an
+    integer-only model.
+    """
+    from hqjax.quant import quantize_model, to_integer
+
+    c, d = job.config, job.dataset
     qmodel = quantize_model(job.model, bit_config, params=job.variables["params"])
     calib = d.x_train[np.random.default_rng(c.seed + 2).permutation(len(d.x_train))[: c.calib_examples]]
     ptq = _calibrate(qmodel, job.variables, calib)
-    save_variables(work.path("ptq_model.msgpack"), ptq)
     qat = _calibrate(qmodel, _qat(job, qmodel, ptq), calib) if c.qat_epochs else ptq
+    return qmodel, ptq, qat, to_integer(qmodel, qat, d.input_shape)
+
+
+def integer_accuracy(integer, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    """Top-1 accuracy of an integer-only model (float only at the input and output boundary)."""
+    fn = jax.jit(integer.__call__)
+    logits = np.concatenate([np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+    return float(np.mean(logits.argmax(-1) == y))
+
+
+def stage_quantize(job: Job) -> None:
+    """Calibrate, fine-tune with QAT, re-calibrate and convert to an integer-only model."""
+    from hqjax.quant import load_bit_config, save_integer_model
+
+    c, work = job.config, job.work
+    bit_config = load_bit_config(work.path("bit_config.json"), job.blocks.names)
+    _, ptq, qat, integer = quantize_finetune(job, bit_config)
+    save_variables(work.path("ptq_model.msgpack"), ptq)
     save_variables(work.path("qat_model.msgpack"), qat)
-    integer = to_integer(qmodel, qat, d.input_shape)
     # written to a temporary folder and renamed, so a kill never leaves a half-written model
     tmp = work.path(f".int_model.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_integer_model(integer, tmp)
     shutil.rmtree(work.path("int_model"), ignore_errors=True)
     os.replace(tmp, work.path("int_model"))
-    job.log(f"[quantize] calibrated on {len(calib)} examples, {c.qat_epochs} QAT epochs, integer model written")
+    job.log(f"[quantize] calibrated on {c.calib_examples} examples, {c.qat_epochs} QAT epochs, "
+            f"integer model written")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -435,8 +457,6 @@ def stage_evaluate(job: Job) -> None:
     bops = float(sum(costs.bops(n, bit_config[n]["weight_bits"], bit_config[n]["act_bits"]) for n in names))
     bits = "/".join(str(bit_config[n]["weight_bits"]) for n in names)
     integer = load_integer_model(work.path("int_model"))
-    int_logits = np.concatenate([np.asarray(jax.jit(integer.__call__)(d.x_test[i : i + 512]))
-                                 for i in range(0, len(d.x_test), 512)])
     stages = {
         "full_precision": {"accuracy": accuracy(job.model.apply, job.variables, d.x_test, d.y_test),
                            "size_bytes": fp_size, "bits": "32"},
@@ -444,7 +464,7 @@ def stage_evaluate(job: Job) -> None:
                                                 d.x_test, d.y_test), "size_bytes": q_size, "bits": bits},
         "qat_fake_quant": {"accuracy": accuracy(qmodel.apply, load_variables(work.path("qat_model.msgpack")),
                                                 d.x_test, d.y_test), "size_bytes": q_size, "bits": bits},
-        "integer_only": {"accuracy": float(np.mean(int_logits.argmax(-1) == d.y_test)), "size_bytes": q_size,
+        "integer_only": {"accuracy": integer_accuracy(integer, d.x_test, d.y_test), "size_bytes": q_size,
                          "bits": bits},
     }
     alloc = work.read_json("allocation.json")

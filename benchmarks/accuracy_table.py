@@ -1,0 +1,155 @@
+"""Accuracy of Hessian-aware mixed precision against uniform, random and reversed allocations.
+
+The ablation of HAWQ-V2 (Dong et al. 2020, Sec. 4.3) and HAWQ-V3 (Yao et al. 2021, Sec. 4):
+at the same model size, does the allocation chosen from Hessian traces (HAWQ-V3 Eq. 12)
+beat a random allocation and the reversed one (most sensitive layers get the fewest bits)?
+
+For each data set and seed, the job's own stages train the full-precision CNN and measure
+per-layer Hessian traces (``hqjax.pipeline.run_stages(..., until='analyze')``); then every
+configuration below is calibrated, fine-tuned with QAT for the same number of epochs and
+converted to integer-only (``hqjax.pipeline.quantize_finetune``):
+
+- uniform W8A8, W4A8, W3A8, W2A8;
+- at the size of uniform W4 and of uniform W3 (bytes, biases at 32 bits):
+  ``hawq``: the ILP with the HAWQ-V3 metric ``Tr(H_l) ||Q_b(W_l) - W_l||^2``;
+  ``random``: the same ILP with each layer's trace replaced by a random log-uniform value
+  (a random allocation that still spends the budget);
+  ``reversed``: the same ILP with the traces given to the layers in reversed rank order.
+
+Reports fake-quant and integer-only test accuracy, mean ± std over seeds.
+
+    python benchmarks/accuracy_table.py --datasets digits --seeds 0 1 2
+    python benchmarks/accuracy_table.py --datasets mnist_subset --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _scores_with_traces(rows, traces: dict[str, float], bits) -> dict[str, dict[int, float]]:
+    """``{layer: {b: trace_l * ||Q_b(W_l) - W_l||^2}}`` (HAWQ-V3 Eq. 12) for given traces."""
+    return {r["layer"]: {b: traces[r["layer"]] * r["perturbation"][str(b)] for b in bits} for r in rows}
+
+
+def allocations(rows, costs, bits, act_bits, limit, rng) -> dict[str, dict]:
+    """The hawq / random / reversed BitConfigs at one size limit (bytes)."""
+    from hqjax.alloc import allocate
+
+    traces = {r["layer"]: r["trace"] for r in rows}
+    by_rank = sorted(traces, key=lambda n: -traces[n])
+    reversed_traces = {n: traces[by_rank[len(by_rank) - 1 - i]] for i, n in enumerate(by_rank)}
+    lo, hi = np.log(min(traces.values())), np.log(max(traces.values()))
+    random_traces = {n: float(np.exp(rng.uniform(lo, hi))) for n in traces}
+    out = {}
+    for name, t in (("hawq", traces), ("random", random_traces), ("reversed", reversed_traces)):
+        a = allocate(_scores_with_traces(rows, t, bits), costs, {"size": limit * (1 + 1e-12)}, candidates=bits,
+                     act_candidates=(act_bits,))
+        out[name] = a.bit_config
+    return out
+
+
+def run_seed(dataset: str, seed: int, args) -> list[dict]:
+    from hqjax.config import RunConfig
+    from hqjax.pipeline import integer_accuracy, layer_costs, quantize_finetune, run_stages, uniform_cost
+    from hqjax.quant import uniform_bit_config
+    from hqjax.train import accuracy
+
+    cfg = RunConfig(model="cnn", dataset=dataset, seed=seed, out=os.path.join(args.work, f"{dataset}-s{seed}"),
+                    epochs=args.epochs, num_probes=args.probes, qat_epochs=args.qat_epochs,
+                    weight_bits=tuple(args.bits), density_steps=8, eig_iters=10, top_k=1)
+    job = run_stages(cfg, "analyze", log=lambda s: None, progress=False)
+    d = job.dataset
+    rows = job.work.read_json("sensitivity.json")["layers"]
+    names = [r["layer"] for r in rows]
+    costs = layer_costs(job)
+    rng = np.random.default_rng(1000 + seed)
+    configs = {"full precision": None}
+    for b in (8, 4, 3, 2):
+        configs[f"uniform W{b}A8"] = uniform_bit_config(names, b, 8)
+    for b in (4, 3):
+        limit = uniform_cost(costs, "size", names, b, 8)
+        for kind, bc in allocations(rows, costs, args.bits, 8, limit, rng).items():
+            configs[f"{kind} @W{b} size"] = bc
+    results = []
+    for label, bc in configs.items():
+        t0 = time.perf_counter()
+        if bc is None:
+            fq = accuracy(job.model.apply, job.variables, d.x_test, d.y_test)
+            res = {"config": label, "fake_quant": fq, "integer": None, "size": uniform_cost(costs, "size", names, 32, 8)}
+        else:
+            qmodel, _, qat, integer = quantize_finetune(job, bc)
+            res = {"config": label, "fake_quant": accuracy(qmodel.apply, qat, d.x_test, d.y_test),
+                   "integer": integer_accuracy(integer, d.x_test, d.y_test),
+                   "size": float(sum(costs.size_bytes(n, bc[n]["weight_bits"]) for n in names))}
+        res.update(dataset=dataset, seed=seed, bits="/".join(str(bc[n]["weight_bits"]) for n in names) if bc else "32",
+                   seconds=round(time.perf_counter() - t0, 2))
+        results.append(res)
+        print(f"  {dataset} seed {seed} {label:<20} bits {res['bits']:<8} size {res['size']:>9.0f} B  "
+              f"fake-quant {res['fake_quant']:.4f}  integer {res['integer'] if res['integer'] is None else round(res['integer'], 4)}"
+              f"  ({res['seconds']} s)", flush=True)
+    traces = ", ".join(f"{r['layer']} {r['trace']:.3g}±{r['trace_stderr']:.2g} (n={r['n_params']})" for r in rows)
+    print(f"  {dataset} seed {seed} traces: {traces}", flush=True)
+    return results
+
+
+def _fmt(values) -> str:
+    v = np.array([x for x in values if x is not None], float) * 100
+    return "—" if v.size == 0 else f"{v.mean():.2f} ± {v.std():.2f}"
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rs = [r for r in results if r["dataset"] == dataset]
+        seeds = sorted({r["seed"] for r in rs})
+        lines += [f"\n{dataset} (seeds {seeds}; accuracy % mean ± std)",
+                  f"| configuration | weight bits per layer (seed {seeds[0]}) | size (bytes) | fake-quant | integer-only |",
+                  "|---|---|---|---|---|"]
+        for label in dict.fromkeys(r["config"] for r in rs):
+            g = [r for r in rs if r["config"] == label]
+            lines.append(f"| {label} | {g[0]['bits']} | {np.mean([r['size'] for r in g]):.0f} | "
+                         f"{_fmt(r['fake_quant'] for r in g)} | {_fmt(r['integer'] for r in g)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["digits"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--qat-epochs", type=int, default=5)
+    p.add_argument("--probes", type=int, default=64)
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hqjax_accuracy_table"))
+    p.add_argument("--json", default=None, help="also write every result to this JSON file")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    results = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            results += run_seed(dataset, seed, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(table(results))
+    summary = []
+    for dataset in args.datasets:
+        for b in (4, 3):
+            acc = {k: np.mean([r["fake_quant"] for r in results if r["dataset"] == dataset and r["config"] == f"{k} @W{b} size"]) * 100
+                   for k in ("hawq", "random", "reversed")}
+            summary.append(f"{dataset} @W{b}: hawq {acc['hawq']:.2f} vs random {acc['random']:.2f} vs reversed {acc['reversed']:.2f}")
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    print("key figure (fake-quant accuracy %, mean over seeds): " + "; ".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
