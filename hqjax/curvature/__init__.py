@@ -1,3 +1,31 @@
-"""hqjax.curvature."""
+"""hqjax.curvature: curvature operators over parameter pytrees and estimators that take any of them.
 
-__all__: list[str] = []
+Operators (``hvp``, ``hessian``, ``ggn``, ``dataset_loss``) build ``v -> M v``; estimators
+(``trace``, ``top_eigenvalues``, ``spectral_density``, ``activation_traces``) accept any
+such matvec. See the README's Curvature section.
+"""
+
+from hqjax.curvature.operators import dataset_loss, ggn, hessian, hvp
+from hqjax.curvature.results import DensityResult, EigenResult, TraceResult, result_from_dict
+from hqjax.curvature.trace import trace
+from hqjax.curvature.eigen import block_top_eigenvalues, top_eigenvalues
+from hqjax.curvature.density import density_on_grid, spectral_density
+from hqjax.curvature.activation import activation_perturbations, activation_traces
+
+__all__ = [
+    "hvp",
+    "hessian",
+    "ggn",
+    "dataset_loss",
+    "trace",
+    "top_eigenvalues",
+    "block_top_eigenvalues",
+    "spectral_density",
+    "density_on_grid",
+    "activation_traces",
+    "activation_perturbations",
+    "TraceResult",
+    "EigenResult",
+    "DensityResult",
+    "result_from_dict",
+]
