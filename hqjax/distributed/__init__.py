@@ -17,7 +17,9 @@ Multi-host start-up is one process per host calling :func:`initialize` (a thin w
 
 from hqjax.distributed.sharding import *  # noqa: F401,F403
 from hqjax.distributed.sharding import __all__ as _sharding_all
+from hqjax.distributed.probes import *  # noqa: F401,F403
+from hqjax.distributed.probes import __all__ as _probes_all
 from hqjax.distributed.sweep import *  # noqa: F401,F403
 from hqjax.distributed.sweep import __all__ as _sweep_all
 
-__all__ = [*_sharding_all, *_sweep_all]
+__all__ = [*_sharding_all, *_probes_all, *_sweep_all]
