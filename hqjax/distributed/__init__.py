@@ -22,4 +22,6 @@ from hqjax.distributed.probes import __all__ as _probes_all
 from hqjax.distributed.sweep import *  # noqa: F401,F403
 from hqjax.distributed.sweep import __all__ as _sweep_all
 
-__all__ = [*_sharding_all, *_probes_all, *_sweep_all]
+from hqjax.distributed.command import sweep_main
+
+__all__ = [*_sharding_all, *_probes_all, *_sweep_all, "sweep_main"]

@@ -231,23 +231,24 @@ def load_results(out_dir: str, jobs: Sequence[Job] | None = None) -> list[dict]:
 
 # ----------------------------------------------------------------------------- multi-host
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> None:
+               process_id: int | None = None, *, auto: bool = False) -> None:
     """Start this process's part of a multi-process JAX program (one process per host).
 
-    A thin wrapper of ``jax.distributed.initialize``: call it first, before any other JAX
-    call. With no arguments, JAX detects the cluster (Cloud TPU pods, SLURM, Open MPI);
-    elsewhere give the coordinator's ``host:port`` (process 0's address), the number of
-    processes and this process's id. A single process without a coordinator is a no-op,
-    so the same script runs on one CPU, on local devices and on a cluster.
+    A thin wrapper of ``jax.distributed.initialize``; call it first, before any other JAX
+    call. ``auto=True`` lets JAX detect the cluster (Cloud TPU pods, SLURM, Open MPI);
+    otherwise give process 0's ``host:port``, the number of processes and this process's
+    id. Without a coordinator and with at most one process it does nothing, so the same
+    script runs on one CPU, on several local devices and on a cluster.
     """
-    if coordinator_address is None and num_processes in (None, 1) and process_id in (None, 0):
-        if num_processes == 1 or not _cluster_detectable():
-            return
+    if auto:
+        jax.distributed.initialize()
+        return
+    if coordinator_address is None and (num_processes or 1) == 1:
+        return
+    if not (coordinator_address and num_processes and process_id is not None):
+        raise ValueError(
+            f"a multi-process start needs coordinator_address ('host:port' of process 0), num_processes and "
+            f"process_id; got {coordinator_address!r}, {num_processes!r}, {process_id!r}"
+        )
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
-
-
-def _cluster_detectable() -> bool:
-    # jax.distributed.initialize() with no arguments only succeeds inside a known cluster.
-    env = os.environ
-    return any(k in env for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS"))
+                               process_id=process_id)
