@@ -86,9 +86,9 @@ class Job:
         c = self.config
         try:
             return load_dataset(c.dataset, c.data_dir, seed=c.seed)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ImportError) as e:  # tfds folder not prepared, optional extra missing
             raise UserError(str(e)) from None
-        except ValueError as e:
+        except ValueError as e:  # an unknown data set name
             raise UserError(str(e)) from None
 
     @functools.cached_property
@@ -271,12 +271,13 @@ def sensitivity_from_rows(rows: list[dict]):
         weight_norm_sq=r.get("weight_norm_sq")) for r in rows})
 
 
-def layer_costs(job: Job):
-    """``hqjax.LayerCosts`` of the model (shapes traced at batch 1), with a latency table when needed."""
+def layer_costs(job: Job, variables=None):
+    """``hqjax.LayerCosts`` of the model (shapes traced at batch 1), with a latency table when
+    needed. ``variables`` may be shapes only (``jax.eval_shape``); default the trained ones."""
     from hqjax.alloc import LayerCosts, layer_shapes, measure_latency_table
 
-    x = jnp.zeros((1, *job.dataset.input_shape), jnp.float32)
-    shapes = layer_shapes(job.model, job.variables, x, train=False)
+    x = jax.ShapeDtypeStruct((1, *job.dataset.input_shape), jnp.float32)
+    shapes = layer_shapes(job.model, job.variables if variables is None else variables, x, train=False)
     costs = LayerCosts.from_shapes(shapes)
     if job.config.budget_kind == "latency":
         if not job.work.exists("latency_table.json"):
@@ -311,12 +312,30 @@ def _allocate(table, costs, config: RunConfig, limit: float):
         return allocate(table, costs, {kind: limit}, candidates=config.weight_bits, metric=config.metric,
                         act_candidates=(config.act_bits,))
     except InfeasibleBudgetError as e:
-        int8 = uniform_cost(costs, kind, table.names, 8, config.act_bits)
+        int8 = uniform_cost(costs, kind, costs.names, 8, config.act_bits)
         smallest = e.minimal[kind]
         raise UserError(
             f"{kind} budget {config.budget!r} = {limit:.6g} {_UNITS[kind]} is infeasible with candidate bits "
             f"{list(config.weight_bits)}: the smallest feasible {kind} budget is {smallest:.6g} {_UNITS[kind]} "
             f"(--budget {smallest:.6g}, or {smallest / int8:.4f} of the INT8 model)") from None
+
+
+def check_budget(job: Job) -> None:
+    """Fail before any training when no bit assignment fits the budget.
+
+    Feasibility depends only on layer shapes and candidate bits, so it is decided from the
+    untrained model's shapes (nothing computed) by the allocator itself with zero scores.
+    A latency budget needs the measured table and is checked at allocation.
+    """
+    from hqjax.train import init_variables
+
+    c = job.config
+    if c.budget_kind == "latency":
+        return
+    shapes = jax.eval_shape(lambda: init_variables(job.model, jax.random.PRNGKey(0), job.dataset.input_shape))
+    costs = layer_costs(job, shapes)
+    zero = {n: {b: 0.0 for b in c.weight_bits} for n in costs.names}
+    _allocate(zero, costs, c, resolve_budget(c, costs, costs.names))
 
 
 def pareto_points(table, costs, config: RunConfig, num: int = 24) -> list[dict]:
@@ -507,11 +526,10 @@ def run_stages(config: RunConfig, until: str = "report", *, log: Callable[[str],
         raise UserError(f"unknown stage {until!r}; stages are {list(STAGES)}")
     check_names(config)
     job = Job(config, log=log, progress=progress)
+    if STAGES.index(until) >= STAGES.index("allocate"):
+        check_budget(job)
     job.work.write_json("config.json", config.to_dict())
     for stage in STAGES[: STAGES.index(until) + 1]:
-        if stage not in STAGE_FUNCTIONS:
-            log(f"[{stage}] not available in this build yet, skipped")
-            continue
         fp = job.fingerprints[stage]
         if job.work.is_done(stage, fp) and stage not in force:
             log(f"[{stage}] up to date, skipped")

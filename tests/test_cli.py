@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from hqjax.cli import EXIT_USER, main
+from hqjax.config import RunConfig, UserError
+from hqjax.pipeline import Job, check_budget
 
 FAST = ["--epochs", "1", "--probes", "2", "--hessian-examples", "64", "--hessian-batch", "64", "--top-k", "1",
         "--eig-iters", "2", "--density-steps", "4", "--no-progress"]
@@ -46,13 +48,17 @@ def test_unknown_config_key_and_bad_budget(tmp_path, capsys):
     _fails(["run", "--out", str(tmp_path / "o"), "--budget", "lots"], capsys, "cannot read budget")
 
 
-def test_infeasible_budget_names_smallest_feasible(tmp_path, capsys, monkeypatch):
+def test_infeasible_budget_names_smallest_feasible_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HQJAX_CACHE", str(tmp_path / "cache"))
     err = _fails(["allocate", "--out", str(tmp_path / "o"), "--bits", "4,8", "--budget", "0.1", *FAST], capsys,
                  "infeasible", "smallest feasible size budget")
-    # the suggested budget works
-    suggested = err.split("--budget ")[1].split(",")[0]
-    assert main(["allocate", "--out", str(tmp_path / "o"), "--budget", suggested]) == 0
+    assert not os.path.exists(tmp_path / "cache")  # refused before any training
+    suggested = float(err.split("--budget ")[1].split(",")[0])
+    # the suggestion is the exact boundary: all layers at 4 bits fit, a hair less does not
+    cfg = RunConfig(out=str(tmp_path / "o"), weight_bits=(4, 8), budget=suggested)
+    check_budget(Job(cfg))
+    with pytest.raises(UserError, match="infeasible"):
+        check_budget(Job(cfg.replace(budget=suggested * 0.999)))
 
 
 def test_console_script_exit_codes(tmp_path):
@@ -60,6 +66,15 @@ def test_console_script_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hqjax.cli", "--model", "nope", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown model" in bad.stderr
-    usage = subprocess.run([sys.executable, "-m", "hqjax.cli", "run", "--no-such-flag"], capture_output=True,
-                           text=True, env=env, timeout=120)
-    assert usage.returncode == 2 and "unrecognized arguments" in usage.stderr
+
+
+def test_bad_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--no-such-flag"])
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_sweep_is_delegated_to_the_distributed_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--help"])
+    assert e.value.code == 0 and "hqjax sweep" in capsys.readouterr().out
