@@ -1,8 +1,8 @@
 """The ``hqjax`` command: the end-to-end job and one sub-command per stage.
 
-``hqjax`` or ``hqjax run`` runs every stage; ``hqjax analyze|allocate|quantize|evaluate|
-report`` runs the stages up to that one, skipping those already finished with the same
-settings, so after ``hqjax analyze`` a user can change ``--budget`` or ``--metric`` and
+``hqjax`` or ``hqjax run`` runs every stage; ``hqjax analyze|allocate|quantize|evaluate``
+runs the stages up to that one, skipping those already finished with the same settings
+(``hqjax report`` only rebuilds the plots and report from what the folder holds), so after ``hqjax analyze`` a user can change ``--budget`` or ``--metric`` and
 ``hqjax run`` re-does only allocation and what follows.
 
 Settings are read, lowest precedence first, from the defaults, the ``config.json`` of an
@@ -31,7 +31,7 @@ _COMMANDS = {
     "allocate": "bits per layer under the budget (ILP), and the Pareto frontier",
     "quantize": "quantization-aware fine-tuning, calibration and integer-only conversion",
     "evaluate": "accuracy and size of every stage -> metrics.json",
-    "report": "plots, report.md and the summary table",
+    "report": "rebuild plots, report.md and the summary table from the folder (runs no other stage)",
 }
 
 
@@ -99,18 +99,21 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from hqjax.pipeline import run_stages
+    from hqjax.pipeline import report_only, run_stages
 
     config = resolve_config(args)
-    until = "report" if args.command == "run" else args.command
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    job = run_stages(config, until, log=log, progress=args.progress, force=tuple(args.force))
-    if until == "report":
+    if args.command == "report":
+        job = report_only(config, log=log)
+    else:
+        until = "report" if args.command == "run" else args.command
+        job = run_stages(config, until, log=log, progress=args.progress, force=tuple(args.force))
+    if args.command in ("run", "report"):
         from hqjax.report import summary_table
 
         print(summary_table(job.work.root))
     else:
-        print(f"[{until}] done; results in {job.work.root}")
+        print(f"[{args.command}] done; results in {job.work.root}")
     return EXIT_OK
 
 

@@ -32,7 +32,7 @@ from hqjax.train import (TrainConfig, accuracy, load_variables, make_loss_fn, pr
                          train_cached)
 from hqjax.workdir import Workdir
 
-__all__ = ["Job", "run_stages", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
+__all__ = ["Job", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
            "sensitivity_from_rows", "layer_costs", "uniform_cost", "resolve_budget"]
 
 # Fault injection for the resume test: SIGKILL this process after this many analysis units
@@ -513,6 +513,16 @@ STAGE_FUNCTIONS: dict[str, Callable[[Job], None]] = {
     "evaluate": stage_evaluate,
     "report": stage_report,
 }
+
+
+def report_only(config: RunConfig, *, log: Callable[[str], None] = print) -> Job:
+    """Rebuild the plots and ``report.md`` from whatever the folder holds, running nothing else
+    (after ``hqjax analyze`` this gives the density and trace plots)."""
+    job = Job(config, log=log)
+    if not job.work.exists("config.json"):
+        raise UserError(f"{job.work.root} holds no hqjax results; run 'hqjax run --out {config.out}' first")
+    stage_report(job)
+    return job
 
 
 def run_stages(config: RunConfig, until: str = "report", *, log: Callable[[str], None] = print,

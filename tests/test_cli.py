@@ -78,3 +78,16 @@ def test_sweep_is_delegated_to_the_distributed_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["sweep", "--help"])
     assert e.value.code == 0 and "hqjax sweep" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exc, code, needle", [(RuntimeError("boom"), 1, "internal error"),
+                                               (KeyboardInterrupt(), 130, "run the same command again")])
+def test_internal_failure_and_interrupt_have_their_own_exit_codes(tmp_path, capsys, monkeypatch, exc, code, needle):
+    import hqjax.pipeline
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(hqjax.pipeline, "run_stages", fail)
+    assert main(["run", "--out", str(tmp_path)]) == code
+    assert needle in capsys.readouterr().err

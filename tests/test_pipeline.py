@@ -16,8 +16,8 @@ import pytest
 from hqjax.cli import main
 from hqjax.config import RunConfig
 
-TINY = ["--model", "cnn", "--dataset", "digits", "--epochs", "3", "--probes", "4", "--hessian-examples", "128",
-        "--hessian-batch", "64", "--top-k", "1", "--eig-iters", "5", "--density-steps", "8", "--qat-epochs", "1",
+TINY = ["--model", "cnn", "--dataset", "digits", "--epochs", "3", "--probes", "4", "--hessian-examples", "64",
+        "--hessian-batch", "64", "--top-k", "1", "--eig-iters", "4", "--density-steps", "6", "--qat-epochs", "1",
         "--calib-examples", "64", "--bits", "2,4,8", "--budget", "0.45", "--no-progress"]
 
 
@@ -104,7 +104,9 @@ def test_changed_budget_reruns_only_allocation_onwards(job, capsys):
 @pytest.mark.slow
 def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir):
     out = str(tmp_path / "resumed")
-    env = {**os.environ, "HQJAX_CACHE": cache_dir, "HQJAX_TEST_KILL_AFTER_UNITS": "2", "JAX_PLATFORMS": "cpu"}
+    # the two processes share a persistent XLA cache, so the resumed one does not compile again
+    env = {**os.environ, "HQJAX_CACHE": cache_dir, "HQJAX_TEST_KILL_AFTER_UNITS": "2", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     cmd = [sys.executable, "-m", "hqjax.cli", "analyze", "--out", out, *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -119,3 +121,7 @@ def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir):
     assert {f: os.stat(os.path.join(out, "analysis", f)).st_mtime_ns for f in done} == mtimes
     assert _json(out, "sensitivity.json") == _json(job, "sensitivity.json")
     assert _json(out, "density.json") == _json(job, "density.json")
+    # the report of an analysis-only folder shows what exists and runs nothing else
+    assert main(["report", "--out", out]) == 0
+    made = set(os.listdir(out))
+    assert {"density.png", "traces.png", "report.md"} <= made and not {"bits.png", "metrics.json"} & made
