@@ -67,6 +67,34 @@ def allocations(rows, costs, bits, act_bits, limit, rng) -> dict[str, dict]:
     return out
 
 
+def frontier_divergence(rows, costs, bits, act_bits, num: int = 40) -> dict:
+    """Where along the size axis do the hawq and reversed allocations differ?
+
+    Solves both ILPs at ``num`` budgets from all-lowest to all-highest bits and counts the
+    budgets where they choose different bits, and how many configurations lie within
+    90-100% of each budget (the freedom the budget leaves to any sensitivity ordering).
+    """
+    from hqjax.alloc import allocate
+
+    names = [r["layer"] for r in rows]
+    traces = {r["layer"]: r["trace"] for r in rows}
+    by_rank = sorted(traces, key=lambda n: -traces[n])
+    rev = {n: traces[by_rank[len(by_rank) - 1 - i]] for i, n in enumerate(by_rank)}
+    configs = np.array(np.meshgrid(*[bits] * len(names), indexing="ij")).reshape(len(names), -1).T
+    sizes = np.array([sum(costs.size_bytes(n, int(b)) for n, b in zip(names, c)) for c in configs])
+    lo, hi = sizes.min(), sizes.max()
+    differ, freedom = [], []
+    for limit in np.linspace(lo, hi, num):
+        pick = [allocate(_scores_with_traces(rows, t, bits), costs, {"size": limit * (1 + 1e-12)}, candidates=bits,
+                         act_candidates=(act_bits,)).weight_bits for t in (traces, rev)]
+        freedom.append(int(np.sum((sizes <= limit * (1 + 1e-12)) & (sizes >= 0.9 * limit))))
+        if pick[0] != pick[1]:
+            differ.append({"size": float(limit), "hawq": "/".join(str(pick[0][n]) for n in names),
+                           "reversed": "/".join(str(pick[1][n]) for n in names)})
+    return {"budgets": num, "differ": differ, "median_freedom": float(np.median(freedom)),
+            "share_of_weights": {n: costs.n_weights[n] / sum(costs.n_weights.values()) for n in names}}
+
+
 def run_seed(dataset: str, seed: int, args) -> list[dict]:
     from hqjax.config import RunConfig
     from hqjax.pipeline import integer_accuracy, layer_costs, quantize_finetune, run_stages, uniform_cost
@@ -82,16 +110,20 @@ def run_seed(dataset: str, seed: int, args) -> list[dict]:
     names = [r["layer"] for r in rows]
     costs = layer_costs(job)
     rng = np.random.default_rng(1000 + seed)
-    configs = {"full precision": None}
-    for b in (8, 4, 3, 2):
-        configs[f"uniform W{b}A8"] = uniform_bit_config(names, b, 8)
-    for b in (4, 3):
-        # the uniform width itself is left out of the candidates: with it, the HAWQ-V3
-        # objective picked uniform b for every allocation on these models (RESULTS.md)
-        limit = uniform_cost(costs, "size", names, b, 8)
-        cands = [x for x in args.bits if x != b]
+    configs = {}
+    if not args.skip_uniform:
+        configs["full precision"] = None
+        for b in (8, 4, 3, 2):
+            configs[f"uniform W{b}A8"] = uniform_bit_config(names, b, 8)
+    for b in args.budgets:
+        # a budget "W b" is the size of uniform b-bit weights (interpolated for fractional b).
+        # An integer width is left out of the candidates: with it, every allocation picked
+        # uniform b on these models (the layer sizes leave no cheaper trade; RESULTS.md)
+        lo, frac = int(np.floor(b)), b - np.floor(b)
+        limit = (1 - frac) * uniform_cost(costs, "size", names, lo, 8) + frac * uniform_cost(costs, "size", names, lo + 1, 8)
+        cands = [x for x in args.bits if x != b] if frac == 0 else list(args.bits)
         for kind, bc in allocations(rows, costs, cands, 8, limit, rng).items():
-            configs[f"{kind} @W{b} size"] = bc
+            configs[f"{kind} @W{b:g} size"] = bc
     results = []
     for label, bc in configs.items():
         t0 = time.perf_counter()
@@ -111,6 +143,12 @@ def run_seed(dataset: str, seed: int, args) -> list[dict]:
               f"  ({res['seconds']} s)", flush=True)
     traces = ", ".join(f"{r['layer']} {r['trace']:.3g}±{r['trace_stderr']:.2g} (n={r['n_params']})" for r in rows)
     print(f"  {dataset} seed {seed} traces: {traces}", flush=True)
+    div = frontier_divergence(rows, costs, args.bits, 8)
+    print(f"  {dataset} seed {seed} hawq and reversed allocations differ at {len(div['differ'])} of {div['budgets']} "
+          f"size budgets (W2..W8); configurations within 90-100% of a budget: median {div['median_freedom']:.0f}; "
+          f"share of weights: " + ", ".join(f"{n} {v:.0%}" for n, v in div["share_of_weights"].items()), flush=True)
+    for d in div["differ"][:6]:
+        print(f"    at {d['size']:.0f} B: hawq {d['hawq']} vs reversed {d['reversed']}", flush=True)
     return results
 
 
@@ -143,23 +181,32 @@ def main(argv=None) -> int:
     p.add_argument("--probes", type=int, default=64)
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hqjax_accuracy_table"))
+    p.add_argument("--budgets", nargs="+", type=float, default=[4, 3, 2.5],
+                   help="size budgets as uniform-equivalent weight bits (2.5: halfway between W2 and W3)")
+    p.add_argument("--skip-uniform", action="store_true", help="only the allocations (e.g. to add a budget)")
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
+    p.add_argument("--from-json", nargs="+", default=None, help="only print the table of these saved results")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     results = []
-    for dataset in args.datasets:
-        for seed in args.seeds:
-            results += run_seed(dataset, seed, args)
+    if args.from_json:
+        for path in args.from_json:
+            with open(path) as f:
+                results += json.load(f)
+    else:
+        for dataset in args.datasets:
+            for seed in args.seeds:
+                results += run_seed(dataset, seed, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     print(table(results))
     summary = []
-    for dataset in args.datasets:
-        for b in (4, 3):
-            acc = {k: np.mean([r["fake_quant"] for r in results if r["dataset"] == dataset and r["config"] == f"{k} @W{b} size"]) * 100
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        for label in dict.fromkeys(r["config"].split(" ", 1)[1] for r in results if r["config"].startswith("hawq")):
+            acc = {k: np.mean([r["fake_quant"] for r in results if r["dataset"] == dataset and r["config"] == f"{k} {label}"]) * 100
                    for k in ("hawq", "random", "reversed")}
-            summary.append(f"{dataset} @W{b}: hawq {acc['hawq']:.2f} vs random {acc['random']:.2f} vs reversed {acc['reversed']:.2f}")
+            summary.append(f"{dataset} {label}: hawq {acc['hawq']:.2f} vs random {acc['random']:.2f} vs reversed {acc['reversed']:.2f}")
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     print("key figure (fake-quant accuracy %, mean over seeds): " + "; ".join(summary))
     return 0
