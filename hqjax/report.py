@@ -58,11 +58,11 @@ def plot_traces(layers: list[dict], path: str) -> str:
     names = [r["layer"] for r in layers]
     avg = np.array([r["trace"] / r["n_params"] for r in layers])
     err = np.array([r["trace_stderr"] / r["n_params"] for r in layers])
-    plt, fig, ax = _figure(max(4.0, 0.6 * len(names) + 2))
+    plt, fig, ax = _figure(max(6.0, 0.6 * len(names) + 2))
     ax.bar(range(len(names)), avg, yerr=err, capsize=4, color="C0")
     ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     ax.set_ylabel("average Hessian trace  tr(H)/n")
-    ax.set_title("Per-layer sensitivity (Hutchinson, ±1 stderr)")
+    ax.set_title("Per-layer sensitivity: Hutchinson trace, ±1 stderr")
     if np.all(avg > 0):
         ax.set_yscale("log")
     return _save(plt, fig, path)
@@ -72,7 +72,7 @@ def plot_bits(bit_config: dict, layers: list[dict], path: str) -> str:
     """Weight bits chosen per layer, next to each layer's sensitivity rank."""
     names = [r["layer"] for r in layers]
     bits = [bit_config[n]["weight_bits"] for n in names]
-    plt, fig, ax = _figure(max(4.0, 0.6 * len(names) + 2))
+    plt, fig, ax = _figure(max(6.0, 0.6 * len(names) + 2))
     bars = ax.bar(range(len(names)), bits, color="C2")
     for b, v in zip(bars, bits):
         ax.text(b.get_x() + b.get_width() / 2, v, str(v), ha="center", va="bottom")
