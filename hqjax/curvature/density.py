@@ -37,7 +37,7 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: ja
     ----------
     matvec : symmetric operator over pytrees shaped like ``params``.
     params : pytree giving the shapes.
-    key : PRNG key; run ``r`` uses a Rademacher probe from ``fold_in(key, r)``.
+    key : PRNG key; run ``r`` uses a Rademacher probe from ``fold_in(split(key)[0], r)``.
     num_steps : Lanczos steps per run (PyHessian: 100); capped at the number of parameters.
     num_runs : independent probes (PyHessian: 1).
     loop : ``'auto'``, ``'device'`` or ``'host'`` (see ``hqjax.trace``).
@@ -57,10 +57,12 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: ja
     _, unravel = ravel_pytree(params)
     flat_mv = lambda x: ravel_pytree(matvec(unravel(x)))[0]
 
-    def probe(r):
-        return ravel_pytree(tree_random_like(jax.random.fold_in(key, r), params, "rademacher"))[0]
+    key_probe, key_restart = jax.random.split(key)
 
-    run = lanczos_runner(flat_mv, m, probe(0), loop, jax.random.fold_in(key, -1))
+    def probe(r):
+        return ravel_pytree(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))[0]
+
+    run = lanczos_runner(flat_mv, m, probe(0), loop, key_restart)
     nodes, weights = [], []
     for r in range(int(num_runs)):  # runs share the compiled step; few runs, so a Python loop
         alphas, betas, _, _ = run(probe(r))

@@ -30,6 +30,14 @@ def _orthogonalize(w, V, mask):
     return w
 
 
+def _normalize(w):
+    """``w / ||w||`` computed on ``w / max|w|`` so tiny vectors do not underflow; 0 stays 0."""
+    s = jnp.max(jnp.abs(w))
+    u = w / jnp.where(s > 0, s, 1.0)
+    nrm = jnp.linalg.norm(u)
+    return u / jnp.where(nrm > 0, nrm, 1.0)
+
+
 def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, example_v0: jax.Array, loop: str,
                    key: jax.Array, stop: Callable | None = None):
     """A function ``v0 -> (alphas [m], betas [m], V [m, n], steps)`` running ``m`` Lanczos steps.
@@ -45,38 +53,42 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
     dtype = example_v0.dtype
 
     def body(s):
-        j, v, v_prev, beta_prev, alphas, betas, V, _ = s
+        j, v, v_prev, beta_prev, alphas, betas, V, norm_est, _ = s
         V = V.at[j].set(v)
         mask = (jnp.arange(m) <= j).astype(dtype)
         w = flat_mv(v)
+        norm_est = jnp.maximum(norm_est, jnp.linalg.norm(w))  # running lower bound on ||M||
         alpha = jnp.vdot(w, v)
         w = w - alpha * v - beta_prev * v_prev
         w = _orthogonalize(w, V, mask)
         beta = jnp.linalg.norm(w)
-        scale = jnp.maximum(jnp.abs(alpha) + beta_prev, jnp.finfo(dtype).tiny)
-        broke = beta <= 1e-6 * scale
+        # Breakdown relative to ||M||, not to this step: after the Krylov space is exhausted
+        # what remains of w is rounding noise, which must not become a basis vector.
+        broke = beta <= 1e-5 * norm_est
         fresh = _orthogonalize(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), V, mask)
-        w = jnp.where(broke, fresh, w)
+        # A fresh vector keeps most of its norm (~sqrt(n - j)) unless the whole space is spanned.
+        exhausted = jnp.linalg.norm(fresh) < 0.5
+        w = jnp.where(broke, jnp.where(exhausted, 0.0, fresh), w)
         beta = jnp.where(broke, 0.0, beta)
-        v_next = w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
+        v_next = _normalize(w)
         alphas = alphas.at[j].set(alpha)
         betas = betas.at[j].set(beta)
         done = stop(alphas, betas, j) if stop is not None else jnp.bool_(False)
-        return j + 1, v_next, v, beta, alphas, betas, V, done
+        return j + 1, v_next, v, beta, alphas, betas, V, norm_est, done
 
     def cond(s):
         return (s[0] < m) & jnp.logical_not(s[-1])
 
     def init(v0):
-        v0 = v0 / jnp.linalg.norm(v0)
+        v0 = _normalize(v0)
         z = jnp.zeros((m,), dtype)
         return (jnp.int32(0), v0, jnp.zeros_like(v0), jnp.zeros((), dtype), z, z, jnp.zeros((m, n), dtype),
-                jnp.bool_(False))
+                jnp.zeros((), dtype), jnp.bool_(False))
 
     run = make_while(cond, body, init(example_v0), loop)
 
     def lanczos(v0):
-        j, _, _, _, alphas, betas, V, _ = run(init(v0))
+        j, _, _, _, alphas, betas, V, _, _ = run(init(v0))
         return alphas, betas, V, j
 
     return lanczos
