@@ -28,15 +28,26 @@ def problem():
     return loss_fn, params, (x, y), matvec
 
 
+@pytest.fixture(scope="module")
+def reference(problem):
+    """Single-device estimates, shared by the probe- and data-parallel comparisons."""
+    _, params, _, matvec = problem
+    key = jax.random.key(7)
+    return key, {
+        "trace": hqjax.trace(matvec, params, key, num_probes=11),  # 8 devices: 2 probes each, 5 padded
+        "eigen": hqjax.top_eigenvalues(matvec, params, key, max_iters=30, tol=1e-6),
+        "density": hqjax.spectral_density(matvec, params, key, num_steps=8, num_runs=3),
+    }
+
+
 def _close(a, b, rtol=RTOL):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
 
 
 @pytest.mark.parametrize("loop", ["host", "device"])
-def test_probe_parallel_trace_equals_single_device(problem, loop):
+def test_probe_parallel_trace_equals_single_device(problem, reference, loop):
     _, params, _, matvec = problem
-    key = jax.random.key(7)
-    ref = hqjax.trace(matvec, params, key, num_probes=11)  # 11 probes: 8 devices get 2, 2, ..., padded
+    key, ref = reference[0], reference[1]["trace"]
     got = hd.probe_parallel_trace(matvec, params, key, hd.make_mesh("probe"), num_probes=11, loop=loop)
     assert int(got.num_probes) == 11 and got.block_names == ref.block_names
     _close(got.total, ref.total)
@@ -47,10 +58,9 @@ def test_probe_parallel_trace_equals_single_device(problem, loop):
     assert abs(float(other.total) - float(ref.total)) > 1e-4
 
 
-def test_probe_parallel_density_equals_single_device(problem):
+def test_probe_parallel_density_equals_single_device(problem, reference):
     _, params, _, matvec = problem
-    key = jax.random.key(3)
-    ref = hqjax.spectral_density(matvec, params, key, num_steps=8, num_runs=3)
+    key, ref = reference[0], reference[1]["density"]
     mesh = hd.make_mesh("probe", devices=jax.devices()[:2])  # 3 runs on 2 devices: one padded run
     got = hd.probe_parallel_density(matvec, params, key, mesh, num_steps=8, num_runs=3)
     assert got.nodes.shape == (3, 8)
@@ -58,17 +68,18 @@ def test_probe_parallel_density_equals_single_device(problem):
     _close(got.weights, ref.weights)
 
 
-def test_data_parallel_trace_eigen_density_equal_single_device(problem):
-    loss_fn, params, batch, matvec = problem
-    dp = hd.data_parallel_hessian(loss_fn, params, batch, hd.make_mesh("data"))
-    key = jax.random.key(5)
-    t_ref, t_dp = (hqjax.trace(m, params, key, num_probes=4) for m in (matvec, dp))
-    _close(t_dp.block_traces, t_ref.block_traces)
-    e_ref, e_dp = (hqjax.top_eigenvalues(m, params, key, max_iters=30, tol=1e-6) for m in (matvec, dp))
-    _close(e_dp.eigenvalues, e_ref.eigenvalues)
-    d_ref, d_dp = (hqjax.spectral_density(m, params, key, num_steps=6) for m in (matvec, dp))
-    _close(d_dp.nodes, d_ref.nodes)
-    _close(d_dp.weights, d_ref.weights)
+def test_data_parallel_trace_eigen_density_equal_single_device(problem, reference):
+    loss_fn, params, batch, _ = problem
+    key, ref = reference
+    dp = hd.data_parallel_hessian(loss_fn, params, batch, hd.make_mesh("data"))  # 16 examples: 2 per device
+    t = hqjax.trace(dp, params, key, num_probes=11)
+    _close(t.total, ref["trace"].total)
+    _close(t.block_traces, ref["trace"].block_traces)
+    e = hqjax.top_eigenvalues(dp, params, key, max_iters=30, tol=1e-6)
+    _close(e.eigenvalues, ref["eigen"].eigenvalues)
+    d = hqjax.spectral_density(dp, params, key, num_steps=8, num_runs=3)
+    _close(d.nodes, ref["density"].nodes)
+    _close(d.weights, ref["density"].weights)
 
 
 def test_unknown_axis_is_named(problem):

@@ -86,7 +86,8 @@ def test_resume_skips_finished_and_config_must_match(tmp_path):
 
 
 # --------------------------------------------------------------------------- subprocesses
-SWEEP_ARGS = ["--model", "mlp", "--layers", "Dense_1,Dense_2", "--metrics", "top_eigenvalue,trace", "--subsets", "2", "--subset-size", "32",
+# One layer, two metrics, three subsets: six jobs but only two distinct compiled estimators.
+SWEEP_ARGS = ["--model", "mlp", "--layers", "Dense_1", "--metrics", "top_eigenvalue,trace", "--subsets", "3", "--subset-size", "32",
               "--num-probes", "2", "--max-iters", "5", "--loop", "device"]
 
 
@@ -154,7 +155,7 @@ def test_killed_sweep_resumes_without_recomputing(reference):
     proc.communicate()
     done = {n: (jobs_dir / n).read_bytes() for n in os.listdir(jobs_dir) if not n.startswith(".")}
     stamps = {n: os.stat(jobs_dir / n).st_mtime_ns for n in done}
-    assert 0 < len(done) < 8, f"kill came too late or too early: {sorted(done)}"
+    assert 0 < len(done) < 6, f"kill came too late or too early: {sorted(done)}"
     assert not (out / "results.json").exists()
     for blob in done.values():  # atomic writes: every file that exists is complete
         assert "result" in json.loads(blob)
