@@ -12,5 +12,7 @@ from hqjax.alloc.sensitivity import *  # noqa: F401,F403
 from hqjax.alloc.sensitivity import __all__ as _sensitivity_all
 from hqjax.alloc.solve import *  # noqa: F401,F403
 from hqjax.alloc.solve import __all__ as _solve_all
+from hqjax.alloc.pareto import *  # noqa: F401,F403
+from hqjax.alloc.pareto import __all__ as _pareto_all
 
-__all__: list[str] = [*_costs_all, *_sensitivity_all, *_solve_all]
+__all__: list[str] = [*_costs_all, *_sensitivity_all, *_solve_all, *_pareto_all]

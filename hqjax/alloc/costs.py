@@ -196,17 +196,23 @@ class LayerCosts:
         self._check(name)
         return float(self.macs[name]) * w_bits * a_bits
 
-    def latency(self, name: str, w_bits: int, a_bits: int) -> float:
+    def _latency_row(self, name: str) -> dict[str, float]:
         self._check(name)
         if self.latency_us is None:
             raise ValueError("a latency budget needs a latency table: costs.with_latency(table or path)")
         if name not in self.latency_us:
             raise KeyError(f"layer {name!r} is missing from the latency table; it has {list(self.latency_us)[:8]}")
-        row = {_bits_key(b): v for b, v in self.latency_us[name].items()}
+        return {_bits_key(b): v for b, v in self.latency_us[name].items()}
+
+    @staticmethod
+    def _lookup(row, name, w_bits, a_bits) -> float:
         for key in (f"w{w_bits}a{a_bits}", str(w_bits)):
             if key in row:
                 return float(row[key])
         raise KeyError(f"latency table has no entry for layer {name!r} at w{w_bits}a{a_bits}; it has {sorted(row)}")
+
+    def latency(self, name: str, w_bits: int, a_bits: int) -> float:
+        return self._lookup(self._latency_row(name), name, w_bits, a_bits)
 
     def cost(self, kind: str, name: str, w_bits: int, a_bits: int) -> float:
         """Cost of layer ``name`` at ``(w_bits, a_bits)`` under budget ``kind``."""
@@ -217,6 +223,27 @@ class LayerCosts:
         if kind == "latency":
             return self.latency(name, w_bits, a_bits)
         raise ValueError(f"unknown budget kind {kind!r}; budgets are {list(COST_KINDS)}")
+
+    def matrix(self, kind: str, names: Sequence[str], choices: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``[len(names), len(choices)]`` costs under ``kind`` at each ``(w_bits, a_bits)`` choice."""
+        for n in names:
+            self._check(n)
+        w = np.array([c[0] for c in choices], np.float64)
+        a = np.array([c[1] for c in choices], np.float64)
+        if kind == "size":
+            nw = np.array([self.n_weights[n] for n in names], np.float64)[:, None]
+            nb = np.array([self.n_bias.get(n, 0) for n in names], np.float64)[:, None]
+            return nw * w / 8 + nb * self.bias_bits / 8
+        if kind == "bops":
+            return np.array([self.macs[n] for n in names], np.float64)[:, None] * (w * a)
+        if kind != "latency":
+            raise ValueError(f"unknown budget kind {kind!r}; budgets are {list(COST_KINDS)}")
+        out = np.empty((len(names), len(choices)), np.float64)
+        for i, n in enumerate(names):
+            row = self._latency_row(n)
+            for j, (cw, ca) in enumerate(choices):
+                out[i, j] = self._lookup(row, n, cw, ca)
+        return out
 
     def table(self, bits: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
         """``{layer: {b: {size, bops[, latency]}}}`` at W=A=b, for reports."""

@@ -139,8 +139,13 @@ class SensitivityTable:
 
 def _default_quantizer_perturbation():
     # Lazy: hqjax.quant is written in parallel and must not be needed to import this module.
-    from hqjax.quant import weight_perturbation
-
+    try:
+        from hqjax.quant import weight_perturbation
+    except ImportError:
+        raise ImportError(
+            "hqjax.quant.weight_perturbation is not available in this install; pass "
+            "quantizer=(w, bits) -> Q(w) to compute ||Q_b(W) - W||^2"
+        ) from None
     return weight_perturbation
 
 
@@ -170,7 +175,8 @@ def weight_perturbations(
     out: dict[str, dict[int, float]] = {}
     for name in blks.names:
         w = blks.kernel(params, name)
-        out[name] = {int(b): float(jax.jit(perturb, static_argnums=1)(w, int(b))) for b in bits}
+        # Eager: one small kernel per layer and bit width, not worth a compilation each.
+        out[name] = {int(b): float(perturb(w, int(b))) for b in bits}
     return out
 
 
@@ -200,6 +206,8 @@ def sensitivity_table(
     traces=None,
     eigenvalues=None,
     eigenvalue_samples=None,
+    act_traces=None,
+    act_perturbations: Mapping[str, Mapping[int, float]] | None = None,
     quantizer: Callable[[jax.Array, int], jax.Array] | None = None,
     blocks=None,
 ) -> SensitivityTable:
@@ -213,6 +221,9 @@ def sensitivity_table(
         ``{layer: trace}`` / ``{layer: (trace, stderr)}``.
     eigenvalues : ``{layer: EigenResult or [λ_1, ...]}`` (e.g. ``hqjax.block_top_eigenvalues``).
     eigenvalue_samples : ``{layer: [λ over data subsets]}`` for Q-BERT.
+    act_traces : ``hqjax.activation_traces`` result (or ``{layer: trace}``): the Hessian trace
+        w.r.t. each layer's input activation (HAWQ-V2 Sec. 3.3).
+    act_perturbations : ``{layer: {bits: ||Q_b(a) - a||^2}}`` for those activations.
     quantizer : ``(w, bits) -> Q(w)``; default the hqjax.quant weight quantizer.
     blocks : a ``hqjax.Blocks``; default ``hqjax.blocks(params)``.
     """
@@ -225,6 +236,8 @@ def sensitivity_table(
         t = _per_block(traces, name)
         trace, stderr = (t if isinstance(t, (tuple, list)) else (t, None)) if t is not None else (None, None)
         w = np.asarray(blks.kernel(params, name))
+        at = _per_block(act_traces, name)
+        at = at[0] if isinstance(at, (tuple, list)) else at
         rows[name] = LayerSensitivity(
             n_params=int(size),
             perturbation=pert[name],
@@ -233,6 +246,8 @@ def sensitivity_table(
             eigenvalues=_floats(_per_block(eigenvalues, name)),
             eigenvalue_samples=_floats(_per_block(eigenvalue_samples, name)),
             weight_norm_sq=float(np.sum(np.square(w, dtype=np.float64))),
+            act_trace=None if at is None else float(at),
+            act_perturbation={int(b): float(v) for b, v in (act_perturbations or {}).get(name, {}).items()},
         )
     return SensitivityTable(rows)
 

@@ -121,7 +121,7 @@ def _choice_pairs(candidates, act_candidates) -> list[tuple[int, int]]:
     return [(w, a) for w in cands for a in sorted({int(b) for b in act_candidates})]
 
 
-def _as_pair(name: str, value, act_follow: bool) -> tuple[int, int]:
+def _as_pair(name: str, value) -> tuple[int, int]:
     if isinstance(value, Mapping):
         return int(value["weight_bits"]), int(value.get("act_bits", value["weight_bits"]))
     if isinstance(value, (tuple, list)):
@@ -178,7 +178,58 @@ def _groups(layers: list[str], ties) -> list[list[str]]:
 
 
 def _cost_matrix(costs, kind, layers, choices) -> np.ndarray:
+    if hasattr(costs, "matrix"):
+        return np.asarray(costs.matrix(kind, layers, choices), np.float64)
     return np.array([[float(costs.cost(kind, n, w, a)) for (w, a) in choices] for n in layers], np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The choice program over tie groups: ``score`` / ``costs[kind]`` / ``allowed`` are ``[G, C]``."""
+
+    layers: list[str]
+    groups: list[list[str]]
+    choices: list[tuple[int, int]]
+    score: np.ndarray
+    allowed: np.ndarray
+    costs: dict[str, np.ndarray]
+    metric: str
+
+
+def _build_program(table, costs, kinds, candidates, metric, act_candidates, fixed, ties) -> _Program:
+    fixed = dict(fixed or {})
+    free = _choice_pairs(candidates, act_candidates)
+    choices = list(free)
+    fixed_pairs = {n: _as_pair(n, v) for n, v in fixed.items()}
+    choices += sorted({p for p in fixed_pairs.values() if p not in free})
+    scores, metric_name = _scores(table, sorted({w for w, _ in choices}), metric)
+    act = _act_scores(table, sorted({a for _, a in choices})) if act_candidates is not None else {}
+    layers = list(scores) + [n for n in fixed if n not in scores]
+    known = set(getattr(costs, "names", layers))
+    for n in layers:
+        if n not in known:
+            raise KeyError(f"layer {n!r} has no costs; costs cover {sorted(known)[:8]}...")
+    free = set(free)
+    score_l = np.array([[scores.get(n, {}).get(w, 0.0) + act.get(n, {}).get(a, 0.0) for w, a in choices] for n in layers])
+    allowed_l = np.array([[(c == fixed_pairs[n]) if n in fixed_pairs else (c in free) for c in choices] for n in layers])
+    groups = _groups(layers, ties)
+    index = {n: i for i, n in enumerate(layers)}
+    members = [[index[n] for n in g] for g in groups]
+    allowed = np.array([allowed_l[m].all(axis=0) for m in members])
+    for g, ok in zip(groups, allowed):
+        if not ok.any():
+            pins = {n: fixed_pairs[n] for n in g if n in fixed_pairs}
+            raise ValueError(f"tied layers {g} are fixed to different bits {pins}; fix them alike or untie them")
+    cost_l = {k: _cost_matrix(costs, k, layers, choices) for k in kinds}
+    return _Program(
+        layers=layers,
+        groups=groups,
+        choices=choices,
+        score=np.array([score_l[m].sum(axis=0) for m in members]),
+        allowed=allowed,
+        costs={k: np.array([cost_l[k][m].sum(axis=0) for m in members]) for k in kinds},
+        metric=metric_name,
+    )
 
 
 # ----------------------------------------------------------------------------- allocate
@@ -194,6 +245,7 @@ def allocate(
     ties: Sequence[Sequence[str]] = (),
     backend: str = "CBC",
     time_limit: float | None = None,
+    reduce: bool = True,
 ) -> Allocation:
     """The bit configuration of least summed sensitivity within the budgets (HAWQ-V3 Eq. 12).
 
@@ -209,72 +261,45 @@ def allocate(
     candidates : weight bit widths each free layer may take.
     metric : registered metric name or ``fn(row, bits)``; used when ``table`` is a table.
     act_candidates : None: activation bits follow weight bits (W4A4, W8A8); a sequence:
-        activation bits are chosen per layer too (a single value fixes them).
-    fixed : ``{layer: bits | (w, a)}``; a fixed layer not in ``table`` joins the program
+        activation bits are chosen per layer too (a single value fixes them), scored by the
+        table's ``act_trace * act_perturbation[a]`` where present (HAWQ-V2 Sec. 3.3), else 0.
+    fixed : ``{layer: bits | (w, a)}`` (an int ``b`` means W=b and A=b); a fixed layer not in ``table`` joins the program
         with zero sensitivity (its cost still counts).
     ties : groups of layers that must take the same choice.
     backend : ``'CBC'``, ``'SCIP'``, ``'HIGHS'`` or ``'CP-SAT'``.
     time_limit : seconds; on expiry the best solution is returned with ``proven_optimal=False``.
+    reduce : drop the choices the LP relaxation's bound excludes before the backend runs
+        (exact; see ``backends._reduce_by_lp_bound``). False hands the whole program over.
 
     Raises
     ------
     InfeasibleBudgetError : with the smallest feasible value of each budget.
     """
-    fixed = dict(fixed or {})
-    follow = act_candidates is None
-    choices = _choice_pairs(candidates, act_candidates)
-    fixed_pairs = {n: _as_pair(n, v, follow) for n, v in fixed.items()}
-    for p in fixed_pairs.values():
-        if p not in choices:
-            choices.append(p)
-    w_bits = sorted({w for w, _ in choices})
-    scores, metric_name = _scores(table, w_bits, metric)
-    act = _act_scores(table, sorted({a for _, a in choices})) if not follow else {}
-    layers = list(scores) + [n for n in fixed if n not in scores]
-    known = set(getattr(costs, "names", layers))
-    for n in layers:
-        if n not in known:
-            raise KeyError(f"layer {n!r} has no costs; costs cover {sorted(known)[:8]}...")
-    free = set(_choice_pairs(candidates, act_candidates))
-
-    score_l = np.array([[scores.get(n, {}).get(w, 0.0) + act.get(n, {}).get(a, 0.0) for w, a in choices] for n in layers])
-    allowed_l = np.array([[(c == fixed_pairs[n]) if n in fixed_pairs else (c in free) for c in choices] for n in layers])
-    groups = _groups(layers, ties)
-    index = {n: i for i, n in enumerate(layers)}
-    members = [[index[n] for n in g] for g in groups]
-    allowed = np.array([allowed_l[m].all(axis=0) for m in members])
-    for g, ok in zip(groups, allowed):
-        if not ok.any():
-            pins = {n: fixed_pairs[n] for n in g if n in fixed_pairs}
-            raise ValueError(f"tied layers {g} are fixed to different bits {pins}; fix them alike or untie them")
-    score = np.array([score_l[m].sum(axis=0) for m in members])
-    kinds = list(budget)
-    cost_l = {k: _cost_matrix(costs, k, layers, choices) for k in kinds}
-    cost_g = {k: np.array([cost_l[k][m].sum(axis=0) for m in members]) for k in kinds}
-
-    limits = {k: _resolve_limit(budget[k], cost_g[k], allowed, choices) for k in kinds}
+    prog = _build_program(table, costs, list(budget), candidates, metric, act_candidates, fixed, ties)
+    cost_g, allowed, kinds = prog.costs, prog.allowed, list(budget)
+    limits = {k: _resolve_limit(budget[k], cost_g[k], allowed, prog.choices) for k in kinds}
     minimal = {k: float(np.where(allowed, cost_g[k], np.inf).min(axis=1).sum()) for k in kinds}
     if any(limits[k] < minimal[k] * (1 - _REL_TOL) for k in kinds):
         raise InfeasibleBudgetError(limits, minimal, _minimal_with_others(cost_g, allowed, limits, backend))
 
-    out = _solve_checked(score, allowed, cost_g, limits, backend, time_limit)
+    out = _solve_checked(prog.score, allowed, cost_g, limits, backend, time_limit, reduce)
     if out.choice is None:
         if out.status == "INFEASIBLE":
             raise InfeasibleBudgetError(limits, minimal, _minimal_with_others(cost_g, allowed, limits, backend))
         raise TimeoutError(f"{backend} found no feasible assignment within time_limit={time_limit} s; allow more time")
-    pick = {n: choices[c] for g, c in zip(groups, out.choice) for n in g}
-    bit_config = {n: {"weight_bits": pick[n][0], "act_bits": pick[n][1]} for n in layers}
-    rows = np.arange(len(groups))
+    pick = {n: prog.choices[c] for g, c in zip(prog.groups, out.choice) for n in g}
+    bit_config = {n: {"weight_bits": pick[n][0], "act_bits": pick[n][1]} for n in prog.layers}
+    rows = np.arange(len(prog.groups))
     return Allocation(
         bit_config=bit_config,
-        objective=float(score[rows, out.choice].sum()),
+        objective=float(prog.score[rows, out.choice].sum()),
         costs={k: float(cost_g[k][rows, out.choice].sum()) for k in kinds},
         limits=limits,
         status=out.status,
         proven_optimal=out.status == "OPTIMAL",
         solve_time_s=out.time_s,
         backend=backend.upper(),
-        metric=metric_name,
+        metric=prog.metric,
     )
 
 
@@ -292,7 +317,7 @@ def _resolve_limit(value, cost, allowed, choices) -> float:
     return value
 
 
-def _solve_checked(score, allowed, cost_g, limits, backend, time_limit):
+def _solve_checked(score, allowed, cost_g, limits, backend, time_limit, reduce=True):
     """Solve, then check the answer against the unscaled budgets in float64.
 
     A MIP solver's feasibility tolerance (~1e-7 of the scaled row) can admit an assignment
@@ -302,7 +327,8 @@ def _solve_checked(score, allowed, cost_g, limits, backend, time_limit):
     kinds = list(limits)
     eff = dict(limits)
     for _ in range(4):
-        out = solve_choice_program(score, allowed, [cost_g[k] for k in kinds], [eff[k] for k in kinds], backend=backend, time_limit=time_limit)
+        out = solve_choice_program(score, allowed, [cost_g[k] for k in kinds], [eff[k] for k in kinds],
+                                   backend=backend, time_limit=time_limit, reduce=reduce)
         if out.choice is None:
             return out
         rows = np.arange(len(allowed))

@@ -9,6 +9,7 @@ recomputing finished jobs and never leaves a half-written result.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import tempfile
@@ -105,11 +106,27 @@ class SweepReport:
         return dataclasses.asdict(self)
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
+_barrier_calls = itertools.count()  # barrier ids must be unique per call and agree across processes
+
+
+def _barrier(name: str, timeout_s: float) -> None:
+    """Wait until every process gets here.
+
+    Uses the coordination service's key-value barrier (what JAX's own checkpointing uses),
+    not a device collective: processes may reach it minutes apart, and the CPU collectives
+    (gloo) give up after 30 s.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # initialized by other means: fall back to a device collective
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"{name}_{next(_barrier_calls)}", timeout_in_ms=int(timeout_s * 1000))
 
 
 def _check_config(out_dir: str, config: Mapping[str, Any]) -> None:
@@ -129,7 +146,7 @@ def _check_config(out_dir: str, config: Mapping[str, Any]) -> None:
 
 def run_sweep(jobs: Sequence[Job], compute: Callable[[Job, jax.Device], Mapping[str, Any]], out_dir: str, *,
               devices: Sequence[jax.Device] | None = None, config: Mapping[str, Any] | None = None,
-              log: Callable[[str], None] | None = None) -> SweepReport:
+              log: Callable[[str], None] | None = None, barrier_timeout_s: float = 24 * 3600) -> SweepReport:
     """Run ``jobs`` round-robin over ``devices`` of all processes, one result file per job.
 
     Job ``i`` belongs to ``devices[i % len(devices)]``; each process runs the jobs of its own
@@ -149,6 +166,7 @@ def run_sweep(jobs: Sequence[Job], compute: Callable[[Job, jax.Device], Mapping[
     config : JSON-serializable settings recorded in ``out_dir/config.json``; resuming with
         different settings raises.
     log : called with one line per job (e.g. ``print``).
+    barrier_timeout_s : how long a process that has finished waits for the others.
     """
     devices = list(jax.devices() if devices is None else devices)
     jobs = list(jobs)
@@ -196,12 +214,12 @@ def run_sweep(jobs: Sequence[Job], compute: Callable[[Job, jax.Device], Mapping[
         t.join()
     if errors:
         raise errors[0]
-    _barrier("hqjax_sweep_jobs_done")
+    _barrier("hqjax_sweep_jobs_done", barrier_timeout_s)
     results_path = os.path.join(out_dir, "results.json")
     if me == 0:
         merged = load_results(out_dir, jobs)
         _write_json_atomic(results_path, {"config": config, "jobs": merged})
-    _barrier("hqjax_sweep_merged")
+    _barrier("hqjax_sweep_merged", barrier_timeout_s)
     return SweepReport(tuple(computed), tuple(skipped), results_path)
 
 

@@ -61,8 +61,9 @@ def int_matmul(a: jax.Array, b: jax.Array, *, backend: str = "xla") -> jax.Array
 def fold_batchnorm(kernel, bias, bn_params, bn_stats, epsilon: float = 1e-5):
     """Fold inference-mode BatchNorm into the preceding conv (HAWQ-V3 Eq. 3):
     ``W' = W γ/σ``, ``b' = (b - μ) γ/σ + β`` per output channel, ``σ = sqrt(var + ε)``."""
-    g = bn_params["scale"] / jnp.sqrt(bn_stats["var"] + epsilon)
-    b = jnp.zeros_like(bn_params["bias"]) if bias is None else bias
+    # operators only, so it runs on NumPy arrays (host-side export) and jax arrays (under jit)
+    g = bn_params["scale"] / (bn_stats["var"] + epsilon) ** 0.5
+    b = 0.0 * bn_params["bias"] if bias is None else bias
     return kernel * g, (b - bn_stats["mean"]) * g + bn_params["bias"]
 
 
@@ -220,14 +221,10 @@ class _Builder:
             bn_s = {"mean": self.bstats[f"{bn}/mean"], "var": self.bstats[f"{bn}/var"]}
             w, b = (np.asarray(t) for t in fold_batchnorm(w, b, bn_p, bn_s))
         spec: QuantSpec = self.wspecs[layer]
-        if spec.axis is not None and spec.axis % w.ndim != w.ndim - 1:
-            raise ValueError(f"layer {layer!r}: integer inference needs weight scales per output channel "
-                             f"(axis=-1) or per tensor, got axis={spec.axis}")
-        qa = quantize(jnp.asarray(w), spec)
-        from hqjax.quant.quantizers import _expand
-
-        s_w = np.broadcast_to(np.asarray(_expand(qa.scale, spec, w.shape)), w.shape).reshape(-1, w.shape[-1])[0]
-        q_w = np.asarray(qa.values).reshape(-1, w.shape[-1])
+        if spec.mode != "symmetric" or (spec.axis is not None and spec.axis % w.ndim != w.ndim - 1):
+            raise ValueError(f"layer {layer!r}: integer inference needs symmetric weights with scales per output "
+                             f"channel (axis=-1), per group of output channels, or per tensor; got {spec}")
+        q_w, s_w = _quantize_columns(np.asarray(w, np.float32).reshape(-1, w.shape[-1]), spec)
         return q_w, s_w.astype(np.float64), (np.zeros(w.shape[-1]) if b is None else np.asarray(b, np.float64))
 
     def layer(self, name, *, op="dense", bn=None, relu=False, flatten=False, in_act=None, out=None,
@@ -253,6 +250,23 @@ class _Builder:
         m, k = dyadic(multiplier)
         arrays[prefix + "_m"], arrays[prefix + "_shift"] = jnp.asarray(m), jnp.asarray(k)
         meta[prefix + "_zero"], meta[prefix + "_range"] = int(zero), [int(rng[0]), int(rng[1])]
+
+
+def _quantize_columns(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side symmetric quantization of a ``(K, N)`` kernel, one scale per column, group of
+    columns or tensor, with the float32 arithmetic of :func:`hqjax.quant.fake_quant`."""
+    _, qmax = int_range(spec)
+    n = w.shape[1]
+    if spec.axis is None:
+        groups = np.abs(w).max(keepdims=True).reshape(1)
+    else:
+        g = spec.group_size or 1
+        groups = np.abs(w).reshape(w.shape[0], n // g, g).max(axis=(0, 2))
+    scale = (groups / np.float32(qmax)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))
+    cols = np.broadcast_to(np.repeat(scale, n // len(scale)), (n,)).astype(np.float32)
+    q = np.clip(np.round(w / cols), -qmax, qmax).astype(np.int8)
+    return q, cols
 
 
 def _same_pads(hw, kernel_hw, strides):

@@ -242,14 +242,17 @@ def quantize_model(model: nn.Module, bit_config: Mapping, *, weight_spec: Weight
     bit_config : ``{layer_path: {"weight_bits": b, "act_bits": a}}``.
     weight_spec : weight quantizer per layer (:func:`per_channel_weights`,
         :func:`group_wise_weights`).
-    act_mode : activation quantizer mode (``'asymmetric'`` or ``'symmetric'``).
+    act_mode : activation quantizer mode: ``'asymmetric'`` (default; exactly HAWQ-V3's
+        unsigned quantizer wherever the calibrated minimum is 0), ``'symmetric'`` or
+        ``'unsigned'`` (clips negatives).
     calibrator : ``'minmax'``, ``'ema'``, ``'percentile'``, ``'mse'`` or a ``Calibrator``.
     params : optional params to check the config against now (unknown layer paths raise
         here rather than at the first call).
     """
     cfg = validate_bit_config(bit_config)
-    if act_mode not in ("asymmetric", "symmetric"):
-        raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned after ReLU) or 'symmetric'")
+    if act_mode not in ("asymmetric", "symmetric", "unsigned"):
+        raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned wherever the calibrated minimum "
+                         f"is 0, e.g. after ReLU), 'symmetric' or 'unsigned'")
     if params is not None:
         _weight_specs(params.get("params", params), cfg, weight_spec)
     return QuantizedModel(model, cfg, weight_spec, act_mode, get_calibrator(calibrator))

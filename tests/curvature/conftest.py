@@ -54,3 +54,35 @@ def cnn(digits):
 
 def top_by_magnitude(evals, k):
     return evals[np.argsort(-np.abs(evals))[:k]]
+
+
+# ---- explicit small operators on a params-like pytree, for cheap exact tests
+
+PARAMS = {"a": {"kernel": jnp.zeros((5, 4)), "bias": jnp.zeros((4,))}, "b": {"kernel": jnp.zeros((2, 4))}}
+
+
+def explicit_operator(M, params=PARAMS):
+    """``v -> M v`` on pytrees shaped like ``params`` for a dense symmetric ``M``."""
+    _, unravel = ravel_pytree(params)
+    M = jnp.asarray(M, jnp.float32)
+    return lambda v: unravel(M @ ravel_pytree(v)[0])
+
+
+def random_symmetric(n, seed=0, rank=None, spread=1.0):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, rank or n))
+    return (A @ A.T) / n * spread if rank else (A + A.T) / 2
+
+
+def block_indices(params=PARAMS):
+    blk = hqjax.blocks(params)
+    offsets = np.cumsum([0] + [x.size for x in jax.tree.leaves(params)])
+    return blk, {name: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, b in enumerate(blk.leaf_block)
+                                       if b == blk.index(name)]) for name in blk.names}
+
+
+@pytest.fixture(scope="session")
+def ex():
+    """Helpers for explicit operators (pytest's importlib mode cannot import helper modules)."""
+    return types.SimpleNamespace(PARAMS=PARAMS, operator=explicit_operator, symmetric=random_symmetric,
+                                 block_indices=block_indices, top_by_magnitude=top_by_magnitude)

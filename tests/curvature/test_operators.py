@@ -25,7 +25,7 @@ def test_ggn_is_jt_hl_j_and_positive_semidefinite(cnn):
     model_fn = lambda p: cnn.model.apply({"params": p}, cnn.x[:4], train=False)
     loss_fn = lambda out: optax.softmax_cross_entropy_with_integer_labels(out, cnn.y[:4]).mean()
     mv = hqjax.ggn(model_fn, loss_fn, cnn.params)
-    J = np.asarray(jax.jacfwd(lambda z: model_fn(cnn.unravel(z)))(cnn.flat)).reshape(-1, cnn.flat.size)
+    J = np.asarray(jax.jacrev(lambda z: model_fn(cnn.unravel(z)))(cnn.flat)).reshape(-1, cnn.flat.size)
     out = model_fn(cnn.params)
     HL = np.asarray(jax.hessian(lambda o: loss_fn(o.reshape(out.shape)))(out.reshape(-1)))
     G = J.T @ HL @ J

@@ -1,0 +1,65 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import hqjax
+
+
+def _run_moments(res, p):
+    return np.sum(np.asarray(res.weights, np.float64) * np.asarray(res.nodes, np.float64) ** p, axis=-1)
+
+
+def test_slq_moments_reproduce_trace_and_second_moment_of_the_cnn_hessian(cnn):
+    n = cnn.H.shape[0]
+    res = hqjax.spectral_density(cnn.matvec, cnn.params, jax.random.key(0), num_steps=20, num_runs=8)
+    assert res.nodes.shape == (8, 20) and res.weights.shape == (8, 20)
+    np.testing.assert_allclose(np.sum(res.weights, -1), 1.0, rtol=1e-5)
+    for p, exact in ((1, np.trace(cnn.H) / n), (2, np.sum(cnn.evals**2) / n)):
+        per_run = _run_moments(res, p)  # each run: v^T H^p v / n for its unit probe (Gauss quadrature)
+        stderr = per_run.std(ddof=1) / np.sqrt(len(per_run))
+        assert abs(per_run.mean() - exact) <= 4 * stderr, (p, per_run.mean(), exact, stderr)
+    np.testing.assert_allclose(float(res.moment(1)), _run_moments(res, 1).mean(), rtol=1e-5)
+    # Lanczos resolves the extreme eigenvalues first.
+    np.testing.assert_allclose(np.max(res.nodes), cnn.evals.max(), rtol=1e-3)
+    assert np.min(res.nodes) >= cnn.evals.min() - 1e-4 * abs(cnn.evals).max()
+
+
+def test_full_krylov_space_recovers_the_whole_spectrum(ex):
+    M = ex.symmetric(32, seed=2)
+    res = hqjax.spectral_density(ex.operator(M), ex.PARAMS, jax.random.key(1), num_steps=32, num_runs=1)
+    np.testing.assert_allclose(np.sort(np.asarray(res.nodes[0])), np.linalg.eigvalsh(M), atol=1e-4)
+
+
+def test_breakdown_beyond_the_rank_keeps_quadrature_exact(ex):
+    M = ex.symmetric(32, seed=3, rank=4)
+    res = hqjax.spectral_density(ex.operator(M), ex.PARAMS, jax.random.key(2), num_steps=32, num_runs=2)
+    assert np.all(np.isfinite(res.nodes))
+    np.testing.assert_allclose(np.sum(res.weights, -1), 1.0, rtol=1e-5)
+    # Weight sits on the 4 nonzero eigenvalues and on 0; no spurious node carries weight.
+    ev = np.linalg.eigvalsh(M)
+    heavy = np.asarray(res.nodes)[np.asarray(res.weights) > 1e-6]
+    assert np.all(np.min(np.abs(heavy[:, None] - np.append(ev[-4:], 0.0)[None]), axis=1) < 1e-3 * ev.max())
+
+
+def test_density_on_grid_is_a_smoothed_probability_density(ex):
+    res = hqjax.spectral_density(ex.operator(ex.symmetric(32, seed=4)), ex.PARAMS, jax.random.key(3), num_steps=10, num_runs=2)
+    grid, dens = hqjax.density_on_grid(res)
+    assert grid.shape == dens.shape == (10_000,)
+    np.testing.assert_allclose(float(np.trapezoid(dens, grid)), 1.0, rtol=1e-2)
+    assert np.all(np.asarray(dens) >= 0)
+    g2, d2 = hqjax.density_on_grid(res, grid=np.linspace(-10, 10, 201), sigma=0.5)
+    np.testing.assert_allclose(float(np.trapezoid(d2, g2)), 1.0, rtol=1e-3)
+    assert float(g2[np.argmax(d2)]) == pytest.approx(float(np.asarray(res.nodes).ravel()[np.argmax(np.asarray(res.weights).ravel())]), abs=2.0)
+
+
+def test_same_key_same_density_and_json_round_trip(ex):
+    mv = ex.operator(ex.symmetric(32, seed=5))
+    a = hqjax.spectral_density(mv, ex.PARAMS, jax.random.key(9), num_steps=6, num_runs=2, loop="host")
+    b = hqjax.spectral_density(mv, ex.PARAMS, jax.random.key(9), num_steps=6, num_runs=2, loop="device")
+    np.testing.assert_allclose(a.nodes, b.nodes, rtol=1e-5, atol=1e-6)
+    back = hqjax.result_from_dict(json.loads(a.to_json()))
+    np.testing.assert_allclose(back.weights, a.weights, rtol=1e-6)
+    with pytest.raises(ValueError, match="num_steps and num_runs must be >= 1"):
+        hqjax.spectral_density(mv, ex.PARAMS, jax.random.key(9), num_runs=0)
