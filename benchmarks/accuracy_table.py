@@ -51,19 +51,30 @@ def random_allocation(names, costs, bits, act_bits, limit, rng, fill: float = 0.
     return {n: {"weight_bits": int(b), "act_bits": act_bits} for n, b in zip(names, pick)}
 
 
-def allocations(rows, costs, bits, act_bits, limit, rng) -> dict[str, dict]:
-    """The hawq / random / reversed BitConfigs at one size limit (bytes)."""
+def allocations(rows, costs, bits, act_bits, limit, rng, kinds=("hawq", "random", "reversed")) -> dict[str, dict]:
+    """The hawq / random / reversed (and hawq-v2) BitConfigs at one size limit (bytes).
+
+    ``hawq`` is the registered ``hawq_v3`` metric, ``Tr(H_l) ||Q_b(W_l) - W_l||^2``;
+    ``hawq-v2`` the registered ``hawq_v2`` metric with the average trace ``Tr(H_l)/n_l``.
+    """
     from hqjax.alloc import allocate
+    from hqjax.pipeline import sensitivity_from_rows
 
     traces = {r["layer"]: r["trace"] for r in rows}
     by_rank = sorted(traces, key=lambda n: -traces[n])
     reversed_traces = {n: traces[by_rank[len(by_rank) - 1 - i]] for i, n in enumerate(by_rank)}
+    budget = {"size": limit * (1 + 1e-12)}
     out = {}
-    for name, t in (("hawq", traces), ("reversed", reversed_traces)):
-        a = allocate(_scores_with_traces(rows, t, bits), costs, {"size": limit * (1 + 1e-12)}, candidates=bits,
-                     act_candidates=(act_bits,))
-        out[name] = a.bit_config
-    out["random"] = random_allocation([r["layer"] for r in rows], costs, bits, act_bits, limit, rng)
+    for kind in kinds:
+        if kind == "random":
+            out[kind] = random_allocation([r["layer"] for r in rows], costs, bits, act_bits, limit, rng)
+            continue
+        if kind == "reversed":
+            table, metric = _scores_with_traces(rows, reversed_traces, bits), None
+        else:
+            table, metric = sensitivity_from_rows(rows), {"hawq": "hawq_v3", "hawq-v2": "hawq_v2"}[kind]
+        out[kind] = allocate(table, costs, budget, candidates=bits, act_candidates=(act_bits,),
+                             **({"metric": metric} if metric else {})).bit_config
     return out
 
 
@@ -95,6 +106,34 @@ def frontier_divergence(rows, costs, bits, act_bits, num: int = 40) -> dict:
             "share_of_weights": {n: costs.n_weights[n] / sum(costs.n_weights.values()) for n in names}}
 
 
+def second_order_check(job, bits=(2, 3, 4)) -> list[dict]:
+    """Does the quadratic model behind the HAWQ metrics predict the loss of quantizing a layer?
+
+    For each layer alone and each width, the measured training-loss increase
+    ``L(Q_l(W)) - L(W)`` (weights of that layer fake-quantized, everything else float)
+    against HAWQ-V2's prediction ``1/2 Tr(H_l)/n_l ||Q_b(W_l) - W_l||^2`` (Eq. 4, the gradient
+    taken as zero at the trained point).
+    """
+    import jax
+
+    from hqjax.curvature import dataset_loss
+    from hqjax.pipeline import _hessian_batches
+    from hqjax.quant import quantize_params
+    from hqjax.train import make_loss_fn
+
+    params = job.variables["params"]
+    batches, counts = _hessian_batches(job)
+    f = jax.jit(dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=True))
+    base = float(f(params))
+    out = []
+    for r in job.work.read_json("sensitivity.json")["layers"]:
+        for b in bits:
+            q = quantize_params(params, {r["layer"]: {"weight_bits": b, "act_bits": None}})
+            predicted = 0.5 * r["trace"] / r["n_params"] * r["perturbation"][str(b)]
+            out.append({"layer": r["layer"], "bits": b, "measured": float(f(q)) - base, "predicted": predicted})
+    return out
+
+
 def run_seed(dataset: str, seed: int, args) -> list[dict]:
     from hqjax.config import RunConfig
     from hqjax.pipeline import integer_accuracy, layer_costs, quantize_finetune, run_stages, uniform_cost
@@ -122,7 +161,7 @@ def run_seed(dataset: str, seed: int, args) -> list[dict]:
         lo, frac = int(np.floor(b)), b - np.floor(b)
         limit = (1 - frac) * uniform_cost(costs, "size", names, lo, 8) + frac * uniform_cost(costs, "size", names, lo + 1, 8)
         cands = [x for x in args.bits if x != b] if frac == 0 else list(args.bits)
-        for kind, bc in allocations(rows, costs, cands, 8, limit, rng).items():
+        for kind, bc in allocations(rows, costs, cands, 8, limit, rng, args.kinds).items():
             configs[f"{kind} @W{b:g} size"] = bc
     results = []
     for label, bc in configs.items():
@@ -149,6 +188,9 @@ def run_seed(dataset: str, seed: int, args) -> list[dict]:
           f"share of weights: " + ", ".join(f"{n} {v:.0%}" for n, v in div["share_of_weights"].items()), flush=True)
     for d in div["differ"][:6]:
         print(f"    at {d['size']:.0f} B: hawq {d['hawq']} vs reversed {d['reversed']}", flush=True)
+    for c in second_order_check(job):
+        print(f"  {dataset} seed {seed} {c['layer']:<6} W{c['bits']}: measured loss increase {c['measured']:.4g}, "
+              f"second-order prediction {c['predicted']:.4g} (ratio {c['measured'] / c['predicted']:.2g})", flush=True)
     return results
 
 
@@ -183,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hqjax_accuracy_table"))
     p.add_argument("--budgets", nargs="+", type=float, default=[4, 3, 2.5],
                    help="size budgets as uniform-equivalent weight bits (2.5: halfway between W2 and W3)")
+    p.add_argument("--kinds", nargs="+", default=["hawq", "random", "reversed"],
+                   choices=["hawq", "hawq-v2", "random", "reversed"], help="allocations to compare")
     p.add_argument("--skip-uniform", action="store_true", help="only the allocations (e.g. to add a budget)")
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
     p.add_argument("--from-json", nargs="+", default=None, help="only print the table of these saved results")
@@ -203,10 +247,10 @@ def main(argv=None) -> int:
     print(table(results))
     summary = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
-        for label in dict.fromkeys(r["config"].split(" ", 1)[1] for r in results if r["config"].startswith("hawq")):
-            acc = {k: np.mean([r["fake_quant"] for r in results if r["dataset"] == dataset and r["config"] == f"{k} {label}"]) * 100
-                   for k in ("hawq", "random", "reversed")}
-            summary.append(f"{dataset} {label}: hawq {acc['hawq']:.2f} vs random {acc['random']:.2f} vs reversed {acc['reversed']:.2f}")
+        for label in dict.fromkeys(r["config"].split(" ", 1)[1] for r in results if "@" in r["config"]):
+            acc = {k: [r["fake_quant"] for r in results if r["dataset"] == dataset and r["config"] == f"{k} {label}"]
+                   for k in ("hawq", "hawq-v2", "random", "reversed")}
+            summary.append(f"{dataset} {label}: " + " vs ".join(f"{k} {np.mean(v) * 100:.2f}" for k, v in acc.items() if v))
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     print("key figure (fake-quant accuracy %, mean over seeds): " + "; ".join(summary))
     return 0
