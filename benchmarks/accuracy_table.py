@@ -142,6 +142,7 @@ def run_seed(dataset: str, seed: int, args) -> list[dict]:
 
     cfg = RunConfig(model="cnn", dataset=dataset, seed=seed, out=os.path.join(args.work, f"{dataset}-s{seed}"),
                     epochs=args.epochs, num_probes=args.probes, qat_epochs=args.qat_epochs,
+                    hessian_examples=args.hessian_examples,
                     weight_bits=tuple(args.bits), density_steps=8, eig_iters=10, top_k=1)
     job = run_stages(cfg, "analyze", log=lambda s: None, progress=False)
     d = job.dataset
@@ -221,6 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--qat-epochs", type=int, default=5)
     p.add_argument("--probes", type=int, default=64)
+    p.add_argument("--hessian-examples", type=int, default=512)
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hqjax_accuracy_table"))
     p.add_argument("--budgets", nargs="+", type=float, default=[4, 3, 2.5],
