@@ -42,11 +42,12 @@ def _scores_with_traces(rows, traces: dict[str, float], bits) -> dict[str, dict[
 
 
 def random_allocation(names, costs, bits, act_bits, limit, rng, fill: float = 0.9) -> dict:
-    """A uniformly random BitConfig among those with ``fill * limit <= size <= limit``
-    (enumerated: the models here have a handful of layers)."""
+    """A uniformly random BitConfig among those within the limit using at least ``fill`` of
+    the largest size that fits (enumerated: the models here have a handful of layers)."""
     configs = np.array(np.meshgrid(*[bits] * len(names), indexing="ij")).reshape(len(names), -1).T
     sizes = np.array([sum(costs.size_bytes(n, int(b)) for n, b in zip(names, c)) for c in configs])
-    ok = np.flatnonzero((sizes <= limit * (1 + 1e-12)) & (sizes >= fill * limit))
+    fits = sizes <= limit * (1 + 1e-12)
+    ok = np.flatnonzero(fits & (sizes >= fill * sizes[fits].max()))
     pick = configs[rng.choice(ok)]
     return {n: {"weight_bits": int(b), "act_bits": act_bits} for n, b in zip(names, pick)}
 
