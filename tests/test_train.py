@@ -40,3 +40,13 @@ def test_cache_key_depends_on_what_determines_training():
     for change in (dict(epochs=1), dict(seed=3), dict(learning_rate=1e-2), dict(batch_size=32)):
         assert cache_key("cnn", "digits", (8, 8, 1), dataclasses.replace(cfg, **change)) != k
     assert cache_key("mlp", "digits", (8, 8, 1), cfg) != k
+
+
+def test_progress_bar_is_quiet_when_stderr_is_not_a_terminal(capsys):
+    from hqjax.train import progress_bar
+
+    bar = progress_bar(total=3, desc="quiet")  # pytest's captured stderr is not a terminal
+    bar.update(3)
+    bar.close()
+    assert bar.disable and capsys.readouterr().err == ""
+    assert not progress_bar(total=1, enabled=True).disable
