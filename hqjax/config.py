@@ -1,0 +1,210 @@
+"""The configuration of an end-to-end job: one frozen dataclass, from flags, files or a saved run.
+
+A job is fully described by a :class:`RunConfig`. The CLI builds it from (lowest to highest
+precedence) the defaults, the ``config.json`` saved in an existing output folder, a
+``--config`` file (JSON or TOML) and the flags given on the command line; the result is
+saved back to the output folder, so the exact configuration used sits next to the results.
+
+Each stage of the job depends on a subset of the fields (``STAGE_FIELDS``); a stage's
+fingerprint hashes those fields and the previous stage's fingerprint, so changing the budget
+re-runs allocation and what follows, while training and analysis are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+__all__ = [
+    "UserError",
+    "RunConfig",
+    "STAGES",
+    "STAGE_FIELDS",
+    "BUDGET_KINDS",
+    "stage_fingerprints",
+    "load_config_file",
+    "parse_budget",
+]
+
+
+class UserError(Exception):
+    """Bad input from the user (unknown name, infeasible budget, missing data): exit code 2."""
+
+
+STAGES = ("train", "analyze", "allocate", "quantize", "evaluate", "report")
+BUDGET_KINDS = ("size", "bops", "latency")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines the result of ``hqjax run``.
+
+    Attributes
+    ----------
+    model, dataset : registered names (``hqjax.models.MODELS``; ``'digits'``,
+        ``'mnist_subset'`` or a tfds name with ``data_dir``).
+    data_dir : prepared TensorFlow Datasets folder (only for tfds names).
+    out : output folder.
+    seed : seeds the data split, initialisation, training order and every probe.
+    epochs, batch_size, learning_rate : full-precision training.
+    hessian_examples, hessian_batch : training examples the curvature is measured on, and
+        how they are stacked into batches (dataset-level Hessian, PyHessian Sec. 3).
+    num_probes : Hutchinson probes per layer (HAWQ-V2 Sec. 3.1).
+    top_k, eig_iters : top eigenvalues per layer and power iterations (HAWQ-V1).
+    density_steps : Lanczos steps of the eigenvalue density (SLQ, PyHessian Sec. 3.3).
+    metric : sensitivity metric registered in ``hqjax.alloc``.
+    budget_kind, budget : ``'size'``, ``'bops'`` or ``'latency'``; the budget is a fraction
+        of the INT8 model's cost (``0.5``, ``'50%'``) or an absolute cost with an optional
+        k/M/G multiplier (``'12k'``: bytes for size, BOPs for bops, the latency table's unit).
+    weight_bits : candidate weight bit-widths per layer.
+    act_bits : activation bit-width.
+    qat_epochs, qat_learning_rate : quantization-aware fine-tuning (HAWQ-V3 Sec. 4).
+    calib_examples : examples used to calibrate activation ranges.
+    """
+
+    model: str = "cnn"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    out: str = "hqjax_out"
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    hessian_examples: int = 512
+    hessian_batch: int = 128
+    num_probes: int = 64
+    top_k: int = 2
+    eig_iters: int = 50
+    density_steps: int = 60
+    metric: str = "hawq_v3"
+    budget_kind: str = "size"
+    budget: Any = 0.5
+    weight_bits: tuple[int, ...] = (2, 3, 4, 8)
+    act_bits: int = 8
+    qat_epochs: int = 5
+    qat_learning_rate: float = 5e-4
+    calib_examples: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.weight_bits, (list, str)):
+            bits = self.weight_bits
+            if isinstance(bits, str):
+                bits = [b for b in re.split(r"[,\s]+", bits) if b]
+            object.__setattr__(self, "weight_bits", tuple(int(b) for b in bits))
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "hessian_examples", "hessian_batch", "num_probes", "top_k",
+                    "eig_iters", "density_steps", "act_bits", "calib_examples")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise UserError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("qat_epochs", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise UserError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not self.weight_bits or any(b < 1 or b > 16 for b in self.weight_bits):
+            raise UserError(f"weight_bits must be bit-widths between 1 and 16, e.g. 2,3,4,8; got {self.weight_bits!r}")
+        if self.budget_kind not in BUDGET_KINDS:
+            raise UserError(f"unknown budget kind {self.budget_kind!r}; choose one of {list(BUDGET_KINDS)}")
+        parse_budget(self.budget)
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["weight_bits"] = list(self.weight_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """Build from a mapping; unknown keys raise :class:`UserError` listing the valid ones."""
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise UserError(f"unknown config key(s) {unknown}; valid keys are {sorted(valid)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "train": ("model", "dataset", "data_dir", "seed", "epochs", "batch_size", "learning_rate"),
+    "analyze": ("hessian_examples", "hessian_batch", "num_probes", "top_k", "eig_iters", "density_steps",
+                "weight_bits"),
+    "allocate": ("metric", "budget_kind", "budget", "act_bits"),
+    "quantize": ("qat_epochs", "qat_learning_rate", "calib_examples"),
+    "evaluate": (),
+    "report": (),
+}
+
+
+def stage_fingerprints(config: RunConfig) -> dict[str, str]:
+    """``{stage: hash}``: a stage's fields chained with its predecessor's fingerprint."""
+    out, prev = {}, ""
+    d = config.to_dict()
+    for stage in STAGES:
+        blob = json.dumps({"prev": prev, **{k: d[k] for k in STAGE_FIELDS[stage]}}, sort_keys=True, default=str)
+        prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return out
+
+
+# ----------------------------------------------------------------------------- budgets
+_MULT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_budget(budget) -> tuple[str, float]:
+    """``('fraction', f)`` or ``('absolute', value)`` from a number or a string.
+
+    ``0.5`` and ``'50%'`` are fractions of the INT8 model's cost; numbers above 1 and
+    strings like ``'12k'``, ``'3.5M'`` are absolute costs.
+    """
+    if isinstance(budget, bool):
+        raise UserError(f"budget must be a number or a string like '50%' or '12k', got {budget!r}")
+    if isinstance(budget, (int, float)):
+        value, kind = float(budget), "fraction" if 0 < float(budget) <= 1 else "absolute"
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(%|[kKmMgG])?\s*", str(budget))
+        if not m:
+            raise UserError(f"cannot read budget {budget!r}: use a fraction of the INT8 cost (0.5 or '50%') "
+                            f"or an absolute cost ('12000', '12k', '3.5M')")
+        value, suffix = float(m.group(1)), (m.group(2) or "")
+        if suffix == "%":
+            value, kind = value / 100.0, "fraction"
+        elif suffix:
+            value, kind = value * _MULT[suffix.lower()], "absolute"
+        else:
+            kind = "fraction" if 0 < value <= 1 else "absolute"
+    if value <= 0:
+        raise UserError(f"budget must be positive, got {budget!r}")
+    return kind, value
+
+
+# ----------------------------------------------------------------------------- files
+def load_config_file(path: str) -> dict:
+    """Read a JSON or TOML config file (by extension) into a dict of RunConfig fields.
+
+    A TOML file may put the fields at top level or under a ``[hqjax]`` table.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+            d = d.get("hqjax", d)
+        else:
+            with open(path) as f:
+                d = json.load(f)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read config file {path!r}: {e} (JSON, or TOML with a .toml extension)") from None
+    if not isinstance(d, dict):
+        raise UserError(f"config file {path!r} must hold a mapping of option names to values")
+    return d

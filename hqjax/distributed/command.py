@@ -1,0 +1,168 @@
+"""The ``hqjax sweep`` command: per-layer curvature jobs over every device of every host.
+
+One invocation per host (``jax.distributed`` process); each runs the jobs of its own devices
+and process 0 writes the merged ``results.json``::
+
+    hqjax sweep --out sweep_out --model cnn --metrics top_eigenvalue,trace --subsets 4
+
+    # two hosts (or two local processes): the same command, plus where to meet
+    hqjax sweep --out /shared/sweep_out --coordinator host0:12345 --num-processes 2 --process-id 0
+    hqjax sweep --out /shared/sweep_out --coordinator host0:12345 --num-processes 2 --process-id 1
+
+Re-running the same command after an interruption resumes it. Also runnable as
+``python -m hqjax.distributed.command``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["METRICS", "build_parser", "sweep_problem", "sweep_main"]
+
+
+# Metric functions: (matvec restricted to the layer, params, key, options) -> JSON-able dict.
+def _top_eigenvalue(matvec, params, key, opts) -> dict:
+    """HAWQ-V1 (Dong et al. 2019, Sec. 3.1) / Q-BERT: top eigenvalue of the layer's Hessian block."""
+    import hqjax
+
+    res = hqjax.top_eigenvalues(matvec, params, key, k=1, method=opts["eigen_method"],
+                                max_iters=opts["max_iters"], tol=opts["tol"], loop=opts["loop"])
+    return {"eigenvalue": float(res.eigenvalues[0]), "num_iters": int(res.num_iters[0])}
+
+
+def _trace(matvec, params, key, opts) -> dict:
+    """HAWQ-V2 (Dong et al. 2020, Eq. 4): Hutchinson trace of the layer's Hessian block."""
+    import hqjax
+
+    res = hqjax.trace(matvec, params, key, num_probes=opts["num_probes"], loop=opts["loop"])
+    return {"trace": float(res.total), "stderr": float(res.total_stderr), "num_probes": int(res.num_probes)}
+
+
+def _density(matvec, params, key, opts) -> dict:
+    """PyHessian (Yao et al. 2020, Alg. 3): SLQ nodes and weights of the layer's Hessian block."""
+    import hqjax
+
+    res = hqjax.spectral_density(matvec, params, key, num_steps=opts["num_steps"], num_runs=1, loop=opts["loop"])
+    return {"nodes": [float(x) for x in res.nodes[0]], "weights": [float(x) for x in res.weights[0]]}
+
+
+METRICS: dict[str, Callable[..., dict]] = {"top_eigenvalue": _top_eigenvalue, "trace": _trace, "density": _density}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hqjax sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (shared by all hosts); resumes if it exists")
+    p.add_argument("--model", default="cnn", help="hqjax.models name (default: cnn)")
+    p.add_argument("--dataset", default="digits", help="'digits', 'mnist_subset' or a tfds name with --data-dir")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--params", default=None, help="flax.serialization msgpack of the model variables "
+                   "(default: the model initialized from --seed)")
+    p.add_argument("--metrics", default="top_eigenvalue,trace", help=f"comma-separated, from {sorted(METRICS)}")
+    p.add_argument("--layers", default=None, help="comma-separated block names (default: every layer)")
+    p.add_argument("--subsets", type=int, default=1, help="disjoint data subsets (Q-BERT's spread over data)")
+    p.add_argument("--subset-size", type=int, default=128, help="examples per subset")
+    p.add_argument("--num-probes", type=int, default=32, help="Hutchinson probes per trace")
+    p.add_argument("--max-iters", type=int, default=100, help="power iterations per eigenvalue")
+    p.add_argument("--tol", type=float, default=1e-3, help="power iteration relative tolerance")
+    p.add_argument("--eigen-method", default="power", choices=("power", "lanczos"))
+    p.add_argument("--num-steps", type=int, default=30, help="Lanczos steps per density")
+    p.add_argument("--loop", default="auto", choices=("auto", "host", "device"),
+                   help="where estimator loops run (see hqjax.trace); 'device' compiles faster for dense models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache directory: a resumed "
+                   "sweep, other processes and other data subsets reuse compiled estimators from it")
+    g = p.add_argument_group("multi-process (one process per host; see README)")
+    g.add_argument("--coordinator", default=None, help="process 0's host:port")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--auto-cluster", action="store_true",
+                   help="jax.distributed.initialize() with cluster auto-detection (Cloud TPU, SLURM, MPI)")
+    return p
+
+
+_RUN_ONLY = ("out", "coordinator", "num_processes", "process_id", "auto_cluster", "compile_cache")
+
+
+def sweep_problem(args: argparse.Namespace):
+    """The sweep's jobs and ``compute(job, device)`` from parsed arguments.
+
+    Subset ``s`` is training examples ``[s * subset_size, (s + 1) * subset_size)``; the loss is
+    the mean softmax cross-entropy of the model in eval mode (BatchNorm statistics fixed).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import hqjax
+    from hqjax.data import load_dataset
+    from hqjax.distributed.sweep import job_key, make_jobs
+    from hqjax.models import get_model
+
+    metrics = [m for m in args.metrics.split(",") if m]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")
+    data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    need = args.subsets * args.subset_size
+    if need > len(data.x_train):
+        raise ValueError(f"{args.subsets} subsets of {args.subset_size} need {need} examples but {args.dataset!r} "
+                         f"has {len(data.x_train)} training examples; lower --subsets or --subset-size")
+    model = get_model(args.model, num_classes=data.num_classes)
+    variables = model.init(jax.random.key(args.seed), jnp.asarray(data.x_train[:1]), train=False)
+    if args.params:
+        from flax import serialization
+
+        with open(args.params, "rb") as f:
+            variables = serialization.from_bytes(variables, f.read())
+    variables = jax.tree.map(np.asarray, variables)
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    blk = hqjax.blocks(params)
+    layers = list(blk.names) if not args.layers else args.layers.split(",")
+    for name in layers:
+        blk.index(name)  # raises, listing the model's layers
+    jobs = make_jobs(layers, metrics, args.subsets)
+    opts = {k: getattr(args, k) for k in ("num_probes", "max_iters", "tol", "eigen_method", "num_steps", "loop")}
+    base_key = jax.random.key(args.seed)
+
+    def loss(p, x, y, st):
+        logits = model.apply({"params": p, **st}, x, train=False)
+        return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    def compute(job, device) -> Mapping[str, Any]:
+        lo = job.subset * args.subset_size
+        x, y, p, st = jax.device_put((data.x_train[lo:lo + args.subset_size],
+                                      data.y_train[lo:lo + args.subset_size], params, state), device)
+        matvec = blk.restrict_operator(hqjax.hessian(lambda q: loss(q, x, y, st), p), job.layer)
+        return METRICS[job.metric](matvec, p, job_key(base_key, job), opts)
+
+    config = {k: v for k, v in vars(args).items() if k not in _RUN_ONLY}
+    return jobs, compute, config
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hqjax sweep`` (``argv`` without the program name); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from hqjax.distributed.sweep import initialize, run_sweep
+
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.auto_cluster)
+    import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jobs, compute, config = sweep_problem(args)
+    me = jax.process_index()
+    log = lambda line: print(f"[process {me}] {line}", flush=True)
+    log(f"{len(jobs)} jobs over {jax.device_count()} devices in {jax.process_count()} process(es)")
+    report = run_sweep(jobs, compute, args.out, config=config, log=log)
+    log(f"done: computed {len(report.computed)}, already finished {len(report.skipped)}; results in {report.results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(sweep_main())

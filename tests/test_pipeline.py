@@ -1,0 +1,127 @@
+"""The end-to-end job (hqjax/pipeline.py through hqjax/cli.py): outputs, consistency, resume.
+
+One tiny job (3 epochs, 4 probes, 1 QAT epoch on digits) is shared by the module; the
+resume test kills a second job's analysis part-way with SIGKILL in a subprocess, resumes
+it, and compares with the shared uninterrupted job.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from hqjax.cli import main
+from hqjax.config import RunConfig
+
+TINY = ["--model", "cnn", "--dataset", "digits", "--epochs", "3", "--probes", "4", "--hessian-examples", "64",
+        "--hessian-batch", "64", "--top-k", "1", "--eig-iters", "4", "--density-steps", "6", "--qat-epochs", "1",
+        "--calib-examples", "64", "--bits", "2,4,8", "--budget", "0.45", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("HQJAX_CACHE")
+    os.environ["HQJAX_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("HQJAX_CACHE", None)
+    else:
+        os.environ["HQJAX_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, cache_dir):
+    out = str(tmp_path_factory.mktemp("job") / "out")
+    assert main(["run", "--out", out, *TINY]) == 0
+    return out
+
+
+def _json(out, name):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def test_every_output_exists_and_parses(job):
+    for name in ("config.json", "sensitivity.json", "bit_config.json", "metrics.json", "allocation.json",
+                 "pareto.json", "density.json", "train.json"):
+        _json(job, name)
+    for name in ("density.png", "traces.png", "bits.png", "pareto.png"):
+        with open(os.path.join(job, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = open(os.path.join(job, "report.md")).read()
+    for name in ("density.png", "traces.png", "bits.png", "pareto.png"):
+        assert f"]({name})" in report
+    assert os.path.exists(os.path.join(job, "int_model")) or any(f.startswith("int_model") for f in os.listdir(job))
+
+
+def test_outputs_agree(job):
+    cfg = RunConfig.from_dict(_json(job, "config.json"))
+    assert cfg.num_probes == 4 and cfg.weight_bits == (2, 4, 8)  # the exact config is saved
+    sens = _json(job, "sensitivity.json")["layers"]
+    bits = _json(job, "bit_config.json")
+    metrics = _json(job, "metrics.json")
+    assert [r["layer"] for r in sens] == list(bits) == ["conv1", "conv2", "dense"]
+    for r in sens:
+        assert r["trace_stderr"] >= 0 and r["n_params"] > 0 and len(r["top_eigenvalues"]) == 1
+        p = {int(b): v for b, v in r["perturbation"].items()}
+        assert p[2] > p[4] > p[8] >= 0  # fewer bits, larger ||Q(W) - W||^2
+    assert all(b["weight_bits"] in (2, 4, 8) and b["act_bits"] == 8 for b in bits.values())
+    # the bits satisfy the budget recorded in metrics.json, recomputed from the layer sizes
+    costs = _json(job, "allocation.json")["costs_table"]
+    size = sum(costs["n_weights"][n] * b["weight_bits"] / 8 + costs["n_bias"][n] * 4 for n, b in bits.items())
+    budget = metrics["budget"]
+    assert budget["kind"] == "size" and size == pytest.approx(budget["used"]) and size <= budget["value"] * (1 + 1e-9)
+    int8 = sum(costs["n_weights"][n] + costs["n_bias"][n] * 4 for n in bits)
+    assert budget["value"] == pytest.approx(0.45 * int8)
+    stages = metrics["stages"]
+    assert set(stages) == {"full_precision", "ptq_fake_quant", "qat_fake_quant", "integer_only"}
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in stages.values())
+    assert stages["full_precision"]["accuracy"] == pytest.approx(_json(job, "train.json")["test_accuracy"])
+    assert stages["qat_fake_quant"]["size_bytes"] == pytest.approx(size)
+    # integer-only inference tracks the fake-quant model it was converted from
+    assert abs(stages["integer_only"]["accuracy"] - stages["qat_fake_quant"]["accuracy"]) < 0.05
+    chosen = _json(job, "pareto.json")["chosen"]
+    assert chosen["bits"] == {n: b["weight_bits"] for n, b in bits.items()}
+
+
+def test_changed_budget_reruns_only_allocation_onwards(job, capsys):
+    capsys.readouterr()
+    assert main(["allocate", "--out", job, "--budget", "0.9"]) == 0
+    log = capsys.readouterr().out
+    assert "[train] up to date, skipped" in log and "[analyze] up to date, skipped" in log
+    bits = _json(job, "bit_config.json")
+    costs = _json(job, "allocation.json")["costs_table"]
+    size = sum(costs["n_weights"][n] * b["weight_bits"] / 8 + costs["n_bias"][n] * 4 for n, b in bits.items())
+    int8 = sum(costs["n_weights"][n] + costs["n_bias"][n] * 4 for n in bits)
+    assert 0.45 * int8 < size <= 0.9 * int8  # a larger budget is used (more bits), and respected
+    assert _json(job, "config.json")["budget"] == "0.9"
+
+
+@pytest.mark.slow
+def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir):
+    out = str(tmp_path / "resumed")
+    # the two processes share a persistent XLA cache, so the resumed one does not compile again
+    env = {**os.environ, "HQJAX_CACHE": cache_dir, "HQJAX_TEST_KILL_AFTER_UNITS": "2", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cmd = [sys.executable, "-m", "hqjax.cli", "analyze", "--out", out, *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    done = sorted(os.listdir(os.path.join(out, "analysis")))
+    assert done == ["layer_000.json", "layer_001.json"]  # killed after two layers, nothing half-written
+    assert not os.path.exists(os.path.join(out, "sensitivity.json"))
+    mtimes = {f: os.stat(os.path.join(out, "analysis", f)).st_mtime_ns for f in done}
+    env.pop("HQJAX_TEST_KILL_AFTER_UNITS")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done before, reused") == 2  # finished layers are not recomputed
+    assert {f: os.stat(os.path.join(out, "analysis", f)).st_mtime_ns for f in done} == mtimes
+    assert _json(out, "sensitivity.json") == _json(job, "sensitivity.json")
+    assert _json(out, "density.json") == _json(job, "density.json")
+    # the report of an analysis-only folder shows what exists and runs nothing else
+    assert main(["report", "--out", out]) == 0
+    made = set(os.listdir(out))
+    assert {"density.png", "traces.png", "report.md"} <= made and not {"bits.png", "metrics.json"} & made
