@@ -167,3 +167,10 @@ def test_killed_sweep_resumes_without_recomputing(reference):
     for n, blob in done.items():  # finished files untouched
         assert (jobs_dir / n).read_bytes() == blob and os.stat(jobs_dir / n).st_mtime_ns == stamps[n]
     assert (out / "results.json").read_bytes() == expected
+
+
+def test_initialize_single_process_is_a_noop_and_partial_multi_process_args_raise():
+    hd.initialize()  # one process, no coordinator: nothing to start
+    assert jax.process_count() == 1
+    with pytest.raises(ValueError, match="coordinator_address"):
+        hd.initialize(num_processes=2, process_id=0)
