@@ -6,6 +6,7 @@ for models with BatchNorm or dropout, and is always explicit.
 
 from __future__ import annotations
 
+from .bert import BertTiny
 from .cnn import CNN
 from .mlp import MLP
 from .resnet import BasicBlock, CifarResNet, ResNet20, ResNet32, ResNet56
@@ -16,6 +17,7 @@ MODELS = {
     "resnet20": ResNet20,
     "resnet32": ResNet32,
     "resnet56": ResNet56,
+    "bert_tiny": BertTiny,
 }
 
 
@@ -26,4 +28,4 @@ def get_model(name: str, num_classes: int = 10, **kwargs):
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MLP", "CNN", "BasicBlock", "CifarResNet", "ResNet20", "ResNet32", "ResNet56", "MODELS", "get_model"]
+__all__ = ["BertTiny", "MLP", "CNN", "BasicBlock", "CifarResNet", "ResNet20", "ResNet32", "ResNet56", "MODELS", "get_model"]

@@ -10,6 +10,7 @@ same numbers for the same key.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -37,8 +38,26 @@ def resolve_loop(loop: str, *trees: Any) -> str:
     return loop
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(text: str, jaxpr_box: tuple) -> Callable:
+    """One jitted evaluator per distinct program text, so calling an estimator again on the
+    same model and shapes (new params values, new key) reuses the compiled step."""
+    jaxpr = jaxpr_box[0]
+    return jax.jit(lambda consts, leaves: jax.core.eval_jaxpr(jaxpr, consts, *leaves))
+
+
+class _Box(tuple):
+    """Carries the jaxpr into the cache without taking part in the cache key."""
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Box)
+
+
 def _hoist(fn: Callable, example: Any):
-    """``fn`` as a jitted function of ``(consts, state)`` plus its closed-over ``consts``.
+    """``fn`` as a jitted function of ``state`` whose closed-over arrays are arguments.
 
     Returns ``None`` when ``fn`` closes over tracers (we are inside someone's transform).
     """
@@ -47,12 +66,8 @@ def _hoist(fn: Callable, example: Any):
     if not is_concrete(consts):
         return None
     out_tree = jax.tree.structure(out_shape)
-    jaxpr = closed.jaxpr
-
-    @jax.jit
-    def run(consts, leaves):
-        return jax.core.eval_jaxpr(jaxpr, consts, *leaves)
-
+    text = str(closed.jaxpr) + repr([(jax.numpy.shape(c), jax.numpy.result_type(c)) for c in consts])
+    run = _compiled(text, _Box((closed.jaxpr,)))
     return lambda state: jax.tree.unflatten(out_tree, run(consts, jax.tree.leaves(state)))
 
 
@@ -67,7 +82,12 @@ def make_while(cond: Callable, body: Callable, example: Any, loop: str) -> Calla
                 return state
 
             return run_host
-    return lambda state: jax.lax.while_loop(cond, body, state)
+    whole = lambda state: jax.lax.while_loop(cond, body, state)
+    if is_concrete(example):
+        run = _hoist(whole, example)
+        if run is not None:
+            return run  # eager call: compile the loop once per program, consts as arguments
+    return whole
 
 
 def map_chunks(fn: Callable, xs: Any, chunk_size: int, loop: str) -> Any:

@@ -49,6 +49,9 @@ def _perturbed_apply(model: nn.Module, variables: PyTree, x, eps: dict | None, r
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
+        if apply_kwargs.get("train") and "batch_stats" in variables:
+            # Train-mode BatchNorm uses batch statistics; its running-average update is discarded.
+            return model.apply(variables, x, mutable=["batch_stats"], **apply_kwargs)[0]
         return model.apply(variables, x, **apply_kwargs)
 
 

@@ -37,7 +37,7 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
         return v / jnp.linalg.norm(v)
 
     def body(s):
-        i, it, v, prev, vals, vecs, iters = s
+        i, it, v, prev, vals, vecs, iters, (max_iters, tol) = s
         v = v - (vecs @ v) @ vecs  # PyHessian's orthnormal(v, eigenvectors): deflation
         v = v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(dtype).tiny)
         w = flat_mv(v)
@@ -52,11 +52,12 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
         iters = jnp.where(done, iters.at[i].set(it), iters)
         i_next = jnp.where(done, i + 1, i)
         v_next = jnp.where(done, start(i_next), v_new)
-        return i_next, jnp.where(done, 0, it), v_next, jnp.where(done, 0.0, lam), vals, vecs, iters
+        return i_next, jnp.where(done, 0, it), v_next, jnp.where(done, 0.0, lam), vals, vecs, iters, (max_iters, tol)
 
+    # max_iters and tol travel in the state so one compiled step serves every setting.
     init = (jnp.int32(0), jnp.int32(0), start(0), jnp.zeros((), dtype), jnp.zeros((k,), dtype),
-            jnp.zeros((k, n), dtype), jnp.zeros((k,), jnp.int32))
-    _, _, _, _, vals, vecs, iters = make_while(lambda s: s[0] < k, body, init, loop)(init)
+            jnp.zeros((k, n), dtype), jnp.zeros((k,), jnp.int32), (jnp.int32(max_iters), jnp.asarray(tol, dtype)))
+    _, _, _, _, vals, vecs, iters, _ = make_while(lambda s: s[0] < k, body, init, loop)(init)
     return vals, vecs, iters
 
 

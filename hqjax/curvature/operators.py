@@ -134,7 +134,7 @@ def dataset_loss(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: PyTree
     loss_fn : ``loss_fn(params, batch) -> scalar`` mean loss over one batch. A batch is one
         slice of ``batches`` along its leading axis, e.g. ``(x, y)`` or ``(x, y, mask)``; with
         padded rows, ``loss_fn`` must average over the valid rows only and ``counts`` must
-        give the number of valid rows (``hqjax.stack_batches`` returns both).
+        give the number of valid rows (``hqjax.data.stack_batches`` returns both).
     batches : pytree whose leaves share a leading axis ``num_batches``.
     counts : ``[num_batches]`` examples per batch (weights); ``None`` means equal batches.
     unroll : passed to ``lax.scan``. On XLA:CPU convolution gradients inside a loop body are

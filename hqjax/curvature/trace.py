@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
@@ -67,28 +66,31 @@ def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_siz
         mg = matvec(gp)
         return jnp.concatenate([tree_dot(gp, mg)[None], blk.dots(g, mg).reshape(nb)])
 
-    def chunk_values(c):
+    def chunk_values(c, limit):
         js = c * chunk_size + jnp.arange(chunk_size)
         vals = jax.vmap(one)(js) if chunk_size > 1 else one(js[0])[None]
-        return vals, (js < num_probes).astype(vals.dtype)
+        return vals, (js < limit).astype(vals.dtype)
 
     dtype = jnp.result_type(float)
+    # Counts and tolerance travel in the loop state, not as constants, so one compiled step
+    # serves every num_probes / tol.
+    limits = (jnp.int32(num_chunks), jnp.int32(num_probes), jnp.asarray(-1.0 if tol is None else tol, dtype))
     init = (jnp.int32(0), jnp.zeros((), dtype), jnp.zeros((nb + 1,), dtype), jnp.zeros((nb + 1,), dtype),
-            jnp.zeros((), dtype), jnp.bool_(False))
+            jnp.zeros((), dtype), limits, jnp.bool_(False))
 
     def body(s):
-        c, n, mean, m2, prev, _ = s
-        vals, w = chunk_values(c)
+        c, n, mean, m2, prev, limits, _ = s
+        vals, w = chunk_values(c, limits[1])
         n, mean, m2 = _welford_merge((n, mean, m2), vals, w)
         # PyHessian's stopping rule, on |running mean| (its signed version stops after two
         # probes when the mean is negative; PERF_NOTES).
-        done = (c >= 1) & (jnp.abs(mean[0] - prev) / (jnp.abs(prev) + 1e-6) < (tol if tol is not None else -1.0))
-        return c + 1, n, mean, m2, mean[0], done
+        done = (c >= 1) & (jnp.abs(mean[0] - prev) / (jnp.abs(prev) + 1e-6) < limits[2])
+        return c + 1, n, mean, m2, mean[0], limits, done
 
     def cond(s):
-        return (s[0] < num_chunks) & jnp.logical_not(s[-1])
+        return (s[0] < s[5][0]) & jnp.logical_not(s[-1])
 
-    _, n, mean, m2, _, _ = make_while(cond, body, init, loop)(init)
+    _, n, mean, m2, _, _, _ = make_while(cond, body, init, loop)(init)
     return n, mean, m2
 
 

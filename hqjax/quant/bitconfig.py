@@ -1,0 +1,82 @@
+"""BitConfig: the plain-data per-layer precision that crosses from allocation to quantization.
+
+A BitConfig is ``{layer_path: {"weight_bits": b, "act_bits": a}}`` keyed by the names of
+``hqjax.blocks(params)`` (Flax module paths such as ``'conv1'`` or
+``'stage2/block0/conv1'``). ``act_bits`` may be ``None`` (the layer's input stays in float).
+It is saved as JSON that a person can read and edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping
+
+__all__ = ["validate_bit_config", "uniform_bit_config", "save_bit_config", "load_bit_config"]
+
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+_KEYS = ("weight_bits", "act_bits")
+
+
+def _check_bits(layer: str, key: str, value, allowed) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise ValueError(f"BitConfig layer {layer!r}: {key}={value!r} is not supported; "
+                         f"use one of {list(allowed)}" + (" or None" if key == "act_bits" else ""))
+
+
+def validate_bit_config(bit_config: Mapping, names: Iterable[str] | None = None) -> dict:
+    """Check a BitConfig and return it as a plain ``dict`` with both keys in every entry.
+
+    Parameters
+    ----------
+    bit_config : ``{layer_path: {"weight_bits": int, "act_bits": int | None}}``.
+    names : the layer paths that exist (``hqjax.blocks(params).names`` or a ``Blocks``);
+        an entry naming anything else raises.
+
+    Raises
+    ------
+    ValueError : naming the offending layer and value (bits outside 2–8, unknown keys,
+        unknown layer paths with the list of valid ones).
+    """
+    if not isinstance(bit_config, Mapping):
+        raise TypeError(f"a BitConfig is a dict {{layer_path: {{'weight_bits': b, 'act_bits': a}}}}, "
+                        f"got {type(bit_config).__name__}")
+    out = {}
+    for layer, entry in bit_config.items():
+        if not isinstance(entry, Mapping) or "weight_bits" not in entry:
+            raise ValueError(f"BitConfig layer {layer!r}: entry {entry!r} needs a 'weight_bits' key")
+        extra = set(entry) - set(_KEYS)
+        if extra:
+            raise ValueError(f"BitConfig layer {layer!r}: unknown keys {sorted(extra)}; allowed: {list(_KEYS)}")
+        _check_bits(layer, "weight_bits", entry["weight_bits"], WEIGHT_BITS)
+        act = entry.get("act_bits")
+        if act is not None:
+            _check_bits(layer, "act_bits", act, ACT_BITS)
+        out[str(layer)] = {"weight_bits": int(entry["weight_bits"]), "act_bits": None if act is None else int(act)}
+    if names is not None:
+        known = list(names)
+        unknown = [k for k in out if k not in known]
+        if unknown:
+            raise ValueError(f"BitConfig names layers that do not exist: {unknown}; "
+                             f"layer paths of this model are {known}")
+    return out
+
+
+def uniform_bit_config(names: Iterable[str], weight_bits: int, act_bits: int | None = 8) -> dict:
+    """The same precision for every layer (``names``: a ``Blocks`` or its ``.names``)."""
+    return validate_bit_config({n: {"weight_bits": weight_bits, "act_bits": act_bits} for n in names})
+
+
+def save_bit_config(bit_config: Mapping, path: str | os.PathLike) -> None:
+    """Write a validated BitConfig as indented JSON."""
+    cfg = validate_bit_config(bit_config)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def load_bit_config(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict:
+    """Read and validate a BitConfig written by :func:`save_bit_config` (or by hand)."""
+    with open(path) as f:
+        return validate_bit_config(json.load(f), names)

@@ -1,0 +1,257 @@
+"""Flax transforms: a params pytree or a Linen model plus a BitConfig -> a fake-quantized one.
+
+- :func:`quantize_params` fake-quantizes the kernel (or embedding) of every layer named in a
+  BitConfig, with the straight-through estimator, leaving every other leaf untouched.
+- :func:`quantize_model` wraps a Linen model so that every ``nn.Dense``/``nn.Conv``/
+  ``nn.DenseGeneral``/``nn.Embed`` call sees fake-quantized weights, and every quantized
+  layer's input goes through an activation quantizer whose range lives in the
+  ``'quant_stats'`` collection (calibration mode collects it, frozen mode uses it). The
+  models themselves stay plain Flax: the wrapper works through ``nn.intercept_methods``.
+
+Conventions follow HAWQ-V3 (Yao et al. 2021): per-channel symmetric weights, activation
+ranges from calibration, unsigned ranges after ReLU (here: an asymmetric quantizer whose
+calibrated minimum is 0, which is exactly the unsigned quantizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hqjax.quant.bitconfig import validate_bit_config
+from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
+from hqjax.quant.quantizers import QuantSpec, fake_quant
+from hqjax.tree import OWNER_LEAVES, path_name
+
+__all__ = [
+    "per_channel_weights",
+    "group_wise_weights",
+    "Coverage",
+    "coverage",
+    "quantize_params",
+    "weight_specs",
+    "QuantizedModel",
+    "quantize_model",
+    "STATS",
+]
+
+PyTree = Any
+WeightSpecFn = Callable[[str, str, tuple, int], QuantSpec]
+STATS = "quant_stats"
+_LAYERS = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Embed)
+
+
+# --------------------------------------------------------------------------- weight specs
+def per_channel_weights(layer: str, leaf: str, shape: tuple, bits: int) -> QuantSpec:
+    """HAWQ-V3's default: symmetric, one scale per output channel (last kernel axis); one
+    scale per row of an embedding table (one per token)."""
+    del layer
+    return QuantSpec(bits=bits, mode="symmetric", axis=0 if leaf == "embedding" else -1)
+
+
+def group_wise_weights(group_size: int, layers: Callable[[str], bool] | None = None,
+                       fallback: WeightSpecFn = per_channel_weights) -> WeightSpecFn:
+    """Q-BERT's group-wise quantization (Shen et al. 2020, Sec. 3.2): consecutive
+    ``group_size`` output columns of a kernel share one symmetric scale (``group_size`` =
+    head dimension: one group per attention head; a divisor of it: sub-groups in a head).
+
+    ``layers`` selects the layers (by path) that are grouped; the others use ``fallback``.
+    """
+    def spec(layer, leaf, shape, bits):
+        if leaf == "kernel" and (layers is None or layers(layer)) and shape[-1] % group_size == 0:
+            return QuantSpec(bits=bits, mode="symmetric", axis=-1, group_size=group_size)
+        return fallback(layer, leaf, shape, bits)
+
+    return spec
+
+
+# --------------------------------------------------------------------------- params
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """Which BitConfig entries matched a quantizable layer, which matched nothing, and which
+    quantizable layers (modules owning a kernel/embedding) the config leaves in float."""
+
+    matched: tuple[str, ...]
+    unmatched: tuple[str, ...]
+    uncovered: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _owner_leaves(params: PyTree) -> dict[str, tuple[str, str]]:
+    """``{layer_path: (leaf_path, leaf_name)}`` for every kernel/embedding leaf."""
+    out = {}
+    for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_name(p)
+        if "/" in name and name.rsplit("/", 1)[1] in OWNER_LEAVES:
+            layer, leaf = name.rsplit("/", 1)
+            out.setdefault(layer, (name, leaf))
+    return out
+
+
+def coverage(params: PyTree, bit_config: Mapping) -> Coverage:
+    """Match a BitConfig against the quantizable layers of ``params``."""
+    owners = _owner_leaves(params)
+    cfg = validate_bit_config(bit_config)
+    return Coverage(
+        matched=tuple(k for k in cfg if k in owners),
+        unmatched=tuple(k for k in cfg if k not in owners),
+        uncovered=tuple(k for k in owners if k not in cfg),
+    )
+
+
+def _weight_specs(params, bit_config, weight_spec):
+    owners = _owner_leaves(params)
+    cfg = validate_bit_config(bit_config)
+    unknown = [k for k in cfg if k not in owners]
+    if unknown:
+        raise ValueError(f"BitConfig entries {unknown} match no layer with a kernel or embedding; "
+                         f"quantizable layers are {list(owners)}")
+    return {owners[k][0]: (k, owners[k][1], cfg[k]["weight_bits"]) for k in cfg}
+
+
+def weight_specs(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights) -> dict:
+    """``{layer_path: QuantSpec}`` of the weight quantizer of every configured layer."""
+    shapes = {path_name(p): jnp.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {layer: weight_spec(layer, leaf, shapes[lp], bits)
+            for lp, (layer, leaf, bits) in _weight_specs(params, bit_config, weight_spec).items()}
+
+
+def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights) -> PyTree:
+    """Fake-quantize the kernel (or embedding) of every layer in ``bit_config``.
+
+    Parameters
+    ----------
+    params : Flax params (or a full variables dict; only kernel/embedding leaves change).
+    bit_config : ``{layer_path: {"weight_bits": b, "act_bits": a}}`` (``hqjax.blocks`` names).
+    weight_spec : ``(layer, leaf_name, shape, bits) -> QuantSpec`` (default per-channel
+        symmetric, HAWQ-V3; :func:`group_wise_weights` for Q-BERT).
+
+    Returns
+    -------
+    A pytree like ``params`` whose configured kernels are ``S·round(W/S)`` in the forward
+    pass with an identity (straight-through) gradient, so ``jax.grad`` through it trains the
+    float shadow weights (QAT). Entries that match no layer raise; layers the config does
+    not name stay float (see :func:`coverage`).
+    """
+    targets = _weight_specs(params, bit_config, weight_spec)
+
+    def leaf(p, x):
+        name = path_name(p)
+        if name not in targets:
+            return x
+        layer, leaf_name, bits = targets[name]
+        return fake_quant(x, weight_spec(layer, leaf_name, jnp.shape(x), bits))
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+# --------------------------------------------------------------------------- model
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+    """A Linen model with fake-quantized weights and calibrated activation quantizers.
+
+    Build with :func:`quantize_model`. Variables are the float model's variables plus a
+    ``'quant_stats'`` collection ``{layer_path: {'input': {'min', 'max', 'count'}}}``.
+
+    Attributes
+    ----------
+    model : the plain Flax model.
+    bit_config : validated BitConfig.
+    weight_spec : per-layer weight quantizer factory.
+    act_mode : ``'asymmetric'`` (default; becomes HAWQ-V3's unsigned after ReLU) or
+        ``'symmetric'``.
+    calibrator : how calibration updates the ranges.
+    """
+
+    model: nn.Module
+    bit_config: dict
+    weight_spec: WeightSpecFn = per_channel_weights
+    act_mode: str = "asymmetric"
+    calibrator: Calibrator = dataclasses.field(default_factory=lambda: get_calibrator("minmax"))
+
+    def act_spec(self, layer: str) -> QuantSpec | None:
+        bits = self.bit_config.get(layer, {}).get("act_bits")
+        return None if bits is None else QuantSpec(bits=bits, mode=self.act_mode)
+
+    def _interceptor(self, calibrate: bool):
+        def intercept(next_fun, args, kwargs, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, _LAYERS) or isinstance(mod, nn.Embed):
+                return next_fun(*args, **kwargs)
+            layer = "/".join(mod.path)
+            spec = self.act_spec(layer)
+            if spec is None or not args:
+                return next_fun(*args, **kwargs)
+            x, rest = args[0], args[1:]
+            if calibrate:
+                var = mod.scope.variable(STATS, "input", self.calibrator.init)
+                var.value = self.calibrator.update(var.value, jax.lax.stop_gradient(x), spec)
+                return next_fun(x, *rest, **kwargs)
+            if not mod.scope.has_variable(STATS, "input"):
+                raise ValueError(f"layer {layer!r} has act_bits={spec.bits} but no calibrated input range in "
+                                 f"variables[{STATS!r}]; run QuantizedModel.calibrate on a few batches first "
+                                 f"(or set act_bits=None for this layer)")
+            stats = mod.scope.get_variable(STATS, "input")
+            return next_fun(fake_quant(x, spec, state_range(stats)), *rest, **kwargs)
+
+        return intercept
+
+    def _quantized_variables(self, variables):
+        variables = dict(variables)
+        variables["params"] = quantize_params(variables["params"], self.bit_config, self.weight_spec)
+        return variables
+
+    def apply(self, variables: PyTree, *args, train: bool = False, mutable=False, **kwargs):
+        """Frozen mode: fake-quantized weights and activations with the calibrated ranges.
+
+        ``mutable`` is passed to Flax (``['batch_stats']`` when ``train`` with BatchNorm).
+        """
+        with nn.intercept_methods(self._interceptor(calibrate=False)):
+            return self.model.apply(self._quantized_variables(variables), *args, train=train, mutable=mutable, **kwargs)
+
+    def calibrate(self, variables: PyTree, *args, train: bool = False, **kwargs) -> PyTree:
+        """Calibration mode: run the model with fake-quantized weights and float activations,
+        update every quantized layer's input range, and return ``variables`` with the new
+        ``'quant_stats'`` (call it on a few batches; it is pure and jit-able)."""
+        with nn.intercept_methods(self._interceptor(calibrate=True)):
+            _, new = self.model.apply(self._quantized_variables(variables), *args, train=train,
+                                      mutable=[STATS], **kwargs)
+        return {**variables, STATS: new[STATS]}
+
+    def float_apply(self, variables: PyTree, *args, train: bool = False, mutable=False, **kwargs):
+        """The full-precision model (teacher for distillation, reference for accuracy)."""
+        variables = {k: v for k, v in variables.items() if k != STATS}
+        return self.model.apply(variables, *args, train=train, mutable=mutable, **kwargs)
+
+
+def quantize_model(model: nn.Module, bit_config: Mapping, *, weight_spec: WeightSpecFn = per_channel_weights,
+                   act_mode: str = "asymmetric", calibrator: str | Calibrator = "minmax",
+                   params: PyTree | None = None) -> QuantizedModel:
+    """Wrap a Flax Linen model for fake-quantized inference, calibration and QAT.
+
+    Parameters
+    ----------
+    model : a Linen module called as ``model.apply(variables, x, train=...)``.
+    bit_config : ``{layer_path: {"weight_bits": b, "act_bits": a}}``.
+    weight_spec : weight quantizer per layer (:func:`per_channel_weights`,
+        :func:`group_wise_weights`).
+    act_mode : activation quantizer mode: ``'asymmetric'`` (default; exactly HAWQ-V3's
+        unsigned quantizer wherever the calibrated minimum is 0), ``'symmetric'`` or
+        ``'unsigned'`` (clips negatives).
+    calibrator : ``'minmax'``, ``'ema'``, ``'percentile'``, ``'mse'`` or a ``Calibrator``.
+    params : optional params to check the config against now (unknown layer paths raise
+        here rather than at the first call).
+    """
+    cfg = validate_bit_config(bit_config)
+    if act_mode not in ("asymmetric", "symmetric", "unsigned"):
+        raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned wherever the calibrated minimum "
+                         f"is 0, e.g. after ReLU), 'symmetric' or 'unsigned'")
+    if params is not None:
+        _weight_specs(params.get("params", params), cfg, weight_spec)
+    return QuantizedModel(model, cfg, weight_spec, act_mode, get_calibrator(calibrator))

@@ -1,0 +1,101 @@
+"""Layer shapes and costs traced from real Flax models."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hqjax
+from hqjax.models import CNN
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = CNN()
+    x = jnp.zeros((2, 8, 8, 1))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))  # shapes suffice
+    return model, variables, x
+
+
+def test_cnn_shapes_and_macs_from_the_trace(cnn):
+    model, variables, x = cnn
+    shapes = hqjax.layer_shapes(model, variables, x, train=False)
+    assert list(shapes) == ["conv1", "conv2", "dense"]
+    assert set(shapes) == set(hqjax.blocks(variables["params"]).names)
+    # conv1: 8x8 outputs x 8 channels, each a 3x3x1 window; conv2 (stride 2): 4x4x16 outputs of
+    # 3x3x8; dense: 10 outputs of 4*4*16 inputs.
+    assert shapes["conv1"].macs == 8 * 8 * 8 * (3 * 3 * 1)
+    assert shapes["conv2"].macs == 4 * 4 * 16 * (3 * 3 * 8)
+    assert shapes["dense"].macs == 10 * 256
+    assert shapes["conv2"].strides == (2, 2) and shapes["conv2"].output_shape == (2, 4, 4, 16)
+    for name, s in shapes.items():
+        kernel = hqjax.blocks(variables["params"]).kernel(variables["params"], name)
+        assert s.n_weights == kernel.size and s.n_bias == kernel.shape[-1]
+
+
+class GroupedAndAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = nn.Conv(12, (3, 3), strides=(2, 2), feature_group_count=3, padding="VALID", name="grouped")(x)
+        y = y.reshape((y.shape[0], -1, 12))  # a sequence of 9 tokens of width 12
+        y = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=6, name="attn")(y, y)
+        tok = nn.Embed(50, 6, name="embed")(jnp.zeros((x.shape[0], 9), jnp.int32))
+        return nn.DenseGeneral((2, 5), name="head")(y + tok)
+
+
+def test_grouped_conv_attention_projections_and_embeddings():
+    model = GroupedAndAttention()
+    x = jnp.zeros((1, 7, 7, 6))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    shapes = hqjax.layer_shapes(model, variables, x)
+    assert set(shapes) == set(hqjax.blocks(variables["params"]).names)
+    # Grouped conv: 3x3 outputs x 12 channels, each over a 3x3 window of 6/3 input channels.
+    assert shapes["grouped"].macs == 3 * 3 * 12 * (3 * 3 * 2)
+    assert shapes["grouped"].feature_group_count == 3
+    # Attention projections: 9 tokens, 12 -> 2 heads x 4 (q, k, v), then 2 x 4 -> 6 (out).
+    for proj in ("query", "key", "value"):
+        assert shapes[f"attn/{proj}"].macs == 9 * 12 * 8
+    assert shapes["attn/out"].macs == 9 * 8 * 6
+    assert shapes["embed"].macs == 0 and shapes["embed"].n_weights == 50 * 6
+    assert shapes["head"].macs == 9 * 6 * 10
+
+
+def test_size_and_bops_follow_their_definitions(cnn):
+    model, variables, x = cnn
+    costs = hqjax.LayerCosts.from_model(model, variables, x, train=False)
+    assert costs.size_bytes("conv2", 4) == 1152 * 4 / 8 + 16 * 32 / 8
+    assert costs.bops("dense", 4, 8) == 2560 * 32
+    m = costs.matrix("bops", ["conv1", "dense"], [(2, 8), (8, 8)])
+    np.testing.assert_array_equal(m, [[4608 * 16, 4608 * 64], [2560 * 16, 2560 * 64]])
+    assert costs.matrix("size", ["conv2"], [(3, 3)])[0, 0] == costs.size_bytes("conv2", 3)
+    with pytest.raises(ValueError, match="latency table"):
+        costs.latency("conv1", 4, 4)
+    with pytest.raises(KeyError, match="'conv9'"):
+        costs.size_bytes("conv9", 4)
+
+
+def test_latency_table_round_trip_and_lookup(tmp_path, cnn):
+    model, variables, x = cnn
+    table = {"conv1": {4: 1.5, 8: 2.0}, "conv2": {"w4a8": 3.0, "8": 4.0}, "dense": {"4": 0.5, "8": 0.7}}
+    path = str(tmp_path / "lat.json")
+    hqjax.save_latency_table(table, path)
+    assert json.load(open(path))["conv1"] == {"4": 1.5, "8": 2.0}
+    costs = hqjax.LayerCosts.from_model(model, variables, x, train=False).with_latency(path)
+    assert costs.latency("conv1", 4, 4) == 1.5
+    assert costs.latency("conv2", 4, 8) == 3.0 and costs.latency("conv2", 8, 8) == 4.0
+    with pytest.raises(KeyError, match="w4a4"):
+        costs.latency("conv2", 4, 4)
+
+
+def test_measured_latency_table_covers_every_layer_and_bit(cnn):
+    model, variables, x = cnn
+    shapes = hqjax.layer_shapes(model, variables, x, train=False)
+    table = hqjax.measure_latency_table(shapes, (4, 8, 16), repeats=3)
+    assert set(table) == set(shapes)
+    for row in table.values():
+        assert set(row) == {"4", "8", "16"} and all(0 < v < 1e6 for v in row.values())
+    costs = hqjax.LayerCosts.from_shapes(shapes).with_latency(table)
+    assert costs.latency("dense", 8, 8) == table["dense"]["8"]

@@ -1,0 +1,111 @@
+"""Flax transforms: quantize_params, coverage and quantize_model (hqjax/quant/transform.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hqjax
+from hqjax.models import CNN, CifarResNet
+from hqjax.quant.quantizers import QuantSpec, fake_quant
+from hqjax.quant.transform import coverage, group_wise_weights, quantize_model, quantize_params
+
+X = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 1)), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def cnn(init_np):
+    model = CNN()
+    return model, init_np(model, X[:2])
+
+
+def test_quantize_params_touches_only_configured_kernels(cnn):
+    _, v = cnn
+    cfg = {"conv2": {"weight_bits": 3, "act_bits": None}}
+    q = quantize_params(v["params"], cfg)
+    w = v["params"]["conv2"]["kernel"]
+    np.testing.assert_array_equal(q["conv2"]["kernel"], fake_quant(w, QuantSpec(bits=3, axis=-1)))
+    assert len(np.unique(np.asarray(q["conv2"]["kernel"][..., 0]))) <= 7
+    for other in (("conv1", "kernel"), ("dense", "kernel"), ("conv2", "bias")):
+        np.testing.assert_array_equal(q[other[0]][other[1]], v["params"][other[0]][other[1]])
+
+
+def test_coverage_reports_unmatched_and_uncovered(cnn):
+    _, v = cnn
+    cov = coverage(v["params"], {"conv1": {"weight_bits": 4, "act_bits": 8}, "conv7": {"weight_bits": 4, "act_bits": 8}})
+    assert cov.matched == ("conv1",) and cov.unmatched == ("conv7",) and cov.uncovered == ("conv2", "dense")
+    with pytest.raises(ValueError, match=r"\['conv7'\] match no layer.*'conv1', 'conv2', 'dense'"):
+        quantize_params(v["params"], {"conv7": {"weight_bits": 4, "act_bits": 8}})
+
+
+def test_group_wise_weight_spec():
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(6, 12)), jnp.float32)
+    params = {"attn": {"query": {"kernel": w}}, "ffn": {"kernel": w}}
+    cfg = {"attn/query": {"weight_bits": 4, "act_bits": None}, "ffn": {"weight_bits": 4, "act_bits": None}}
+    q = quantize_params(params, cfg, group_wise_weights(4, layers=lambda name: name.startswith("attn")))
+    np.testing.assert_array_equal(q["attn"]["query"]["kernel"], fake_quant(w, QuantSpec(bits=4, axis=-1, group_size=4)))
+    np.testing.assert_array_equal(q["ffn"]["kernel"], fake_quant(w, QuantSpec(bits=4, axis=-1)))
+
+
+def test_act_quant_without_calibration_raises(cnn):
+    model, v = cnn
+    qm = quantize_model(model, hqjax.uniform_bit_config(["conv1", "conv2", "dense"], 4, 8))
+    with pytest.raises(ValueError, match="layer 'conv1' has act_bits=8 but no calibrated input range"):
+        qm.apply(v, X)
+
+
+def test_unknown_layer_raises_at_construction(cnn):
+    model, v = cnn
+    with pytest.raises(ValueError, match="match no layer"):
+        quantize_model(model, {"Conv_0": {"weight_bits": 4, "act_bits": 8}}, params=v["params"])
+
+
+def test_calibrated_model_quantizes_inputs_and_weights(cnn):
+    model, v = cnn
+    cfg = hqjax.uniform_bit_config(["conv1", "conv2", "dense"], 4, 2)
+    qm = quantize_model(model, cfg)
+    vq = jax.jit(qm.calibrate)(v, X)
+    assert float(vq["quant_stats"]["conv1"]["input"]["max"]) == float(X.max())
+    # reference: the same network written by hand with the quantizers
+    p = quantize_params(v["params"], cfg)
+    st = vq["quant_stats"]
+    a = QuantSpec(bits=2, mode="asymmetric")
+    fq = lambda x, n: fake_quant(x, a, (st[n]["input"]["min"], st[n]["input"]["max"]))
+    conv = lambda x, n, s: jax.lax.conv_general_dilated(x, p[n]["kernel"], (s, s), "SAME",
+                                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + p[n]["bias"]
+    h = jax.nn.relu(conv(fq(X, "conv1"), "conv1", 1))
+    h = jax.nn.relu(conv(fq(h, "conv2"), "conv2", 2)).reshape(len(X), -1)
+    ref = fq(h, "dense") @ p["dense"]["kernel"] + p["dense"]["bias"]
+    np.testing.assert_allclose(np.asarray(jax.jit(qm.apply)(vq, X)), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(qm.apply(vq, X)), np.asarray(model.apply(v, X)), atol=1e-3)
+
+
+def test_grad_flows_through_ste_and_optax_loop(cnn):
+    model, v = cnn
+    qm = quantize_model(model, hqjax.uniform_bit_config(["conv1", "conv2", "dense"], 4, 8))
+    vq = qm.calibrate(v, X)
+    y = jnp.arange(len(X)) % 10
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(qm.apply({**vq, "params": p}, X), y).mean()
+    g = jax.jit(jax.grad(loss))(vq["params"])
+    assert all(float(jnp.abs(leaf).sum()) > 0 for leaf in jax.tree.leaves(g))
+    opt = optax.sgd(0.1)
+    step = jax.jit(lambda p, s: (lambda u: (optax.apply_updates(p, u[0]), u[1]))(opt.update(jax.grad(loss)(p), s, p)))
+    p, s = vq["params"], opt.init(vq["params"])
+    l0 = float(loss(p))
+    for _ in range(5):
+        p, s = step(p, s)
+    assert float(loss(p)) < l0
+
+
+def test_resnet_batchnorm_train_mode_and_paths(init_np):
+    model = CifarResNet(depth=8, width=4)
+    v = init_np(model, X[:2])
+    names = hqjax.blocks(v["params"]).names
+    assert "stage2/block0/conv1" in names
+    qm = quantize_model(model, hqjax.uniform_bit_config(names, 4, 8), params=v["params"])
+    vq = jax.jit(qm.calibrate)(v, X)
+    assert "stage3/block0" in vq["quant_stats"] and "conv2" in vq["quant_stats"]["stage3/block0"]
+    out, new = jax.jit(lambda v, x: qm.apply(v, x, train=True, mutable=["batch_stats"]))(vq, X)
+    assert out.shape == (16, 10)
+    assert not np.allclose(np.asarray(new["batch_stats"]["stem_bn"]["mean"]), np.asarray(v["batch_stats"]["stem_bn"]["mean"]))
