@@ -175,6 +175,10 @@ def run_sweep(jobs: Sequence[Job], compute: Callable[[Job, jax.Device], Mapping[
     config = dict(config or {})
     _check_config(out_dir, config)
     me = jax.process_index()
+    if jax.process_count() == 1:  # leftovers of a killed run; with several processes one may be writing
+        for name in os.listdir(job_dir):
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(job_dir, name))
     queues: dict[jax.Device, list[Job]] = {d: [] for d in devices if d.process_index == me}
     for i, job in enumerate(jobs):
         dev = devices[i % len(devices)]
@@ -192,8 +196,11 @@ def run_sweep(jobs: Sequence[Job], compute: Callable[[Job, jax.Device], Mapping[
                     skipped.append(job.id)
                 continue
             start = time.perf_counter()
-            with jax.default_device(dev):
-                result = dict(compute(job, dev))
+            try:
+                with jax.default_device(dev):
+                    result = dict(compute(job, dev))
+            except Exception as e:
+                raise RuntimeError(f"sweep job {job.id!r} failed on {dev}: {e}") from e
             meta = {"device": str(dev), "process": me, "seconds": time.perf_counter() - start}
             _write_json_atomic(path, {"job": job.to_dict(), "result": result, "meta": meta})
             with lock:

@@ -70,16 +70,18 @@ def test_resume_skips_finished_and_config_must_match(tmp_path):
         calls.append(job.id)
         return _value(job)
 
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with pytest.raises(RuntimeError, match="job 'm--bb--s0' failed on cpu:0: interrupted"):
         hd.run_sweep(jobs, failing_after_two, str(tmp_path), devices=jax.devices()[:1], config={"k": 1})
     files = sorted(os.listdir(tmp_path / "jobs"))
     assert files == sorted(f"{i}.json" for i in calls)  # finished jobs only, no temporary files left
+    (tmp_path / "jobs" / ".tmp-stale.json").write_text('{"job": ')  # what a kill mid-write leaves
     with pytest.raises(ValueError, match=r"different configuration.*\['k'\]"):
         hd.run_sweep(jobs, lambda j, d: _value(j), str(tmp_path), devices=jax.devices()[:1], config={"k": 2})
     again = []
     report = hd.run_sweep(jobs, lambda j, d: again.append(j.id) or _value(j), str(tmp_path),
                           devices=jax.devices()[:1], config={"k": 1})
     assert set(report.skipped) == set(calls) and not set(again) & set(calls)
+    assert not (tmp_path / "jobs" / ".tmp-stale.json").exists()
     assert sorted(again + calls) == sorted(j.id for j in jobs)
     with pytest.raises(FileNotFoundError, match="no finished result"):
         hd.load_results(str(tmp_path), [*jobs, hd.Job("m", "zzz")])
@@ -167,3 +169,10 @@ def test_killed_sweep_resumes_without_recomputing(reference):
     for n, blob in done.items():  # finished files untouched
         assert (jobs_dir / n).read_bytes() == blob and os.stat(jobs_dir / n).st_mtime_ns == stamps[n]
     assert (out / "results.json").read_bytes() == expected
+
+
+def test_initialize_single_process_is_a_noop_and_partial_multi_process_args_raise():
+    hd.initialize()  # one process, no coordinator: nothing to start
+    assert jax.process_count() == 1
+    with pytest.raises(ValueError, match="coordinator_address"):
+        hd.initialize(num_processes=2, process_id=0)
