@@ -37,8 +37,15 @@ import numpy as np
 
 
 def _scores_with_traces(rows, traces: dict[str, float], bits) -> dict[str, dict[int, float]]:
-    """``{layer: {b: trace_l * ||Q_b(W_l) - W_l||^2}}`` (HAWQ-V3 Eq. 12) for given traces."""
+    """``{layer: {b: t_l * ||Q_b(W_l) - W_l||^2}}`` (HAWQ-V3 Eq. 12 with ``t_l`` the average trace)."""
     return {r["layer"]: {b: traces[r["layer"]] * r["perturbation"][str(b)] for b in bits} for r in rows}
+
+
+def _reversed_average_traces(rows) -> dict[str, float]:
+    """Average traces ``Tr(H_l)/n_l`` handed out in reversed rank order (most sensitive gets the least)."""
+    avg = {r["layer"]: r["trace"] / r["n_params"] for r in rows}
+    by_rank = sorted(avg, key=lambda n: -avg[n])
+    return {n: avg[by_rank[len(by_rank) - 1 - i]] for i, n in enumerate(by_rank)}
 
 
 def random_allocation(names, costs, bits, act_bits, limit, rng, fill: float = 0.9) -> dict:
@@ -53,17 +60,15 @@ def random_allocation(names, costs, bits, act_bits, limit, rng, fill: float = 0.
 
 
 def allocations(rows, costs, bits, act_bits, limit, rng, kinds=("hawq", "random", "reversed")) -> dict[str, dict]:
-    """The hawq / random / reversed (and hawq-v2) BitConfigs at one size limit (bytes).
+    """The hawq / random / reversed (and the total-trace ablation) BitConfigs at one size limit (bytes).
 
-    ``hawq`` is the registered ``hawq_v3`` metric, ``Tr(H_l) ||Q_b(W_l) - W_l||^2``;
-    ``hawq-v2`` the registered ``hawq_v2`` metric with the average trace ``Tr(H_l)/n_l``.
+    ``hawq`` is the registered ``hawq_v3`` metric, ``Tr(H_l)/n_l ||Q_b(W_l) - W_l||^2``;
+    ``total-trace`` the ``total_trace`` ablation ``Tr(H_l) ||Q_b(W_l) - W_l||^2``.
     """
     from hqjax.alloc import allocate
     from hqjax.pipeline import sensitivity_from_rows
 
-    traces = {r["layer"]: r["trace"] for r in rows}
-    by_rank = sorted(traces, key=lambda n: -traces[n])
-    reversed_traces = {n: traces[by_rank[len(by_rank) - 1 - i]] for i, n in enumerate(by_rank)}
+    reversed_traces = _reversed_average_traces(rows)
     budget = {"size": limit * (1 + 1e-12)}
     out = {}
     for kind in kinds:
@@ -73,7 +78,7 @@ def allocations(rows, costs, bits, act_bits, limit, rng, kinds=("hawq", "random"
         if kind == "reversed":
             table, metric = _scores_with_traces(rows, reversed_traces, bits), None
         else:
-            table, metric = sensitivity_from_rows(rows), {"hawq": "hawq_v3", "hawq-v2": "hawq_v2"}[kind]
+            table, metric = sensitivity_from_rows(rows), {"hawq": "hawq_v3", "total-trace": "total_trace", "hawq-v2": "hawq_v2"}[kind]
         out[kind] = allocate(table, costs, budget, candidates=bits, act_candidates=(act_bits,),
                              **({"metric": metric} if metric else {})).bit_config
     return out
@@ -89,9 +94,8 @@ def frontier_divergence(rows, costs, bits, act_bits, num: int = 40) -> dict:
     from hqjax.alloc import allocate
 
     names = [r["layer"] for r in rows]
-    traces = {r["layer"]: r["trace"] for r in rows}
-    by_rank = sorted(traces, key=lambda n: -traces[n])
-    rev = {n: traces[by_rank[len(by_rank) - 1 - i]] for i, n in enumerate(by_rank)}
+    traces = {r["layer"]: r["trace"] / r["n_params"] for r in rows}
+    rev = _reversed_average_traces(rows)
     configs = np.array(np.meshgrid(*[bits] * len(names), indexing="ij")).reshape(len(names), -1).T
     sizes = np.array([sum(costs.size_bytes(n, int(b)) for n, b in zip(names, c)) for c in configs])
     lo, hi = sizes.min(), sizes.max()
@@ -229,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=[4, 3, 2.5],
                    help="size budgets as uniform-equivalent weight bits (2.5: halfway between W2 and W3)")
     p.add_argument("--kinds", nargs="+", default=["hawq", "random", "reversed"],
-                   choices=["hawq", "hawq-v2", "random", "reversed"], help="allocations to compare")
+                   choices=["hawq", "total-trace", "hawq-v2", "random", "reversed"], help="allocations to compare")
     p.add_argument("--skip-uniform", action="store_true", help="only the allocations (e.g. to add a budget)")
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
     p.add_argument("--from-json", nargs="+", default=None, help="only print the table of these saved results")
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         for label in dict.fromkeys(r["config"].split(" ", 1)[1] for r in results if "@" in r["config"]):
             acc = {k: [r["fake_quant"] for r in results if r["dataset"] == dataset and r["config"] == f"{k} {label}"]
-                   for k in ("hawq", "hawq-v2", "random", "reversed")}
+                   for k in ("hawq", "total-trace", "hawq-v2", "random", "reversed")}
             summary.append(f"{dataset} {label}: " + " vs ".join(f"{k} {np.mean(v) * 100:.2f}" for k, v in acc.items() if v))
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     print("key figure (fake-quant accuracy %, mean over seeds): " + "; ".join(summary))

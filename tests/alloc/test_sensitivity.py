@@ -57,7 +57,8 @@ def test_builtin_metrics_follow_their_papers():
                                  eigenvalues=(7.0, 2.0), eigenvalue_samples=(1.0, 3.0))
     assert hqjax.get_metric("hawq_v1")(row, 4) == 7.0 / 10 * 2.0
     assert hqjax.get_metric("hawq_v2")(row, 8) == 30.0 / 10 * 0.5
-    assert hqjax.get_metric("hawq_v3")(row, 4) == 30.0 * 2.0
+    assert hqjax.get_metric("hawq_v3")(row, 4) == 30.0 / 10 * 2.0  # V3 keeps V2's average trace (Eq. 12)
+    assert hqjax.get_metric("total_trace")(row, 4) == 30.0 * 2.0
     assert hqjax.get_metric("qbert")(row, 8) == pytest.approx((2.0 + 1.0) * 0.5)  # |mean| + std
     with pytest.raises(ValueError, match="'trace'"):
         hqjax.get_metric("hawq_v3")(hqjax.LayerSensitivity(n_params=1, perturbation={4: 1.0}), 4)

@@ -137,7 +137,7 @@ def test_activation_bits_chosen_per_layer_equal_brute_force():
         if sum(costs.size_bytes(n, w) for n, (w, a) in zip(layers, pairs)) > limit["size"]:
             continue
         r = [table[n] for n in layers]
-        best = min(best, sum(x.trace * x.perturbation[w] + x.act_trace * x.act_perturbation[a] for x, (w, a) in zip(r, pairs)))
+        best = min(best, sum(x.trace / x.n_params * x.perturbation[w] + x.act_trace * x.act_perturbation[a] for x, (w, a) in zip(r, pairs)))
     assert res.objective == pytest.approx(best, rel=1e-9)
     assert len({c["act_bits"] for c in res.bit_config.values()} | {c["weight_bits"] for c in res.bit_config.values()}) > 1
     got = sum(costs.bops(n, c["weight_bits"], c["act_bits"]) for n, c in res.bit_config.items())
@@ -246,7 +246,8 @@ def test_reproduces_hawq_v3_resnet18_configs(backend):
     Source: Zhen-Dong/HAWQ (MIT license), commit 1616df69fdd99f100a8d8a6e78742e0a89292634,
     ILP.ipynb (inputs) and bit_config.py (bit_config_resnet18_{modelsize,bops,latency}_*).
     Their notebook's objective is the average trace (trace / n) times ||Q(W)-W||^2, our
-    'hawq_v2' metric; activations follow weights (W4A4 / W8A8), as BOPS = MACs * b * b.
+    'hawq_v3' metric (HAWQ-V3 Eq. 12); activations follow weights (W4A4 / W8A8), as
+    BOPS = MACs * b * b. The total-trace ablation ('total_trace') must miss some of them.
     """
     d = _reference()
     L = d["layers"]
@@ -266,9 +267,14 @@ def test_reproduces_hawq_v3_resnet18_configs(backend):
     for key, expected in d["expected"].items():
         kind, a = key.split("@")
         res = hqjax.allocate(table, costs, {kinds[kind]: hqjax.alpha(float(a))}, d["candidate_bits"],
-                             metric="hawq_v2", ties=d["ties"], backend=backend)
+                             metric="hawq_v3", ties=d["ties"], backend=backend)
         assert res.weight_bits == expected, key
         assert res.proven_optimal
+    missed = [key for key, expected in d["expected"].items()
+              if hqjax.allocate(table, costs, {kinds[key.split("@")[0]]: hqjax.alpha(float(key.split("@")[1]))},
+                                d["candidate_bits"], metric="total_trace", ties=d["ties"], backend=backend).weight_bits
+              != expected]
+    assert missed, "the total-trace metric should not reproduce HAWQ-V3's configurations"
 
 
 def test_backends_agree_exactly_on_a_few_hundred_layers():
