@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from hqjax.kernels import im2col
+from hqjax.kernels import int_matmul as kernel_matmul
 from hqjax.quant.requant import dyadic, dyadic_requantize
 from hqjax.quant.quantizers import QuantSpec, int_range, qparams_from_range
 from hqjax.quant.transform import STATS, QuantizedModel, weight_specs
@@ -44,17 +46,12 @@ _RES_FRACTION_BITS = 5
 def int_matmul(a: jax.Array, b: jax.Array, *, backend: str = "xla") -> jax.Array:
     """``a[..., K] @ b[K, N]`` of int8 operands accumulated in int32 (leading batch dims of ``a``).
 
-    ``backend='xla'`` is ``lax.dot_general(..., preferred_element_type=int32)``; any other
-    backend is dispatched to ``hqjax.kernels.int_matmul`` (Pallas kernels, same semantics).
+    :func:`hqjax.kernels.int_matmul` restricted to int8 x int8 with no epilogue: ``'xla'`` is
+    ``lax.dot_general(..., preferred_element_type=int32)``, ``'triton'``/``'mosaic'`` the
+    Pallas kernels (interpreted off their platform), all returning the same integers.
     """
     if a.dtype != jnp.int8 or b.dtype != jnp.int8:
         raise TypeError(f"int_matmul takes int8 operands, got {a.dtype} x {b.dtype}")
-    if backend == "xla":
-        return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    try:
-        from hqjax.kernels import int_matmul as kernel_matmul
-    except ImportError as e:
-        raise ValueError(f"int_matmul backend={backend!r} needs hqjax.kernels.int_matmul; use backend='xla'") from e
     return kernel_matmul(a, b, backend=backend)
 
 
@@ -68,21 +65,12 @@ def fold_batchnorm(kernel, bias, bn_params, bn_stats, epsilon: float = 1e-5):
 
 
 # --------------------------------------------------------------------------- integer ops
-def _im2col(q, kernel_hw, strides, pads, pad_value):
-    """Patches ``(N, OH, OW, kh·kw·C)`` in the ``(i, j, c)`` order of a reshaped HWIO kernel."""
-    kh, kw = kernel_hw
-    sh, sw = strides
-    q = jnp.pad(q, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)), constant_values=jnp.asarray(pad_value, q.dtype))
-    oh = (q.shape[1] - kh) // sh + 1
-    ow = (q.shape[2] - kw) // sw + 1
-    cols = [q[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(cols, axis=-1)
-
-
 def _linear(arrays, meta, q, backend):
     """int32 accumulator of one dense/conv layer (bias and zero point included)."""
     if meta["op"] == "conv":
-        q = _im2col(q, meta["kernel_hw"], meta["strides"], meta["pads"], meta["in_zero"])
+        # pad with z_x, the integer of a real 0, so padding contributes nothing
+        q = im2col(q, tuple(meta["kernel_hw"]), tuple(meta["strides"]), meta["pads"],
+                   pad_value=meta["in_zero"])
     return int_matmul(q, arrays["w"], backend=backend) + arrays["bias"]
 
 

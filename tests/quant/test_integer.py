@@ -38,14 +38,19 @@ def test_integer_matches_fake_quant_on_digits(converted, digits, acc):
 
 
 def _all_eqns(jaxpr):
+    """Every equation, recursing once into each sub-jaxpr (the kernels' ``jit``s nest one)."""
     for eqn in jaxpr.eqns:
         yield eqn
-        for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(jax.core, "jaxprs_in_params") else ():
-            yield from _all_eqns(sub)
+        subs = list(jax.core.jaxprs_in_params(eqn.params)) if hasattr(jax.core, "jaxprs_in_params") else []
         for v in eqn.params.values():
             inner = getattr(v, "jaxpr", None)
             if inner is not None:
-                yield from _all_eqns(getattr(inner, "jaxpr", inner))
+                subs.append(getattr(inner, "jaxpr", inner))
+        seen = set()
+        for sub in subs:
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                yield from _all_eqns(sub)
 
 
 def test_integer_path_has_int8_dots_and_no_float(converted, digits):
