@@ -97,6 +97,19 @@ def test_integer_outputs_identical_on_every_backend(converted, digits):
         np.testing.assert_array_equal(outs[b], outs["xla"], err_msg=f"backend {b!r}")
 
 
+@pytest.mark.parametrize("converted", [("cnn", 4), ("mlp", 4)], indirect=True, ids=["cnn-W4A8", "mlp-W4A8"])
+def test_int4_weights_are_packed_and_give_the_same_integers(converted, digits):
+    qm, vq, im = converted
+    unpacked = to_integer(qm, vq, digits.x_train.shape[1:], pack_int4=False)
+    for name, rec in im.arrays.items():
+        w = unpacked.arrays[name]["w"]
+        assert "w" not in rec and rec["w4"].shape == ((w.shape[0] + 1) // 2, w.shape[1])
+        np.testing.assert_array_equal(np.asarray(hqjax.kernels.unpack_int4(rec["w4"], w.shape[0])), np.asarray(w))
+    q = im.quantize_input(digits.x_test)
+    run = jax.jit(lambda model, q: model.forward(q))
+    np.testing.assert_array_equal(np.asarray(run(im, q)), np.asarray(run(unpacked, q)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_resnet_integer_close_to_fake_quant(shortcut, digits, init_np):
