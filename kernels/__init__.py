@@ -16,7 +16,7 @@ from .conv import im2col, int_conv2d
 from .dispatch import BACKENDS, default_backend, int4_matmul, int_matmul
 from .mosaic import MosaicBlocks
 from .packing import pack_int4, unpack_int4
-from .requant import Requant, requant_from_scale, requantize
+from .requant import Requant, dyadic_from_scale, dyadic_round, requant_from_scale, requantize
 from .triton import TritonBlocks
 
 __all__ = [
@@ -25,6 +25,8 @@ __all__ = [
     "Requant",
     "TritonBlocks",
     "default_backend",
+    "dyadic_from_scale",
+    "dyadic_round",
     "im2col",
     "int4_matmul",
     "int_conv2d",

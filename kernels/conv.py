@@ -45,16 +45,16 @@ def _padding(padding, kernel, strides, spatial):
     return pads
 
 
-def im2col(x, kernel_hw, strides=(1, 1), padding="SAME"):
+def im2col(x, kernel_hw, strides=(1, 1), padding="SAME", *, pad_value=0):
     """Patches of NHWC ``x`` as (N, Ho, Wo, KH*KW*C), ordered to match ``w.reshape(-1, O)``.
 
-    Padding uses zeros, which an int8 input's quantization maps to the real value 0 (the
-    symmetric quantizers of HAWQ-V3 have no zero point).
+    ``pad_value`` should be the integer the input's quantizer maps the real value 0 to: 0 for
+    HAWQ-V3's symmetric quantizers, the zero point for asymmetric ones.
     """
     kh, kw = kernel_hw
     strides = _pair(strides, "strides")
     pads = _padding(padding, (kh, kw), strides, x.shape[1:3])
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=jnp.asarray(pad_value, x.dtype))
     ho = (xp.shape[1] - kh) // strides[0] + 1
     wo = (xp.shape[2] - kw) // strides[1] + 1
     cols = [xp[:, i:i + (ho - 1) * strides[0] + 1:strides[0],

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._tiling import ceil_to, pad2, split_k_halves
+from ._tiling import ceil_to, epilogue_operands, pad2, split_k_halves
 from .packing import unpack_int4_halves
-from .requant import Requant, out_dtype_of, requant_vectors, requantize
+from .requant import Requant, requantize
 
 __all__ = ["MosaicBlocks", "matmul_mosaic", "int4_matmul_mosaic"]
 
@@ -104,15 +104,9 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
         operands = [pad2(a, mp, kp), pad2(b, kp, np_)]
         in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
                     pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j))]
-    if rq is not None:
-        operands += list(requant_vectors(rq, n, np_))
-        in_specs += [pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))] * 4
-    out_dtype = out_dtype_of(rq)
-    aliases = {}
-    if out_init is not None:  # testing hook: tiles the kernel never writes keep this value
-        operands.append(pad2(out_init.astype(out_dtype), mp, np_))
-        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-        aliases = {len(operands) - 1: 0}
+    out_dtype, aliases = epilogue_operands(
+        operands, in_specs, rq, out_init, n, mp, np_,
+        pl.BlockSpec((1, bn), lambda i, j, kk: (0, j)))
     kernel = functools.partial(_kernel, int4=int4, has_rq=rq is not None,
                                has_init=out_init is not None,
                                rq_meta=None if rq is None else (rq.out_dtype, rq.clip))

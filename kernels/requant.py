@@ -29,7 +29,8 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-__all__ = ["Requant", "requantize", "requant_from_scale", "OUT_DTYPES"]
+__all__ = ["Requant", "requantize", "requant_from_scale", "dyadic_from_scale", "dyadic_round",
+           "OUT_DTYPES"]
 
 OUT_DTYPES = ("int8", "uint8")
 _INT_MIN = -(2**31)
@@ -85,12 +86,49 @@ class Requant:
                    None if clip is None else tuple(clip))
 
 
-def requant_from_scale(scale, bias=None, *, zero_point=None, out_dtype: str = "int8",
-                       clip=None, bits: int = 31) -> Requant:
+def dyadic_from_scale(scale, bits: int = 31, *, what: str = "dyadic_from_scale"):
     """Dyadic approximation ``m / 2^s`` of positive real scales, as HAWQ-V3's ``batch_frexp``.
 
     ``scale = f * 2^e`` with ``f`` in [0.5, 1) (``frexp``); ``m = round(f * 2^bits)`` and
-    ``s = bits - e``. Host-side (NumPy): scales are calibration data, not traced values.
+    ``s = bits - e`` (relative error at most ``2^-bits``). Host-side (NumPy): scales are
+    calibration data, not traced values.
+
+    Parameters
+    ----------
+    scale : array_like of positive floats
+    bits : int
+        Multiplier precision, 1..31 (the multiplier is int32).
+    what : str
+        Name of the caller, for error messages.
+
+    Returns
+    -------
+    (multiplier, shift) : int32 NumPy arrays of ``scale``'s shape, ``m < 2^bits`` and
+    ``1 <= s <= 62``.
+    """
+    scale = np.asarray(scale, np.float64)
+    if not (1 <= bits <= 31):
+        raise ValueError(f"{what}: bits={bits}; use 1..31 (the multiplier is int32)")
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise ValueError(f"{what}: scales must be finite and > 0, got {scale.ravel()[:5]}")
+    frac, exp = np.frexp(scale)
+    mult = np.round(frac * 2.0**bits).astype(np.int64)
+    shift = bits - exp.astype(np.int64)
+    carry = mult == 2**bits  # frac rounded up to 1.0: halve to keep m < 2^bits
+    mult = np.where(carry, mult // 2, mult)
+    shift = np.where(carry, shift - 1, shift)
+    if np.any(shift < 1) or np.any(shift > _MAX_SHIFT):
+        bad = scale[(shift < 1) | (shift > _MAX_SHIFT)] if scale.ndim else scale
+        raise ValueError(
+            f"{what}: scale {bad} needs a shift outside [1, {_MAX_SHIFT}]; "
+            f"scales between 2^-{_MAX_SHIFT - bits} and 2^{bits - 1} are representable"
+        )
+    return mult.astype(np.int32), shift.astype(np.int32)
+
+
+def requant_from_scale(scale, bias=None, *, zero_point=None, out_dtype: str = "int8",
+                       clip=None, bits: int = 31) -> Requant:
+    """A :class:`Requant` from positive real scales, via :func:`dyadic_from_scale`.
 
     Parameters
     ----------
@@ -103,23 +141,7 @@ def requant_from_scale(scale, bias=None, *, zero_point=None, out_dtype: str = "i
     bits : int
         Multiplier precision, at most 31.
     """
-    scale = np.asarray(scale, np.float64)
-    if not (1 <= bits <= 31):
-        raise ValueError(f"requant_from_scale: bits={bits}; use 1..31 (the multiplier is int32)")
-    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-        raise ValueError(f"requant_from_scale: scales must be finite and > 0, got {scale}")
-    frac, exp = np.frexp(scale)
-    mult = np.round(frac * 2.0**bits).astype(np.int64)
-    shift = bits - exp
-    carry = mult == 2**bits  # frac rounded up to 1.0: halve to keep m < 2^bits
-    mult = np.where(carry, mult // 2, mult)
-    shift = np.where(carry, shift - 1, shift)
-    if np.any(shift < 1) or np.any(shift > _MAX_SHIFT):
-        bad = scale[(shift < 1) | (shift > _MAX_SHIFT)] if scale.ndim else scale
-        raise ValueError(
-            f"requant_from_scale: scale {bad} needs a shift outside [1, {_MAX_SHIFT}]; "
-            f"scales between 2^-{_MAX_SHIFT - bits} and 2^{bits - 1} are representable"
-        )
+    mult, shift = dyadic_from_scale(scale, bits, what="requant_from_scale")
     return Requant(
         jnp.asarray(mult, jnp.int32),
         jnp.asarray(shift, jnp.int32),
@@ -187,14 +209,59 @@ def _qrange(out_dtype: str) -> tuple[int, int, Any]:
     return (-128, 127, jnp.int8) if out_dtype == "int8" else (0, 255, jnp.uint8)
 
 
+def dyadic_round(acc, multiplier, shift):
+    """``round(acc * multiplier / 2^shift)`` in int32 arithmetic, half away from zero.
+
+    The integer core of HAWQ-V3's dyadic requantization (Yao et al., 2021, Eq. 6), shared by
+    :func:`requantize` (every kernel epilogue) and ``hqjax.quant``'s integer executor. The
+    62-bit product is carried as (high, low) int32 words, so no int64 is needed; results
+    outside int32 saturate.
+
+    Parameters
+    ----------
+    acc : int32 array
+    multiplier, shift : int32 arrays broadcastable with ``acc`` (per channel on the last
+        axis), ``0 <= multiplier < 2^31`` and ``1 <= shift <= 62`` (see
+        :func:`dyadic_from_scale`).
+
+    Returns
+    -------
+    int32 array of the broadcast shape.
+    """
+    acc, m, s = (jnp.asarray(v).astype(jnp.int32) for v in (acc, multiplier, shift))
+    shape = jnp.broadcast_shapes(acc.shape, m.shape, s.shape)
+    # lax shifts need equal ranks: broadcast the per-channel rows to the tile first.
+    x, m, s = (jnp.broadcast_to(v, shape) for v in (acc, m, s))
+    hi, lo = _mul_wide(x, m)
+    one = jnp.int32(1)
+    sign = jnp.int32(_INT_MIN)
+    # Round half away from zero = floor((P + 2^(s-1) - [P < 0]) / 2^s): the -1 moves only
+    # negative ties down. P < 0 exactly when its high word is. The constant lies in the low
+    # word when s <= 32; otherwise it is (2^(s-33) - neg) * 2^32 + (-neg mod 2^32).
+    neg = (hi < 0).astype(jnp.int32)
+    r_lo = jnp.where(s <= 32, (one << jnp.clip(s - 1, 0, 31)) - neg, -neg)
+    r_hi = jnp.where(s > 32, (one << jnp.clip(s - 33, 0, 31)) - neg, 0)
+    lo = lo + r_lo
+    carry = ((lo ^ sign) < (r_lo ^ sign)).astype(jnp.int32)  # unsigned lo < r_lo: wrapped
+    hi = hi + carry + r_hi
+    # s <= 31: the result straddles both words; saturate when it does not fit in int32.
+    sa = jnp.clip(s, 1, 31)
+    low_part = lax.shift_right_logical(lo, sa) | (hi << (32 - sa))
+    fits = (hi >> sa) == (low_part >> 31)
+    wide = jnp.where(fits, low_part, jnp.where(hi < 0, jnp.int32(_INT_MIN), jnp.int32(_INT_MAX)))
+    # s >= 32: the low word only ever contributes to the floor, which the shift drops.
+    narrow = hi >> jnp.clip(s - 32, 0, 31)
+    return jnp.where(s <= 31, wide, narrow)
+
+
 def requantize(acc, multiplier, shift, bias=None, zero_point=None, *, out_dtype: str = "int8",
                clip=None):
     """HAWQ-V3 dyadic requantization of an int32 accumulator, exactly, in int32 arithmetic.
 
     ``clip(round((acc + bias) * multiplier / 2^shift) + zero_point, qmin, qmax)``, rounding
-    half away from zero; per-channel parameters broadcast against the last axis of ``acc``.
-    Used verbatim inside the Pallas kernels' epilogues, so it uses only int32 elementwise
-    operations they all lower.
+    half away from zero (:func:`dyadic_round`); per-channel parameters broadcast against the
+    last axis of ``acc``. Used verbatim inside the Pallas kernels' epilogues, so it uses only
+    int32 elementwise operations they all lower.
 
     Parameters
     ----------
@@ -215,32 +282,10 @@ def requantize(acc, multiplier, shift, bias=None, zero_point=None, *, out_dtype:
     x = acc.astype(jnp.int32)
     if bias is not None:
         x = x + bias.astype(jnp.int32)
-    # lax shifts need equal ranks: broadcast the per-channel rows to the tile first.
-    m = jnp.broadcast_to(jnp.asarray(multiplier).astype(jnp.int32), x.shape)
-    s = jnp.broadcast_to(jnp.asarray(shift).astype(jnp.int32), x.shape)
-    hi, lo = _mul_wide(x, m)
-    one = jnp.int32(1)
-    sign = jnp.int32(_INT_MIN)
-    # Round half away from zero = floor((P + 2^(s-1) - [P < 0]) / 2^s): the -1 moves only
-    # negative ties down. P < 0 exactly when its high word is. The constant lies in the low
-    # word when s <= 32; otherwise it is (2^(s-33) - neg) * 2^32 + (-neg mod 2^32).
-    neg = (hi < 0).astype(jnp.int32)
-    r_lo = jnp.where(s <= 32, (one << jnp.clip(s - 1, 0, 31)) - neg, -neg)
-    r_hi = jnp.where(s > 32, (one << jnp.clip(s - 33, 0, 31)) - neg, 0)
-    lo = lo + r_lo
-    carry = ((lo ^ sign) < (r_lo ^ sign)).astype(jnp.int32)  # unsigned lo < r_lo: wrapped
-    hi = hi + carry + r_hi
-    # s <= 31: the result straddles both words; saturate when it does not fit in int32.
-    sa = jnp.clip(s, 1, 31)
-    low_part = lax.shift_right_logical(lo, sa) | (hi << (32 - sa))
-    fits = (hi >> sa) == (low_part >> 31)
-    wide = jnp.where(fits, low_part, jnp.where(hi < 0, jnp.int32(_INT_MIN), jnp.int32(_INT_MAX)))
-    # s >= 32: the low word only ever contributes to the floor, which the shift drops.
-    narrow = hi >> jnp.clip(s - 32, 0, 31)
-    q = jnp.where(s <= 31, wide, narrow)
+    q = dyadic_round(x, multiplier, shift)
     if zero_point is not None:
         # saturating add: q may be near the int32 limits when the clip would catch it anyway
-        z = jnp.broadcast_to(jnp.asarray(zero_point).astype(jnp.int32), x.shape)
+        z = jnp.broadcast_to(jnp.asarray(zero_point).astype(jnp.int32), q.shape)
         q = jnp.clip(q, -(2**30), 2**30) + z
     return jnp.clip(q, qmin, qmax).astype(dtype)
 

@@ -23,9 +23,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from ._tiling import ceil_to, pad2, split_k_halves
+from ._tiling import ceil_to, epilogue_operands, pad2, split_k_halves
 from .packing import unpack_int4_halves
-from .requant import Requant, out_dtype_of, requant_vectors, requantize
+from .requant import Requant, requantize
 
 __all__ = ["TritonBlocks", "matmul_triton", "int4_matmul_triton"]
 
@@ -131,15 +131,9 @@ def _call(a, b, rq, blocks, interpret, out_init, *, int4: bool):
     operands = [a_p, b_p]
     in_specs = [pl.BlockSpec((bm, a_p.shape[1]), lambda p: (ij(p)[0], 0)),
                 pl.BlockSpec((k_rows, bn), lambda p: (0, ij(p)[1]))]
-    if rq is not None:
-        operands += list(requant_vectors(rq, n, np_))
-        in_specs += [pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1]))] * 4
-    out_dtype = out_dtype_of(rq)
-    aliases = {}
-    if out_init is not None:  # testing hook: tiles the kernel never writes keep this value
-        operands.append(pad2(out_init.astype(out_dtype), mp, np_))
-        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-        aliases = {len(operands) - 1: 0}
+    out_dtype, aliases = epilogue_operands(
+        operands, in_specs, rq, out_init, n, mp, np_,
+        pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1])))
     kernel = functools.partial(
         _kernel, nk=nk, bk=bk, k_off=k_off, int4=int4, has_rq=rq is not None,
         has_init=out_init is not None,

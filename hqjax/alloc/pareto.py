@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import flax.struct
 import numpy as np
 
+from hqjax.alloc._json import dump_json
 from hqjax.alloc.solve import Alpha, allocate, alpha
 
 __all__ = ["ParetoFrontier", "pareto_frontier", "plot_pareto"]
@@ -53,11 +54,7 @@ class ParetoFrontier:
         return d
 
     def to_json(self, path: str | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        return dump_json(self.to_dict(), path)
 
 
 def pareto_frontier(

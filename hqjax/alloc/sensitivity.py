@@ -25,13 +25,14 @@ AAAI 2020 (Sec. 3.2, Ω = |mean(λ)| + std(λ)).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hqjax.alloc._json import dump_json, load_json
 
 __all__ = [
     "LayerSensitivity",
@@ -122,19 +123,11 @@ class SensitivityTable:
         return cls({name: LayerSensitivity.from_dict(row) for name, row in d.items()})
 
     def to_json(self, path: str | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        return dump_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path: str) -> "SensitivityTable":
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path) as f:
-                text = f.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(load_json(text_or_path))
 
 
 def _default_quantizer_perturbation():

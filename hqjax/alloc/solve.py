@@ -12,13 +12,13 @@ This is host-side code: it runs after the curvature estimates, outside any ``jit
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Mapping, Sequence
 
 import flax.struct
 import numpy as np
 
+from hqjax.alloc._json import dump_json
 from hqjax.alloc.backends import solve_choice_program
 from hqjax.alloc.sensitivity import SensitivityTable, get_metric, sensitivity_scores
 
@@ -78,11 +78,7 @@ class Allocation:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def to_json(self, path: str | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        return dump_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Allocation":

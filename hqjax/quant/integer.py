@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from hqjax.kernels import im2col, int4_matmul, pack_int4
+from hqjax.kernels import int_matmul as kernel_matmul
 from hqjax.quant.requant import dyadic, dyadic_requantize
 from hqjax.quant.quantizers import QuantSpec, int_range, qparams_from_range
 from hqjax.quant.transform import STATS, QuantizedModel, weight_specs
@@ -44,17 +46,12 @@ _RES_FRACTION_BITS = 5
 def int_matmul(a: jax.Array, b: jax.Array, *, backend: str = "xla") -> jax.Array:
     """``a[..., K] @ b[K, N]`` of int8 operands accumulated in int32 (leading batch dims of ``a``).
 
-    ``backend='xla'`` is ``lax.dot_general(..., preferred_element_type=int32)``; any other
-    backend is dispatched to ``hqjax.kernels.int_matmul`` (Pallas kernels, same semantics).
+    :func:`hqjax.kernels.int_matmul` restricted to int8 x int8 with no epilogue: ``'xla'`` is
+    ``lax.dot_general(..., preferred_element_type=int32)``, ``'triton'``/``'mosaic'`` the
+    Pallas kernels (interpreted off their platform), all returning the same integers.
     """
     if a.dtype != jnp.int8 or b.dtype != jnp.int8:
         raise TypeError(f"int_matmul takes int8 operands, got {a.dtype} x {b.dtype}")
-    if backend == "xla":
-        return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    try:
-        from hqjax.kernels import int_matmul as kernel_matmul
-    except ImportError as e:
-        raise ValueError(f"int_matmul backend={backend!r} needs hqjax.kernels.int_matmul; use backend='xla'") from e
     return kernel_matmul(a, b, backend=backend)
 
 
@@ -68,21 +65,14 @@ def fold_batchnorm(kernel, bias, bn_params, bn_stats, epsilon: float = 1e-5):
 
 
 # --------------------------------------------------------------------------- integer ops
-def _im2col(q, kernel_hw, strides, pads, pad_value):
-    """Patches ``(N, OH, OW, kh·kw·C)`` in the ``(i, j, c)`` order of a reshaped HWIO kernel."""
-    kh, kw = kernel_hw
-    sh, sw = strides
-    q = jnp.pad(q, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)), constant_values=jnp.asarray(pad_value, q.dtype))
-    oh = (q.shape[1] - kh) // sh + 1
-    ow = (q.shape[2] - kw) // sw + 1
-    cols = [q[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(cols, axis=-1)
-
-
 def _linear(arrays, meta, q, backend):
     """int32 accumulator of one dense/conv layer (bias and zero point included)."""
     if meta["op"] == "conv":
-        q = _im2col(q, meta["kernel_hw"], meta["strides"], meta["pads"], meta["in_zero"])
+        # pad with z_x, the integer of a real 0, so padding contributes nothing
+        q = im2col(q, tuple(meta["kernel_hw"]), tuple(meta["strides"]), meta["pads"],
+                   pad_value=meta["in_zero"])
+    if "w4" in arrays:  # int4 weights packed two per byte along K, unpacked in the kernel
+        return int4_matmul(q, arrays["w4"], backend=backend) + arrays["bias"]
     return int_matmul(q, arrays["w"], backend=backend) + arrays["bias"]
 
 
@@ -102,7 +92,9 @@ class IntegerModel:
 
     Attributes
     ----------
-    arrays : ``{layer_path: {name: int array}}`` (``w``, ``bias``, ``out_m``, ``out_shift``, ...).
+    arrays : ``{layer_path: {name: int array}}`` (``w`` int8 (K, N), or ``w4`` for weights of
+        at most 4 bits: :func:`hqjax.kernels.pack_int4` along K, (ceil(K/2), N); ``bias``,
+        ``out_m``, ``out_shift``, ...).
     meta_json : static description as a JSON string (hashable, so the model passes through
         ``jit`` as an argument); ``.meta`` parses it: ``kind`` ('chain' or 'resnet'), the
         layer order, geometry, zero points, integer ranges, input/output scales, bit config.
@@ -184,8 +176,8 @@ def _flat(tree) -> dict[str, np.ndarray]:
 class _Builder:
     """Host-side construction of integer layers from a calibrated :class:`QuantizedModel`."""
 
-    def __init__(self, qmodel: QuantizedModel, variables, backend: str):
-        self.qm, self.backend = qmodel, backend
+    def __init__(self, qmodel: QuantizedModel, variables, backend: str, pack: bool = True):
+        self.qm, self.backend, self.pack = qmodel, backend, pack
         params = variables["params"]
         self.params = _flat(params)
         self.bstats = _flat(variables.get("batch_stats", {}))
@@ -236,7 +228,11 @@ class _Builder:
         bias = np.round(b / acc_scale) - z_x * q_w.astype(np.int64).sum(0)
         if np.abs(bias).max() >= 2**31:
             raise ValueError(f"layer {name!r}: int32 bias overflows (scale {acc_scale.min():.3g}); check calibration")
-        arrays = {"w": jnp.asarray(q_w, jnp.int8), "bias": jnp.asarray(bias, jnp.int32)}
+        if self.pack and self.wspecs[name].bits <= 4:
+            arrays = {"w4": pack_int4(jnp.asarray(q_w, jnp.int8), axis=0)}
+        else:
+            arrays = {"w": jnp.asarray(q_w, jnp.int8)}
+        arrays["bias"] = jnp.asarray(bias, jnp.int32)
         meta = {"op": op, "relu": relu, "flatten": flatten, "in_zero": z_x, "kernel_hw": list(kernel_hw),
                 "strides": list(strides), "pads": [list(p) for p in pads]}
         if out is None:
@@ -331,7 +327,8 @@ def _build_resnet(b: _Builder, model, input_shape):
     return {"kind": "resnet", "blocks": blocks}
 
 
-def to_integer(qmodel: QuantizedModel, variables, input_shape, *, backend: str = "xla") -> IntegerModel:
+def to_integer(qmodel: QuantizedModel, variables, input_shape, *, backend: str = "xla",
+               pack_int4: bool = True) -> IntegerModel:
     """Convert a calibrated fake-quant model into an integer-only :class:`IntegerModel`.
 
     Parameters
@@ -341,10 +338,12 @@ def to_integer(qmodel: QuantizedModel, variables, input_shape, *, backend: str =
     variables : calibrated variables (``params``, ``batch_stats``, ``quant_stats``).
     input_shape : one example's shape, e.g. ``(8, 8, 1)`` (for SAME padding and pooling).
     backend : the ``int_matmul`` backend.
+    pack_int4 : store weights of at most 4 bits packed two per byte (half the memory) and
+        multiply them with :func:`hqjax.kernels.int4_matmul`; the integers are the same.
     """
     from hqjax.models import CifarResNet
 
-    b = _Builder(qmodel, variables, backend)
+    b = _Builder(qmodel, variables, backend, pack_int4)
     if isinstance(qmodel.model, CifarResNet):
         top = _build_resnet(b, qmodel.model, input_shape)
     else:
