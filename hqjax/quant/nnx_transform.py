@@ -50,7 +50,7 @@ def quantize_nnx(model, bit_config: Mapping, weight_spec: WeightSpecFn = per_cha
     from flax import nnx
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return nnx.merge(graphdef, quantize_nnx_state(params, bit_config, weight_spec), rest)
+    return nnx.merge(graphdef, quantize_nnx_state(params, bit_config, weight_spec), rest, copy=True)
 
 
 def _layer_types():
@@ -129,7 +129,10 @@ class QuantizedNNXModel:
     def _run(self, params, rest, stats, args, kwargs, *, calibrate: bool):
         from flax import nnx
 
-        model = nnx.merge(self.graphdef, quantize_nnx_state(params, self.bit_config, self.weight_spec), rest)
+        # copy=True: merge would otherwise alias the caller's Variables, and an eager call in
+        # training mode would write BatchNorm statistics into the caller's model.
+        model = nnx.merge(self.graphdef, quantize_nnx_state(params, self.bit_config, self.weight_spec), rest,
+                          copy=True)
         new_stats = dict(stats or {})
         swapped = []
 
@@ -183,7 +186,7 @@ class QuantizedNNXModel:
         """The full-precision model (teacher for distillation, reference for accuracy)."""
         from flax import nnx
 
-        return nnx.merge(self.graphdef, params, rest)(*args, **kwargs)
+        return nnx.merge(self.graphdef, params, rest, copy=True)(*args, **kwargs)
 
 
 def quantize_nnx_model(model, bit_config: Mapping, *, weight_spec: WeightSpecFn = per_channel_weights,

@@ -143,3 +143,39 @@ def test_nnx_model_trains_in_an_optax_loop_under_jit(nnx_setup):
         losses.append(float(value))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert isinstance(p, nnx.State) and jax.tree.structure(p) == jax.tree.structure(params)
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(6, 6, rngs=rngs)
+        self.bn = nnx.BatchNorm(6, rngs=rngs)
+
+    def __call__(self, x, train):
+        return nnx.relu(self.bn(self.dense(x), use_running_average=not train))
+
+
+class _Deep(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.List([_Block(rngs), _Block(rngs)])
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x, train=False):
+        for block in self.blocks:
+            x = block(x, train)
+        return self.head(x)
+
+
+def test_nnx_model_nested_layers_and_batchnorm_state():
+    model = _Deep(nnx.Rngs(0))
+    cfg = {"blocks/1/dense": {"weight_bits": 4, "act_bits": 8}, "head": {"weight_bits": 4, "act_bits": 8}}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    qm = hqjax.quantize_nnx_model(model, cfg)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6)), jnp.float32)
+    stats = qm.calibrate(params, rest, None, x)
+    assert sorted(stats) == ["blocks/1/dense", "head"]  # layers without act_bits get no range
+    y, new_rest = qm.apply(params, rest, stats, x, train=True, mutable=True)
+    assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
+    moved = nnx.to_pure_dict(new_rest)["blocks"][0]["bn"]["mean"]
+    assert float(jnp.abs(moved).max()) > 0  # training-mode BatchNorm statistics came back
+    np.testing.assert_array_equal(np.asarray(model.blocks[0].bn.mean[...]), 0.0)  # input model untouched
+    assert y.shape == (4, 3)
