@@ -39,11 +39,16 @@ def resolve_loop(loop: str, *trees: Any) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(text: str, jaxpr_box: tuple) -> Callable:
+def _compiled(text: str, jaxpr_box: tuple, donate: bool = False) -> Callable:
     """One jitted evaluator per distinct program text, so calling an estimator again on the
-    same model and shapes (new params values, new key) reuses the compiled step."""
+    same model and shapes (new params values, new key) reuses the compiled step.
+
+    ``donate`` lets XLA update the state in place: without it a host-loop step copies every
+    state array, e.g. SLQ's whole Krylov basis once per Lanczos step (3.6x slower measured on a
+    1.86 M-parameter model with 100 steps)."""
     jaxpr = jaxpr_box[0]
-    return jax.jit(lambda consts, leaves: jax.core.eval_jaxpr(jaxpr, consts, *leaves))
+    return jax.jit(lambda consts, leaves: jax.core.eval_jaxpr(jaxpr, consts, *leaves),
+                   donate_argnums=(1,) if donate else ())
 
 
 class _Box(tuple):
@@ -56,9 +61,10 @@ class _Box(tuple):
         return isinstance(other, _Box)
 
 
-def _hoist(fn: Callable, example: Any):
+def _hoist(fn: Callable, example: Any, donate: bool = False):
     """``fn`` as a jitted function of ``state`` whose closed-over arrays are arguments.
 
+    With ``donate`` the state's buffers are consumed by the call (pass a private copy).
     Returns ``None`` when ``fn`` closes over tracers (we are inside someone's transform).
     """
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(example)
@@ -67,16 +73,19 @@ def _hoist(fn: Callable, example: Any):
         return None
     out_tree = jax.tree.structure(out_shape)
     text = str(closed.jaxpr) + repr([(jax.numpy.shape(c), jax.numpy.result_type(c)) for c in consts])
-    run = _compiled(text, _Box((closed.jaxpr,)))
+    run = _compiled(text, _Box((closed.jaxpr,)), donate)
     return lambda state: jax.tree.unflatten(out_tree, run(consts, jax.tree.leaves(state)))
 
 
 def make_while(cond: Callable, body: Callable, example: Any, loop: str) -> Callable[[Any], Any]:
     """A reusable ``state -> final state`` runner with ``lax.while_loop`` semantics."""
     if loop == "host":
-        step, test = _hoist(body, example), _hoist(cond, example)
+        step, test = _hoist(body, example, donate=True), _hoist(cond, example)
         if step is not None and test is not None:
             def run_host(state):
+                # a private copy: the caller's arrays survive donation, and no buffer is
+                # donated twice when the initial state repeats one (e.g. two zero vectors)
+                state = jax.tree.map(lambda x: jax.numpy.array(x, copy=True), state)
                 while bool(np.asarray(test(state))):
                     state = step(state)
                 return state

@@ -65,10 +65,14 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
         # Breakdown relative to ||M||, not to this step: after the Krylov space is exhausted
         # what remains of w is rounding noise, which must not become a basis vector.
         broke = beta <= 1e-5 * norm_est
-        fresh = _orthogonalize(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), V, mask)
-        # A fresh vector keeps most of its norm (~sqrt(n - j)) unless the whole space is spanned.
-        exhausted = jnp.linalg.norm(fresh) < 0.5
-        w = jnp.where(broke, jnp.where(exhausted, 0.0, fresh), w)
+
+        def restart(w):
+            fresh = _orthogonalize(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), V, mask)
+            # A fresh vector keeps most of its norm (~sqrt(n - j)) unless the whole space is spanned.
+            return jnp.where(jnp.linalg.norm(fresh) < 0.5, 0.0, fresh)
+
+        # cond, not where: the restart costs two more passes over V, and breakdown is rare
+        w = jax.lax.cond(broke, restart, lambda w: w, w)
         beta = jnp.where(broke, 0.0, beta)
         v_next = _normalize(w)
         alphas = alphas.at[j].set(alpha)
