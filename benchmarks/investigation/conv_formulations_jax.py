@@ -4,12 +4,9 @@ Run with XLA_FLAGS variants, e.g. --xla_cpu_use_onednn=true, --xla_cpu_use_xnnpa
 """
 import time, sys, numpy as np, jax, jax.numpy as jnp
 from jax import lax
-def tm(f, *a, n=15):
-    r = f(*a); jax.block_until_ready(r)
-    ts=[]
-    for _ in range(n):
-        t=time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter()-t)
-    return np.min(ts)*1e3
+import functools
+from _timing import tm as _tm
+tm = functools.partial(_tm, n=15)
 def conv(x, w, s=1, dn=("NHWC","HWIO","NHWC")):
     return lax.conv_general_dilated(x, w, (s,s), ((1,1),(1,1)), dimension_numbers=dn)
 def conv_slices(x, w, s=1):

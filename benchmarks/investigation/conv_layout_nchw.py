@@ -2,11 +2,7 @@
 (default YNNPACK, --xla_cpu_experimental_ynn_fusion_type= for Eigen, --xla_cpu_use_xnnpack=false)."""
 import time, sys, numpy as np, jax, jax.numpy as jnp
 from jax import lax
-def tm(f, *a, n=11):
-    jax.block_until_ready(f(*a)); ts=[]
-    for _ in range(n):
-        t=time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter()-t)
-    return np.min(ts)*1e3
+from _timing import tm  # run from any folder: the script's own folder is on sys.path
 rng = np.random.default_rng(0)
 for (H,C,Co,s) in [(32,16,16,1),(16,32,32,1),(8,64,64,1),(32,16,32,2)]:
     row=[]

@@ -2,11 +2,7 @@
 convolution over concatenated operands (conv(dx,w)+conv(x,dw) = conv([dx,x],[w;dw]))."""
 import time, numpy as np, jax, jax.numpy as jnp
 from jax import lax
-def tm(f, *a, n=11):
-    jax.block_until_ready(f(*a)); ts=[]
-    for _ in range(n):
-        t=time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter()-t)
-    return np.min(ts)*1e3
+from _timing import tm  # run from any folder: the script's own folder is on sys.path
 r = np.random.default_rng(0)
 conv = lambda x, w: lax.conv_general_dilated(x, w, (1,1), ((1,1),(1,1)), dimension_numbers=("NHWC","HWIO","NHWC"))
 for (N,H,C,Co) in [(128,32,16,16),(128,16,32,32),(128,8,64,64)]:

@@ -2,11 +2,7 @@
 channel-major layout) against XLA's own convolution; min of 11 calls."""
 import time, numpy as np, jax, jax.numpy as jnp
 from jax import lax
-def tm(f, *a, n=11):
-    jax.block_until_ready(f(*a)); ts=[]
-    for _ in range(n):
-        t=time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter()-t)
-    return np.min(ts)*1e3
+from _timing import tm  # run from any folder: the script's own folder is on sys.path
 r = np.random.default_rng(0)
 for (N,H,C,Co) in [(128,32,16,16),(128,16,32,32),(128,8,64,64)]:
     x = jnp.asarray(r.standard_normal((N,H,H,C)),jnp.float32); dy = jnp.asarray(r.standard_normal((N,H,H,Co)),jnp.float32)

@@ -25,7 +25,7 @@ import jax
 from hqjax.quant.bitconfig import validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
-from hqjax.quant.transform import WeightSpecFn, _weight_specs, per_channel_weights, quantize_params
+from hqjax.quant.transform import WeightSpecFn, _weight_specs, act_spec_for, per_channel_weights, quantize_params
 
 __all__ = ["quantize_nnx_state", "quantize_nnx", "QuantizedNNXModel", "quantize_nnx_model"]
 
@@ -123,8 +123,7 @@ class QuantizedNNXModel:
     calibrator: Calibrator = dataclasses.field(default_factory=lambda: get_calibrator("minmax"))
 
     def act_spec(self, layer: str) -> QuantSpec | None:
-        bits = self.bit_config.get(layer, {}).get("act_bits")
-        return None if bits is None else QuantSpec(bits=bits, mode=self.act_mode)
+        return act_spec_for(self.bit_config, layer, self.act_mode)
 
     def _run(self, params, rest, stats, args, kwargs, *, calibrate: bool):
         from flax import nnx

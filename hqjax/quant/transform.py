@@ -152,6 +152,13 @@ def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpec
 
 
 # --------------------------------------------------------------------------- model
+def act_spec_for(bit_config: Mapping, layer: str, act_mode: str) -> QuantSpec | None:
+    """The input quantizer of ``layer`` (``None`` when its ``act_bits`` is absent or None);
+    shared by the Linen and NNX model transforms."""
+    bits = bit_config.get(layer, {}).get("act_bits")
+    return None if bits is None else QuantSpec(bits=bits, mode=act_mode)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedModel:
     """A Linen model with fake-quantized weights and calibrated activation quantizers.
@@ -176,8 +183,7 @@ class QuantizedModel:
     calibrator: Calibrator = dataclasses.field(default_factory=lambda: get_calibrator("minmax"))
 
     def act_spec(self, layer: str) -> QuantSpec | None:
-        bits = self.bit_config.get(layer, {}).get("act_bits")
-        return None if bits is None else QuantSpec(bits=bits, mode=self.act_mode)
+        return act_spec_for(self.bit_config, layer, self.act_mode)
 
     def _interceptor(self, calibrate: bool):
         def intercept(next_fun, args, kwargs, context):
