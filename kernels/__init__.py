@@ -10,9 +10,14 @@ epilogue, on three backends that return identical integers:
 
 ``backend="auto"`` picks by platform (:func:`default_backend`); :func:`int_conv2d` reaches
 the same kernels through im2col.
+
+:func:`cpu_convolutions` is the float side: it rewrites a function's convolutions for
+XLA:CPU (jaxlib's oneDNN for small windows, explicit layouts for weight gradients), which
+the curvature operators use by default on the CPU (``convolutions="auto"``).
 """
 
 from .conv import im2col, int_conv2d
+from .cpu_conv import cpu_convolutions, onednn_status
 from .dispatch import BACKENDS, default_backend, int4_matmul, int_matmul
 from .mosaic import MosaicBlocks
 from .packing import pack_int4, unpack_int4
@@ -24,6 +29,7 @@ __all__ = [
     "MosaicBlocks",
     "Requant",
     "TritonBlocks",
+    "cpu_convolutions",
     "default_backend",
     "dyadic_from_scale",
     "dyadic_round",
@@ -31,6 +37,7 @@ __all__ = [
     "int4_matmul",
     "int_conv2d",
     "int_matmul",
+    "onednn_status",
     "pack_int4",
     "requant_from_scale",
     "requantize",

@@ -1,0 +1,234 @@
+"""Faster float convolutions on XLA:CPU: oneDNN for small windows, explicit layouts for the rest.
+
+Why this exists (measured on ResNet-20, batch 128, benchmarks/RESULTS.md): XLA:CPU runs
+convolutions through Eigen or YNNPACK, and every Hessian-vector product of a CNN is mostly
+convolutions: the forward tangents, the input gradients and their tangents (3x3 windows) and
+the weight gradients and their tangents (a window as large as the image). Two rewrites of a
+function's convolutions make those cheaper without changing what is computed:
+
+1. Convolutions with small windows (forward passes, input gradients) run as jaxlib's own
+   oneDNN custom call ``__onednn$convolution`` (the one XLA's oneDNN rewriter emits; this
+   jaxlib build carries the runtime but does not enable the rewriter). oneDNN's direct
+   convolution was 1.3-1.6x faster than XLA's on ResNet-20's 3x3 layers.
+2. Every other convolution (weight gradients, strided transposes) gets its operands
+   transposed explicitly to the layout XLA:CPU's convolution wants (``[batch, spatial...,
+   feature]`` and ``[spatial..., in, out]``). XLA inserts the same transposes itself; made
+   explicit, they become ordinary operations that ``jax.linearize`` computes once and keeps
+   as residuals, instead of repeating them in every product (ResNet-20 linearized HVP:
+   418 -> 366 ms).
+
+oneDNN's forward convolution with an image-sized window (a weight gradient) took 1.8 s
+against 5 ms for XLA's, hence the window limit. The custom call is an internal interface of
+jaxlib, so :func:`onednn_status` checks it once per process by comparing it with
+``lax.conv_general_dilated`` on small cases; if it fails, ``convolutions="auto"`` keeps
+XLA's convolutions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import dispatch
+from jax._src.interpreters import ad, batching, mlir
+from jax._src.lax import convolution as _conv
+from jax.extend import core as jcore
+
+__all__ = ["CONVOLUTIONS", "cpu_convolutions", "onednn_conv_p", "onednn_status", "resolve_convolutions"]
+
+CONVOLUTIONS = ("auto", "xla", "onednn")
+MAX_ONEDNN_WINDOW = 49  # kernel elements per feature pair: up to 7x7 in 2-D
+
+# A convolution with exactly ``lax.conv_general_dilated_p``'s parameters and semantics, so
+# shape rules, autodiff and batching are lax's own; only its CPU lowering differs.
+onednn_conv_p = jcore.Primitive("onednn_conv_general_dilated")
+onednn_conv_p.def_impl(functools.partial(dispatch.apply_primitive, onednn_conv_p))
+onednn_conv_p.def_effectful_abstract_eval(lambda *a, **k: lax.conv_general_dilated_p.abstract_eval(*a, **k))
+# Bilinear: tangents are onednn convolutions again; transposes (reverse mode) are lax's.
+ad.defbilinear(onednn_conv_p, _conv._conv_general_dilated_transpose_lhs, _conv._conv_general_dilated_transpose_rhs)
+batching.fancy_primitive_batchers[onednn_conv_p] = _conv._conv_general_dilated_batch_rule
+mlir.register_lowering(onednn_conv_p, _conv._conv_general_dilated_lower)
+
+
+def _ints(xs) -> list[str]:
+    return [str(int(x)) for x in xs]  # proto3 JSON spells 64-bit integers as strings
+
+
+def _onednn_config(window_strides, padding, rhs_dilation, dimension_numbers, feature_group_count) -> str:
+    lhs, rhs, out = dimension_numbers
+    nd = str(len(lhs))
+    data = lambda spec: {"batch_dim": str(spec[0]), "feature_dim": str(spec[1]), "spatial_dims": _ints(spec[2:])}
+    return json.dumps({"onednn_conv_config": {
+        "dims": nd,
+        "feature_groups": str(feature_group_count),
+        "input": {"dims": nd, "data": data(lhs)},
+        "kernel": {"dims": nd, "filter": {"output_feature_dim": str(rhs[0]), "input_feature_dim": str(rhs[1]),
+                                          "spatial_dims": _ints(rhs[2:])}},
+        "output": {"dims": nd, "data": data(out)},
+        "window": {"pad_left": _ints(p[0] for p in padding), "pad_right": _ints(p[1] for p in padding),
+                   "strides": _ints(window_strides), "window_dilations": _ints(rhs_dilation)},
+    }})
+
+
+def _onednn_lowering(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, batch_group_count, precision, preferred_element_type, **_):
+    config = _onednn_config(window_strides, padding, rhs_dilation, dimension_numbers, feature_group_count)
+    out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
+    return mlir.custom_call("__onednn$convolution", result_types=[out_type], operands=[lhs, rhs],
+                            backend_config=config, api_version=1).results
+
+
+mlir.register_lowering(onednn_conv_p, _onednn_lowering, platform="cpu")
+
+
+def onednn_eligible(lhs_aval, rhs_aval, params: dict) -> bool:
+    """Whether oneDNN's direct forward convolution can run this ``conv_general_dilated``.
+
+    float32, no input (base) dilation, no batch groups, non-negative padding and a window of
+    at most ``MAX_ONEDNN_WINDOW`` elements (larger windows are weight gradients, for which
+    oneDNN's forward kernel falls back to a reference loop).
+    """
+    _, rhs_spec, _ = params["dimension_numbers"]
+    window = int(np.prod([rhs_aval.shape[d] for d in rhs_spec[2:]]))
+    return (lhs_aval.dtype == jnp.float32 and rhs_aval.dtype == jnp.float32
+            and params.get("preferred_element_type") in (None, jnp.float32)
+            and all(int(d) == 1 for d in params["lhs_dilation"])
+            and params["batch_group_count"] == 1 and params["feature_group_count"] == 1
+            and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
+            and 1 <= len(rhs_spec) - 2 <= 3 and window <= MAX_ONEDNN_WINDOW)
+
+
+def conv_with_xla_layouts(lhs, rhs, *, dimension_numbers, **params):
+    """``lax.conv_general_dilated_p`` with operands pre-transposed to XLA:CPU's preferred layout.
+
+    Same result; the transposes XLA would insert become visible to JAX (see module docstring).
+    """
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    nd = len(lhs_spec) - 2
+    perm = lambda x, p: x if tuple(p) == tuple(range(x.ndim)) else jnp.transpose(x, p)
+    canonical = lax.ConvDimensionNumbers((0, nd + 1, *range(1, nd + 1)), (nd + 1, nd, *range(nd)),
+                                         (0, nd + 1, *range(1, nd + 1)))
+    out = lax.conv_general_dilated_p.bind(perm(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
+                                          perm(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
+                                          dimension_numbers=canonical, **params)
+    back = [0] * (nd + 2)
+    back[out_spec[0]], back[out_spec[1]] = 0, nd + 1
+    for i, d in enumerate(out_spec[2:]):
+        back[d] = i + 1
+    return perm(out, back)
+
+
+def _eval_rewritten(jaxpr, consts, args, use_onednn: bool):
+    env: dict = {}
+    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        if eqn.primitive is lax.conv_general_dilated_p:
+            if use_onednn and onednn_eligible(eqn.invars[0].aval, eqn.invars[1].aval, eqn.params):
+                outs = [onednn_conv_p.bind(*ins, **eqn.params)]
+            else:
+                outs = [conv_with_xla_layouts(*ins, **eqn.params)]
+        elif eqn.primitive.name in ("pjit", "jit", "closed_call"):
+            # inlined: a nested jit is one more XLA computation boundary, not a semantic one
+            inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
+            outs = _eval_rewritten(inner.jaxpr, inner.consts, ins, use_onednn)
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        for v, x in zip(eqn.outvars, outs):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def cpu_convolutions(fn: Callable, *, onednn: bool = True) -> Callable:
+    """``fn`` with its convolutions rewritten for XLA:CPU (same values, faster there).
+
+    Parameters
+    ----------
+    fn : any function of arrays/pytrees that JAX can trace (e.g. ``jax.grad(loss)``).
+    onednn : run small-window convolutions through oneDNN (check :func:`onednn_status`
+        first); if False only the explicit-layout rewrite is applied.
+
+    Returns
+    -------
+    A function with ``fn``'s signature. It works under ``jit``, ``grad``, ``jvp``,
+    ``linearize`` and ``vmap`` (batched convolutions fall back to XLA's). Convolutions inside
+    control flow (``scan``, ``while_loop``, ``cond``) are left as they are. On GPU/TPU the
+    oneDNN primitive lowers to XLA's convolution, so the rewrite is harmless there but useless.
+    """
+    def rewritten(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), onednn)
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return functools.wraps(fn)(rewritten) if hasattr(fn, "__name__") else rewritten
+
+
+_PROBES = (  # (lhs shape, rhs shape, strides, padding, rhs dilation, dimension numbers)
+    ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+    ((2, 3, 9, 8), (5, 3, 3, 2), (2, 1), ((0, 2), (1, 0)), (1, 2), ("NCHW", "OIHW", "NCHW")),
+    ((3, 10, 2), (4, 2, 5), (2,), ((2, 1),), (1,), ("NWC", "WIO", "NWC")),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_status() -> tuple[bool, str]:
+    """``(available, reason)``: whether jaxlib's oneDNN convolution runs here and agrees with XLA.
+
+    Compiled and compared with ``lax.conv_general_dilated`` on the CPU once per process, on
+    cases that exercise layouts, strides, asymmetric padding and dilation, because the
+    custom call's configuration format is internal to jaxlib and could change.
+    """
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError as e:
+        return False, f"no CPU backend: {e}"
+    rng = np.random.default_rng(0)
+    try:
+        for lhs_shape, rhs_shape, strides, padding, dilation, dn in _PROBES:
+            lhs = jax.device_put(rng.standard_normal(lhs_shape).astype(np.float32), cpu)
+            rhs = jax.device_put(rng.standard_normal(rhs_shape).astype(np.float32), cpu)
+            f = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, rhs_dilation=dilation,
+                                                      dimension_numbers=dn)
+            want = np.asarray(jax.jit(f)(lhs, rhs))
+            got = np.asarray(jax.jit(cpu_convolutions(f))(lhs, rhs))
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()):
+                return False, f"jaxlib's oneDNN convolution disagrees with XLA's on {dn} (max error {np.abs(got - want).max():.3g})"
+    except Exception as e:  # an unknown custom call target, a changed config format, ...
+        return False, f"jaxlib {jax.__version__} cannot run the oneDNN convolution custom call: {type(e).__name__}: {e}"
+    return True, "ok"
+
+
+def resolve_convolutions(convolutions: str) -> str:
+    """``'xla'`` or ``'onednn'`` for a requested mode.
+
+    ``'auto'`` is ``'onednn'`` when the default backend is the CPU and :func:`onednn_status`
+    passes, else ``'xla'``. ``'onednn'`` raises if the custom call is unavailable.
+    """
+    if convolutions not in CONVOLUTIONS:
+        raise ValueError(f"convolutions must be one of {CONVOLUTIONS}, got {convolutions!r}")
+    if convolutions == "xla":
+        return "xla"
+    ok, reason = onednn_status()
+    if convolutions == "onednn" and not ok:
+        raise RuntimeError(f"convolutions='onednn' is unavailable: {reason}. Use convolutions='xla'.")
+    if convolutions == "auto":
+        return "onednn" if ok and jax.default_backend() == "cpu" else "xla"
+    return "onednn"
+
+
+def apply_convolutions(fn: Callable, convolutions: str) -> Callable:
+    """``fn`` rewritten as :func:`resolve_convolutions` decides (unchanged for ``'xla'``)."""
+    return cpu_convolutions(fn) if resolve_convolutions(convolutions) == "onednn" else fn
