@@ -222,7 +222,8 @@ def run_jax(name, loss, params, args):
                   lambda r: {"trace": float(r.total), "trace_stderr": float(r.total_stderr)}),
         "top_eigenvalue": (args.eig_iters, lambda: hqjax.top_eigenvalues(mv, params, key, k=1, max_iters=args.eig_iters, tol=-1.0),
                            lambda r: {"top_eigenvalue": float(r.eigenvalues[0])}),
-        "density": (args.density_steps, lambda: hqjax.spectral_density(mv, params, key, num_steps=args.density_steps),
+        "density": (args.density_steps, lambda: hqjax.spectral_density(mv, params, key, num_steps=args.density_steps,
+                                                                              reorth_passes=args.reorth_passes),
                     lambda r: {"density_max_node": float(jnp.max(r.nodes))}),
     }
     for row, (count, call, summary) in estimators.items():
@@ -315,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--eig-iters", type=int, default=100)
     ap.add_argument("--density-steps", type=int, default=100)
     ap.add_argument("--chunk-size", type=int, default=1, help="probes per vmap chunk in hqjax.trace")
+    ap.add_argument("--reorth-passes", type=int, default=1, choices=(1, 2),
+                    help="Gram-Schmidt passes per Lanczos step in hqjax's density (PyHessian does 1; hqjax's default is 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
     ap.add_argument("--convolutions", default="auto", choices=CONVOLUTIONS,
                     help="hqjax's convolution rewrite (hqjax.kernels.cpu_convolutions); 'xla' measures plain XLA")

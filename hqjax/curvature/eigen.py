@@ -20,7 +20,7 @@ from jax.flatten_util import ravel_pytree
 
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import make_while, resolve_loop
-from hqjax.curvature.lanczos import lanczos_runner, tridiagonal
+from hqjax.curvature.lanczos import check_reorth_passes, lanczos_runner, stack_basis, tridiagonal
 from hqjax.curvature.results import EigenResult
 from hqjax.tree import Blocks, tree_size
 
@@ -36,6 +36,11 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
         v = jax.random.normal(jax.random.fold_in(key, i), (n,), dtype)
         return v / jnp.linalg.norm(v)
 
+    def record(i, it, lam, v_new, vals, vecs, iters):
+        u = v_new - (vecs @ v_new) @ vecs
+        u = u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(dtype).tiny)
+        return vals.at[i].set(lam), vecs.at[i].set(u), iters.at[i].set(it), start(i + 1)
+
     def body(s):
         i, it, v, prev, vals, vecs, iters, (max_iters, tol) = s
         v = v - (vecs @ v) @ vecs  # PyHessian's orthnormal(v, eigenvectors): deflation
@@ -45,14 +50,14 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
         v_new = w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
         it = it + 1
         done = ((it > 1) & (jnp.abs(lam - prev) / (jnp.abs(prev) + 1e-6) < tol)) | (it >= max_iters)
-        # The reported vector is the normalized last iterate, as in PyHessian.
-        vals = jnp.where(done, vals.at[i].set(lam), vals)
-        vecs = jnp.where(done, vecs.at[i].set(v_new - (vecs @ v_new) @ vecs), vecs)
-        vecs = jnp.where(done, vecs.at[i].set(vecs[i] / jnp.maximum(jnp.linalg.norm(vecs[i]), jnp.finfo(dtype).tiny)), vecs)
-        iters = jnp.where(done, iters.at[i].set(it), iters)
-        i_next = jnp.where(done, i + 1, i)
-        v_next = jnp.where(done, start(i_next), v_new)
-        return i_next, jnp.where(done, 0, it), v_next, jnp.where(done, 0.0, lam), vals, vecs, iters, (max_iters, tol)
+        # The reported vector is the normalized last iterate, as in PyHessian. cond, not
+        # where: selecting between whole [k, n] eigenvector arrays every iteration cost more
+        # than a small model's matvec.
+        vals, vecs, iters, v_next = jax.lax.cond(
+            done, record, lambda i, it, lam, v_new, vals, vecs, iters: (vals, vecs, iters, v_new),
+            i, it, lam, v_new, vals, vecs, iters)
+        return (jnp.where(done, i + 1, i), jnp.where(done, 0, it), v_next, jnp.where(done, 0.0, lam), vals, vecs,
+                iters, (max_iters, tol))
 
     # max_iters and tol travel in the state so one compiled step serves every setting.
     init = (jnp.int32(0), jnp.int32(0), start(0), jnp.zeros((), dtype), jnp.zeros((k,), dtype),
@@ -74,7 +79,7 @@ def _top_ritz(alphas, betas, j, k):
     return theta[order], S[:, order], bounds[order]
 
 
-def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop):
+def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
     m = min(int(max_iters), n)
     m = max(m, k)
 
@@ -84,15 +89,15 @@ def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop):
 
     kv, kb = jax.random.split(key)
     v0 = jax.random.normal(kv, (n,), dtype)
-    alphas, betas, V, j = lanczos_runner(flat_mv, m, v0, loop, kb, stop)(v0)
+    alphas, betas, V, j = lanczos_runner(flat_mv, m, v0, loop, kb, stop, reorth_passes)(v0)
     theta, S, _ = _top_ritz(alphas, betas, j, k)
-    vecs = S.T @ V  # Ritz vectors [k, n]
+    vecs = S.T @ stack_basis(V, m)  # Ritz vectors [k, n]
     return theta, vecs, jnp.full((k,), j, jnp.int32)
 
 
 def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, k: int = 1,
                     method: str = "power", max_iters: int = 100, tol: float = 1e-3,
-                    loop: str = "auto") -> EigenResult:
+                    loop: str = "auto", reorth_passes: int = 2) -> EigenResult:
     """The ``k`` eigenvalues of largest magnitude of a symmetric operator, with eigenvectors.
 
     Parameters
@@ -108,6 +113,7 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
         accurate to ~1e-6 relative or better).
     max_iters, tol : see ``method``; defaults are PyHessian's.
     loop : ``'auto'``, ``'device'`` or ``'host'`` (see ``hqjax.trace``).
+    reorth_passes : Gram-Schmidt passes per Lanczos step (1 or 2; ``method='lanczos'`` only).
 
     Returns
     -------
@@ -121,12 +127,15 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
         raise ValueError(f"k must be between 1 and the number of parameters ({n}), got {k}")
     if int(max_iters) < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    passes = check_reorth_passes(reorth_passes)
     check_matvec(matvec, params)
     loop = resolve_loop(loop, params, key)
     flat, unravel = ravel_pytree(params)
     flat_mv = lambda x: ravel_pytree(matvec(unravel(x)))[0]
-    solver = _power if method == "power" else _lanczos
-    vals, vecs, iters = solver(flat_mv, n, flat.dtype, key, int(k), int(max_iters), tol, loop)
+    if method == "power":
+        vals, vecs, iters = _power(flat_mv, n, flat.dtype, key, int(k), int(max_iters), tol, loop)
+    else:
+        vals, vecs, iters = _lanczos(flat_mv, n, flat.dtype, key, int(k), int(max_iters), tol, loop, passes)
     res = EigenResult(vals, jax.vmap(unravel)(vecs), iters, method)
     raise_if_not_finite(res.eigenvalues, what="top eigenvalue estimate")
     return res

@@ -3,12 +3,15 @@
 Lanczos (1950) builds an orthonormal Krylov basis ``V`` and the tridiagonal ``T = V^T M V``
 one matvec per step. In floating point the basis loses orthogonality as Ritz values
 converge, which creates spurious copies of eigenvalues; re-orthogonalizing every new vector
-against all previous ones (twice, "twice is enough", Parlett 1998 Sec. 6.9) prevents it at
-``O(n m)`` memory, which is what PyHessian's SLQ does (Yao et al. 2020, Alg. 3).
+against all previous ones prevents it at ``O(n m)`` memory. PyHessian's SLQ (Yao et al. 2020,
+Alg. 3) does one Gram-Schmidt pass per step; the default here is two ("twice is enough",
+Parlett 1998 Sec. 6.9), which keeps the basis orthogonal to working precision. The basis is
+stored in ``~sqrt(m)`` row blocks so that step ``j`` reads only the ``j`` vectors it has.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -23,11 +26,47 @@ def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     return jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
 
 
-def _orthogonalize(w, V, mask):
-    """Remove from ``w`` its components along the rows of ``V`` selected by ``mask``, twice."""
-    for _ in range(2):
-        w = w - ((V @ w) * mask) @ V
+def basis_blocks(m: int) -> tuple[int, int]:
+    """``(rows per block, number of blocks)`` for an ``m``-vector Krylov basis: about ``sqrt(m)`` each.
+
+    Step ``j`` re-orthogonalizes only against the blocks that hold vectors ``0..j``, so the
+    whole process reads ``~m^2/2`` basis rows instead of ``m^2``, at one small branch per block.
+    """
+    rows = max(1, math.isqrt(max(int(m) - 1, 0)) + 1)
+    return rows, -(-int(m) // rows)
+
+
+def _orthogonalize(w, V, j, passes: int):
+    """Remove from ``w`` its components along basis vectors ``0..j`` (blocks ``V``), ``passes`` times.
+
+    One pass is classical Gram-Schmidt against the whole basis (what PyHessian's SLQ does);
+    two passes restore orthogonality to working precision ("twice is enough", Parlett 1998).
+    """
+    rows = V[0].shape[0]
+    for _ in range(passes):
+        for b, Vb in enumerate(V):
+            mask = (b * rows + jnp.arange(rows) <= j).astype(w.dtype)
+            # cond, not a mask alone: blocks past j are all zero, and reading them is the cost
+            w = jax.lax.cond(b * rows <= j, lambda w, Vb=Vb, mask=mask: w - ((Vb @ w) * mask) @ Vb,
+                             lambda w: w, w)
     return w
+
+
+def _set_row(V, j, v):
+    """The basis with vector ``j`` set to ``v``: one row written in every block, in place."""
+    rows = V[0].shape[0]
+    out = []
+    for b, Vb in enumerate(V):
+        r = jnp.clip(j - b * rows, 0, rows - 1)
+        mine = (j >= b * rows) & (j < (b + 1) * rows)
+        row = jnp.where(mine, v, jax.lax.dynamic_index_in_dim(Vb, r, 0, keepdims=False))
+        out.append(jax.lax.dynamic_update_index_in_dim(Vb, row, r, 0))
+    return tuple(out)
+
+
+def stack_basis(V, m: int) -> jax.Array:
+    """The blocked basis as one ``[m, n]`` array."""
+    return jnp.concatenate(V)[:m]
 
 
 def _normalize(w):
@@ -39,35 +78,39 @@ def _normalize(w):
 
 
 def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, example_v0: jax.Array, loop: str,
-                   key: jax.Array, stop: Callable | None = None):
-    """A function ``v0 -> (alphas [m], betas [m], V [m, n], steps)`` running ``m`` Lanczos steps.
+                   key: jax.Array, stop: Callable | None = None, reorth_passes: int = 2):
+    """A function ``v0 -> (alphas [m], betas [m], V, steps)`` running ``m`` Lanczos steps.
 
+    ``V`` is the basis as a tuple of row blocks (``stack_basis(V, m)`` gives ``[m, n]``).
     ``v0`` need not be normalized. On breakdown (``beta ~ 0``: the Krylov space is
     invariant, e.g. ``m`` exceeds the rank) the next basis vector is a fresh random vector
     orthogonal to ``V`` and the coupling is set to 0, so ``T`` stays exact and block-diagonal.
     ``stop(alphas, betas, j)`` (optional) ends the process early after step ``j``; the
-    unused tail of ``alphas``/``betas`` is zero.
+    unused tail of ``alphas``/``betas`` is zero. ``reorth_passes`` (1 or 2) is the number of
+    Gram-Schmidt passes against the basis per step (see ``_orthogonalize``).
     """
     m = int(num_steps)
+    passes = check_reorth_passes(reorth_passes)
     n = example_v0.shape[0]
     dtype = example_v0.dtype
+    rows, nblocks = basis_blocks(m)
 
     def body(s):
         j, v, v_prev, beta_prev, alphas, betas, V, norm_est, _ = s
-        V = V.at[j].set(v)
-        mask = (jnp.arange(m) <= j).astype(dtype)
+        V = _set_row(V, j, v)
         w = flat_mv(v)
         norm_est = jnp.maximum(norm_est, jnp.linalg.norm(w))  # running lower bound on ||M||
         alpha = jnp.vdot(w, v)
         w = w - alpha * v - beta_prev * v_prev
-        w = _orthogonalize(w, V, mask)
+        w = _orthogonalize(w, V, j, passes)
         beta = jnp.linalg.norm(w)
         # Breakdown relative to ||M||, not to this step: after the Krylov space is exhausted
         # what remains of w is rounding noise, which must not become a basis vector.
         broke = beta <= 1e-5 * norm_est
 
         def restart(w):
-            fresh = _orthogonalize(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), V, mask)
+            # always two passes: a random vector starts far from orthogonal to the basis
+            fresh = _orthogonalize(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), V, j, 2)
             # A fresh vector keeps most of its norm (~sqrt(n - j)) unless the whole space is spanned.
             return jnp.where(jnp.linalg.norm(fresh) < 0.5, 0.0, fresh)
 
@@ -86,8 +129,9 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
     def init(v0):
         v0 = _normalize(v0)
         z = jnp.zeros((m,), dtype)
-        return (jnp.int32(0), v0, jnp.zeros_like(v0), jnp.zeros((), dtype), z, z, jnp.zeros((m, n), dtype),
-                jnp.zeros((), dtype), jnp.bool_(False))
+        V = tuple(jnp.zeros((rows, n), dtype) for _ in range(nblocks))
+        return (jnp.int32(0), v0, jnp.zeros_like(v0), jnp.zeros((), dtype), z, z, V, jnp.zeros((), dtype),
+                jnp.bool_(False))
 
     run = make_while(cond, body, init(example_v0), loop)
 
@@ -96,3 +140,11 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
         return alphas, betas, V, j
 
     return lanczos
+
+
+def check_reorth_passes(reorth_passes) -> int:
+    """``reorth_passes`` as an int, or a ValueError saying what is allowed."""
+    if reorth_passes not in (1, 2) or isinstance(reorth_passes, bool):
+        raise ValueError(f"reorth_passes must be 1 (PyHessian's single Gram-Schmidt pass) or 2 (full "
+                         f"reorthogonalization to working precision), got {reorth_passes!r}")
+    return int(reorth_passes)

@@ -23,7 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hqjax.curvature.lanczos import lanczos_runner, tridiagonal
+from hqjax.curvature.lanczos import check_reorth_passes, lanczos_runner, tridiagonal
 from hqjax.curvature.operators import is_concrete
 from hqjax.curvature.results import DensityResult, TraceResult
 from hqjax.tree import Blocks, blocks as make_blocks, tree_dot, tree_random_like, tree_size
@@ -133,17 +133,19 @@ def probe_parallel_trace(matvec: Callable[[PyTree], PyTree], params: PyTree, key
 
 
 def probe_parallel_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, mesh: Mesh, *,
-                           axis: str = "probe", num_steps: int = 100, num_runs: int | None = None) -> DensityResult:
+                           axis: str = "probe", num_steps: int = 100, num_runs: int | None = None,
+                           reorth_passes: int = 2) -> DensityResult:
     """Stochastic Lanczos quadrature with the runs split over ``axis`` (one or more per device).
 
     The same nodes and weights as ``hqjax.spectral_density(matvec, params, key,
-    num_steps=..., num_runs=...)`` (Ghorbani et al. 2019; PyHessian, Yao et al. 2020, Alg. 3):
+    num_steps=..., num_runs=..., reorth_passes=...)`` (Ghorbani et al. 2019; PyHessian, Yao et al. 2020, Alg. 3):
     run ``r`` starts from the Rademacher probe ``fold_in(split(key)[0], r)`` and uses the same Lanczos
     process, so its result does not depend on the device count. ``num_runs`` defaults to
     the axis size (one run per device). Lanczos steps are sequential, so each device runs
     its runs in a device loop.
     """
     d = _axis_size(mesh, axis)
+    passes = check_reorth_passes(reorth_passes)
     num_runs = d if num_runs is None else int(num_runs)
     if int(num_steps) < 1 or num_runs < 1:
         raise ValueError(f"num_steps and num_runs must be >= 1, got {num_steps} and {num_runs}")
@@ -156,7 +158,7 @@ def probe_parallel_density(matvec: Callable[[PyTree], PyTree], params: PyTree, k
     probe = lambda r: ravel_pytree(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))[0]
 
     def run(r):
-        lanczos = lanczos_runner(flat_mv, m, probe(0), "device", key_restart)
+        lanczos = lanczos_runner(flat_mv, m, probe(0), "device", key_restart, reorth_passes=passes)
         alphas, betas, _, _ = lanczos(probe(r))
         theta, S = jnp.linalg.eigh(tridiagonal(alphas, betas))
         return jnp.stack([theta, S[0] ** 2])

@@ -26,6 +26,9 @@ def test_lanczos_top3_within_1e4_relative_with_fewer_matvecs(cnn, exact_top3, ex
     np.testing.assert_allclose(lz.eigenvalues, exact_top3, rtol=1e-4)
     pw = hqjax.top_eigenvalues(cnn.matvec, cnn.params, jax.random.key(0), k=3, method="power", tol=1e-7, max_iters=400)
     assert int(lz.num_iters[0]) < int(np.sum(pw.num_iters))
+    one = hqjax.top_eigenvalues(cnn.matvec, cnn.params, jax.random.key(0), k=3, method="lanczos", tol=1e-6,
+                                reorth_passes=1)
+    np.testing.assert_allclose(one.eigenvalues, exact_top3, rtol=1e-4)
 
 
 def test_pyhessian_defaults_converge_to_top_eigenvalue(cnn, exact_top3, ex):
