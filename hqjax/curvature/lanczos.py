@@ -42,10 +42,11 @@ def _orthogonalize(w, V, j, passes: int):
     One pass is classical Gram-Schmidt against the whole basis (what PyHessian's SLQ does);
     two passes restore orthogonality to working precision ("twice is enough", Parlett 1998).
     """
-    rows = V[0].shape[0]
+    rows = V[0].shape[0] - 1  # the last row of a block is scratch (see _set_row)
     for _ in range(passes):
         for b, Vb in enumerate(V):
-            mask = (b * rows + jnp.arange(rows) <= j).astype(w.dtype)
+            i = jnp.arange(rows + 1)
+            mask = ((b * rows + i <= j) & (i < rows)).astype(w.dtype)
             # cond, not a mask alone: blocks past j are all zero, and reading them is the cost
             w = jax.lax.cond(b * rows <= j, lambda w, Vb=Vb, mask=mask: w - ((Vb @ w) * mask) @ Vb,
                              lambda w: w, w)
@@ -53,20 +54,24 @@ def _orthogonalize(w, V, j, passes: int):
 
 
 def _set_row(V, j, v):
-    """The basis with vector ``j`` set to ``v``: one row written in every block, in place."""
-    rows = V[0].shape[0]
+    """The basis with vector ``j`` set to ``v``, written in place.
+
+    Every block gets one row written, so no block needs a branch: the owner of vector ``j``
+    at its row, the others at their scratch row. Selecting between ``v`` and the row already
+    there instead made XLA copy every block each step (measured: ~65 ms per step at 1.86 M
+    parameters).
+    """
+    rows = V[0].shape[0] - 1
     out = []
     for b, Vb in enumerate(V):
-        r = jnp.clip(j - b * rows, 0, rows - 1)
         mine = (j >= b * rows) & (j < (b + 1) * rows)
-        row = jnp.where(mine, v, jax.lax.dynamic_index_in_dim(Vb, r, 0, keepdims=False))
-        out.append(jax.lax.dynamic_update_index_in_dim(Vb, row, r, 0))
+        out.append(jax.lax.dynamic_update_index_in_dim(Vb, v, jnp.where(mine, j - b * rows, rows), 0))
     return tuple(out)
 
 
 def stack_basis(V, m: int) -> jax.Array:
     """The blocked basis as one ``[m, n]`` array."""
-    return jnp.concatenate(V)[:m]
+    return jnp.concatenate([Vb[:-1] for Vb in V])[:m]
 
 
 def _normalize(w):
@@ -129,7 +134,7 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
     def init(v0):
         v0 = _normalize(v0)
         z = jnp.zeros((m,), dtype)
-        V = tuple(jnp.zeros((rows, n), dtype) for _ in range(nblocks))
+        V = tuple(jnp.zeros((rows + 1, n), dtype) for _ in range(nblocks))  # + a scratch row each
         return (jnp.int32(0), v0, jnp.zeros_like(v0), jnp.zeros((), dtype), z, z, V, jnp.zeros((), dtype),
                 jnp.bool_(False))
 
