@@ -311,6 +311,7 @@ ffi::Error weight_grad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   work->chunks = std::max<int64_t>(1, std::min<int64_t>({work->tiles, int64_t{16}, by_memory}));
   work->partial.assign(work->chunks * size, 0.0f);
 
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run_chunks(*work); });
   run_chunks(*work);
   {
