@@ -60,7 +60,7 @@ def _onednn_primitive(name: str, transpose_rhs: Callable) -> jcore.Primitive:
     p = jcore.Primitive(name)
     p.def_impl(functools.partial(dispatch.apply_primitive, p))
     p.def_effectful_abstract_eval(lambda *a, **k: lax.conv_general_dilated_p.abstract_eval(*a, **k))
-    # Bilinear: tangents are the same primitive again; transposes (reverse mode) are lax's.
+    # Bilinear: tangents are the same primitive again; reverse mode uses lax-style transposes.
     ad.defbilinear(p, _conv._conv_general_dilated_transpose_lhs, transpose_rhs)
     batching.fancy_primitive_batchers[p] = _conv._conv_general_dilated_batch_rule
     mlir.register_lowering(p, _conv._conv_general_dilated_lower)

@@ -145,16 +145,14 @@ def _resnet_loss(batch=2):
 
 
 @needs_native
-def test_resnet_gradient_and_hvp_match_xla():
+def test_resnet_gradient_matches_xla():
+    """(test_cpu_conv's ResNet test covers its HVPs with convolutions='auto', i.e. native.)"""
     loss, params = _resnet_loss()
-    v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
     scale = lambda t: float(hqjax.tree_norm(t))
-    err = lambda a, b: scale(jax.tree.map(jnp.subtract, a, b)) / scale(b)
     grad = cpu_conv.apply_convolutions(jax.grad(loss), "auto")
     assert "conv2d_weight_grad" in {e.primitive.name for e in jax.make_jaxpr(grad)(params).jaxpr.eqns}
-    assert err(jax.jit(grad)(params), jax.jit(jax.grad(loss))(params)) <= 1e-5
-    hvp = lambda mode: jax.jit(lambda p, v: hqjax.hvp(loss, p, v, convolutions=mode))(params, v)
-    assert err(hvp("auto"), hvp("xla")) <= 1e-4
+    want = jax.jit(jax.grad(loss))(params)
+    assert scale(jax.tree.map(jnp.subtract, jax.jit(grad)(params), want)) <= 1e-5 * scale(want)
 
 
 @pytest.fixture
