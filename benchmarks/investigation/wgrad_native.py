@@ -6,7 +6,9 @@ kernel. Whole model: ResNet-20 (batch 128) gradient, Hessian-vector product (jvp
 linearized HVP (``hqjax.hessian(..., linearize=True)``, residuals hoisted as jit arguments)
 with ``convolutions='xla'``, ``'onednn'`` (the previous ``'auto'``) and ``'native'`` (oneDNN +
 native weight gradients, the new ``'auto'``). Medians of --repeats calls, the variants of a
-row interleaved so that load from other processes hits them alike.
+row interleaved so that load from other processes hits them alike (per layer, the minimum
+too: XLA's multi-threaded convolutions suffer far more from a loaded machine than the native
+kernel does, so medians on a busy machine flatter the native kernel).
 
     python benchmarks/investigation/wgrad_native.py [--repeats 7] [--batch 128] [--skip-model]
 """
@@ -38,7 +40,7 @@ def interleaved(fns: dict, repeats: int) -> dict:
             t = time.perf_counter()
             jax.block_until_ready(f())
             ts[k].append(time.perf_counter() - t)
-    return {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
+    return {k: 1e3 * float(np.median(v)) for k, v in ts.items()} | {k + " min": 1e3 * float(np.min(v)) for k, v in ts.items()}
 
 
 def hoisted(fn, example):
@@ -50,8 +52,8 @@ def hoisted(fn, example):
 
 def layers(batch, repeats):
     rng = np.random.default_rng(0)
-    print(f"| layer (H, CI->CO, stride), batch {batch} | XLA ms | native ms | speed-up | max rel. error |")
-    print("|---|---|---|---|---|")
+    print(f"| layer (H, CI->CO, stride), batch {batch} | XLA ms | native ms | speed-up | min XLA / native ms | max rel. error |")
+    print("|---|---|---|---|---|---|")
     for h, ci, co, s in LAYERS:
         pad = ((1, 1), (1, 1))
         x = jnp.asarray(rng.standard_normal((batch, h, h, ci)), jnp.float32)
@@ -64,7 +66,7 @@ def layers(batch, repeats):
         t = interleaved({"xla": lambda: xla(x, w, dy), "native": lambda: native(x, dy)}, repeats)
         err = np.abs(got - want).max() / np.abs(want).max()
         print(f"| {h}x{h}, {ci}->{co}, s{s} | {t['xla']:.2f} | {t['native']:.2f} | {t['xla'] / t['native']:.2f}x "
-              f"| {err:.1e} |", flush=True)
+              f"| {t['xla min']:.2f} / {t['native min']:.2f} | {err:.1e} |", flush=True)
 
 
 def model(batch, repeats):
@@ -90,7 +92,7 @@ def model(batch, repeats):
     print(f"\n| ResNet-20, batch {batch} | " + " | ".join(f"'{m}' ms" for m in modes) + " | native vs xla | native vs onednn |")
     print("|---|---|---|---|---|---|")
     for op in ops["xla"]:
-        t = interleaved({m: ops[m][op] for m in modes}, repeats)
+        t = interleaved({m: ops[m][op] for m in modes}, repeats)  # medians (mins also returned)
         print(f"| {op} | " + " | ".join(f"{t[m]:.0f}" for m in modes)
               + f" | {t['xla'] / t['native']:.2f}x | {t['onednn'] / t['native']:.2f}x |", flush=True)
 
