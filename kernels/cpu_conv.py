@@ -17,6 +17,10 @@ function's convolutions make those cheaper without changing what is computed:
    as residuals, instead of repeating them in every product (ResNet-20 linearized HVP:
    418 -> 366 ms).
 
+3. With ``native_wgrad`` (``convolutions="native"``, and ``"auto"`` when it passes its
+   self-check), weight gradients run as :mod:`.cpu_wgrad`'s native kernel instead, both the
+   ones already in a differentiated function and the transposes of oneDNN convolutions.
+
 oneDNN's forward convolution with an image-sized window (a weight gradient) took 1.8 s
 against 5 ms for XLA's, hence the window limit. The custom call is an internal interface of
 jaxlib, so :func:`onednn_status` checks it once per process by comparing it with
@@ -39,20 +43,39 @@ from jax._src.interpreters import ad, batching, mlir
 from jax._src.lax import convolution as _conv
 from jax.extend import core as jcore
 
+from .cpu_wgrad import native_wgrad_status, weight_grad_form
+
 __all__ = ["CONVOLUTIONS", "cpu_convolutions", "onednn_conv_p", "onednn_status", "resolve_convolutions"]
 
-CONVOLUTIONS = ("auto", "xla", "onednn")
+CONVOLUTIONS = ("auto", "xla", "onednn", "native")
 MAX_ONEDNN_WINDOW = 49  # kernel elements per feature pair: up to 7x7 in 2-D
 
-# A convolution with exactly ``lax.conv_general_dilated_p``'s parameters and semantics, so
-# shape rules, autodiff and batching are lax's own; only its CPU lowering differs.
-onednn_conv_p = jcore.Primitive("onednn_conv_general_dilated")
-onednn_conv_p.def_impl(functools.partial(dispatch.apply_primitive, onednn_conv_p))
-onednn_conv_p.def_effectful_abstract_eval(lambda *a, **k: lax.conv_general_dilated_p.abstract_eval(*a, **k))
-# Bilinear: tangents are onednn convolutions again; transposes (reverse mode) are lax's.
-ad.defbilinear(onednn_conv_p, _conv._conv_general_dilated_transpose_lhs, _conv._conv_general_dilated_transpose_rhs)
-batching.fancy_primitive_batchers[onednn_conv_p] = _conv._conv_general_dilated_batch_rule
-mlir.register_lowering(onednn_conv_p, _conv._conv_general_dilated_lower)
+
+def _onednn_primitive(name: str, transpose_rhs: Callable) -> jcore.Primitive:
+    """A convolution with exactly ``lax.conv_general_dilated_p``'s parameters and semantics.
+
+    Shape rules, autodiff and batching are lax's own; its CPU lowering is oneDNN's, and its
+    weight-gradient transpose is ``transpose_rhs``.
+    """
+    p = jcore.Primitive(name)
+    p.def_impl(functools.partial(dispatch.apply_primitive, p))
+    p.def_effectful_abstract_eval(lambda *a, **k: lax.conv_general_dilated_p.abstract_eval(*a, **k))
+    # Bilinear: tangents are the same primitive again; reverse mode uses lax-style transposes.
+    ad.defbilinear(p, _conv._conv_general_dilated_transpose_lhs, transpose_rhs)
+    batching.fancy_primitive_batchers[p] = _conv._conv_general_dilated_batch_rule
+    mlir.register_lowering(p, _conv._conv_general_dilated_lower)
+    return p
+
+
+def _transpose_rhs_native(g, lhs, rhs, **params):
+    """lax's weight-gradient transpose, its convolution run by the native kernel where it can."""
+    rule = lambda g, lhs: _conv._conv_general_dilated_transpose_rhs(g, lhs, rhs, **params)
+    return cpu_convolutions(rule, onednn=False, native_wgrad=True)(g, lhs)
+
+
+onednn_conv_p = _onednn_primitive("onednn_conv_general_dilated", _conv._conv_general_dilated_transpose_rhs)
+# The same, for convolutions="native": its weight gradients (reverse mode through it) are native.
+onednn_conv_native_wgrad_p = _onednn_primitive("onednn_conv_general_dilated_native_wgrad", _transpose_rhs_native)
 
 
 def _ints(xs) -> list[str]:
@@ -84,6 +107,7 @@ def _onednn_lowering(ctx, lhs, rhs, *, window_strides, padding, lhs_dilation, rh
 
 
 mlir.register_lowering(onednn_conv_p, _onednn_lowering, platform="cpu")
+mlir.register_lowering(onednn_conv_native_wgrad_p, _onednn_lowering, platform="cpu")
 
 
 def onednn_eligible(lhs_aval, rhs_aval, params: dict) -> bool:
@@ -123,7 +147,17 @@ def conv_with_xla_layouts(lhs, rhs, *, dimension_numbers, **params):
     return perm(out, back)
 
 
-def _eval_rewritten(jaxpr, consts, args, use_onednn: bool):
+def _rewrite_convolution(eqn, ins, use_onednn: bool, native_wgrad: bool):
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    if native_wgrad and (wgrad := weight_grad_form(lhs, rhs, eqn.outvars[0].aval, eqn.params)):
+        return wgrad(*ins)
+    if use_onednn and onednn_eligible(lhs, rhs, eqn.params):
+        prim = onednn_conv_native_wgrad_p if native_wgrad else onednn_conv_p
+        return prim.bind(*ins, **eqn.params)
+    return conv_with_xla_layouts(*ins, **eqn.params)
+
+
+def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = False):
     env: dict = {}
     read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
     for v, x in zip(jaxpr.constvars, consts):
@@ -133,14 +167,11 @@ def _eval_rewritten(jaxpr, consts, args, use_onednn: bool):
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         if eqn.primitive is lax.conv_general_dilated_p:
-            if use_onednn and onednn_eligible(eqn.invars[0].aval, eqn.invars[1].aval, eqn.params):
-                outs = [onednn_conv_p.bind(*ins, **eqn.params)]
-            else:
-                outs = [conv_with_xla_layouts(*ins, **eqn.params)]
+            outs = [_rewrite_convolution(eqn, ins, use_onednn, native_wgrad)]
         elif eqn.primitive.name in ("pjit", "jit", "closed_call"):
             # inlined: a nested jit is one more XLA computation boundary, not a semantic one
             inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
-            outs = _eval_rewritten(inner.jaxpr, inner.consts, ins, use_onednn)
+            outs = _eval_rewritten(inner.jaxpr, inner.consts, ins, use_onednn, native_wgrad)
         else:
             with eqn.ctx.manager:
                 outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
@@ -152,7 +183,7 @@ def _eval_rewritten(jaxpr, consts, args, use_onednn: bool):
     return [read(v) for v in jaxpr.outvars]
 
 
-def cpu_convolutions(fn: Callable, *, onednn: bool = True) -> Callable:
+def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = False) -> Callable:
     """``fn`` with its convolutions rewritten for XLA:CPU (same values, faster there).
 
     Parameters
@@ -160,6 +191,9 @@ def cpu_convolutions(fn: Callable, *, onednn: bool = True) -> Callable:
     fn : any function of arrays/pytrees that JAX can trace (e.g. ``jax.grad(loss)``).
     onednn : run small-window convolutions through oneDNN (check :func:`onednn_status`
         first); if False only the explicit-layout rewrite is applied.
+    native_wgrad : run 2-D float32 weight gradients through :mod:`.cpu_wgrad`'s native
+        kernel (check :func:`~hqjax.kernels.cpu_wgrad.native_wgrad_status` first; without
+        the library it lowers to XLA's convolution, correct but no faster).
 
     Returns
     -------
@@ -170,7 +204,7 @@ def cpu_convolutions(fn: Callable, *, onednn: bool = True) -> Callable:
     """
     def rewritten(*args):
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), onednn)
+        outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), onednn, native_wgrad)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return functools.wraps(fn)(rewritten) if hasattr(fn, "__name__") else rewritten
@@ -212,23 +246,40 @@ def onednn_status() -> tuple[bool, str]:
 
 
 def resolve_convolutions(convolutions: str) -> str:
-    """``'xla'`` or ``'onednn'`` for a requested mode.
+    """``'xla'``, ``'onednn'`` or ``'native'`` for a requested mode.
 
-    ``'auto'`` is ``'onednn'`` when the default backend is the CPU and :func:`onednn_status`
-    passes, else ``'xla'``. ``'onednn'`` raises if the custom call is unavailable.
+    ``'xla'`` leaves XLA's convolutions alone. ``'onednn'`` runs small windows through
+    oneDNN and the rest through XLA (raises if oneDNN is unavailable). ``'native'``
+    additionally runs weight gradients through the native kernel (raises if it is
+    unavailable; uses oneDNN where :func:`onednn_status` passes). ``'auto'`` is the fastest
+    of those whose self-checks pass when the default backend is the CPU, else ``'xla'``.
     """
     if convolutions not in CONVOLUTIONS:
         raise ValueError(f"convolutions must be one of {CONVOLUTIONS}, got {convolutions!r}")
     if convolutions == "xla":
         return "xla"
-    ok, reason = onednn_status()
-    if convolutions == "onednn" and not ok:
-        raise RuntimeError(f"convolutions='onednn' is unavailable: {reason}. Use convolutions='xla'.")
-    if convolutions == "auto":
-        return "onednn" if ok and jax.default_backend() == "cpu" else "xla"
-    return "onednn"
+    if convolutions == "native":
+        ok, reason = native_wgrad_status()
+        if not ok:
+            raise RuntimeError(f"convolutions='native' is unavailable: {reason}. Use convolutions='onednn' or 'xla'.")
+        return "native"
+    if convolutions == "onednn":
+        ok, reason = onednn_status()
+        if not ok:
+            raise RuntimeError(f"convolutions='onednn' is unavailable: {reason}. Use convolutions='xla'.")
+        return "onednn"
+    if jax.default_backend() != "cpu":
+        return "xla"
+    if native_wgrad_status()[0]:
+        return "native"
+    return "onednn" if onednn_status()[0] else "xla"
 
 
 def apply_convolutions(fn: Callable, convolutions: str) -> Callable:
     """``fn`` rewritten as :func:`resolve_convolutions` decides (unchanged for ``'xla'``)."""
-    return cpu_convolutions(fn) if resolve_convolutions(convolutions) == "onednn" else fn
+    mode = resolve_convolutions(convolutions)
+    if mode == "xla":
+        return fn
+    if mode == "onednn":
+        return cpu_convolutions(fn)
+    return cpu_convolutions(fn, onednn=onednn_status()[0], native_wgrad=True)

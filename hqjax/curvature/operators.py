@@ -38,11 +38,14 @@ def _check_loss_finite(value, what: str) -> None:
         )
 
 
-_CONVOLUTIONS_DOC = """convolutions : ``'auto'`` (default), ``'onednn'`` or ``'xla'``: how convolutions in
-        ``f`` run. ``'onednn'`` rewrites them with :func:`hqjax.kernels.cpu_convolutions`
-        (oneDNN for small windows, explicit layouts for weight gradients; same values,
-        1.3-1.4x faster Hessian-vector products on ResNet-20 on XLA:CPU); ``'auto'`` does
-        so when the default backend is the CPU and jaxlib's oneDNN passes its self-check."""
+_CONVOLUTIONS_DOC = """convolutions : ``'auto'`` (default), ``'native'``, ``'onednn'`` or ``'xla'``: how
+        convolutions in ``f`` run. ``'onednn'`` rewrites them with
+        :func:`hqjax.kernels.cpu_convolutions` (oneDNN for small windows, explicit layouts
+        for weight gradients; same values, 1.3-1.4x faster Hessian-vector products on
+        ResNet-20 on XLA:CPU); ``'native'`` also runs 2-D weight gradients through hqjax's
+        own kernel (:mod:`hqjax.kernels.cpu_wgrad`, compiled on first use); ``'auto'`` picks
+        the fastest of those whose self-checks pass when the default backend is the CPU;
+        ``'xla'`` leaves XLA's convolutions alone."""
 
 
 def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, *, convolutions: str = "auto") -> PyTree:

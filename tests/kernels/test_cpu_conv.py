@@ -141,10 +141,16 @@ def test_resolve_convolutions(monkeypatch):
     assert resolve_convolutions("xla") == "xla"
     with pytest.raises(ValueError, match="convolutions must be one of"):
         resolve_convolutions("mkl")
+    monkeypatch.setattr(cpu_conv, "native_wgrad_status", lambda: (False, "no compiler"))
+    assert resolve_convolutions("auto") == ("onednn" if onednn_status()[0] else "xla")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        resolve_convolutions("native")
     monkeypatch.setattr(cpu_conv, "onednn_status", lambda: (False, "probe failed"))
     assert resolve_convolutions("auto") == "xla"
     with pytest.raises(RuntimeError, match="probe failed.*convolutions='xla'"):
         resolve_convolutions("onednn")
+    monkeypatch.setattr(cpu_conv, "native_wgrad_status", lambda: (True, "ok"))
+    assert resolve_convolutions("auto") == "native"
 
 
 def test_non_cpu_lowering_is_xlas_convolution():

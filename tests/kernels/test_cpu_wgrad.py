@@ -1,0 +1,198 @@
+"""hqjax.kernels.cpu_wgrad: the native weight gradient equals lax's, under every transform."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+import hqjax
+from hqjax.kernels import cpu_conv, cpu_wgrad
+from hqjax.kernels.cpu_conv import cpu_convolutions, resolve_convolutions
+from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, native_wgrad_status, reference_weight_grad
+from hqjax.models import ResNet20
+
+needs_native = pytest.mark.skipif(not native_wgrad_status()[0],
+                                  reason=f"native weight gradient unavailable: {native_wgrad_status()[1]}")
+
+CASES = [  # x shape (NHWC), kernel (KH, KW), strides, padding, CO
+    ((4, 9, 9, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), 5),
+    ((2, 11, 10, 16), (3, 3), (2, 2), ((1, 1), (1, 1)), 32),   # stride 2, odd size
+    ((1, 8, 8, 17), (1, 1), (2, 2), ((0, 0), (0, 0)), 24),     # 1x1 projection, batch 1
+    ((3, 7, 12, 6), (3, 2), (2, 1), ((2, 0), (0, 1)), 9),      # asymmetric padding and strides
+    ((2, 6, 6, 13), (5, 5), (1, 1), ((2, 2), (2, 2)), 7),      # 5x5, channels not multiples of 8
+    ((2, 10, 10, 4), (3, 3), (3, 3), ((0, 2), (1, 1)), 40),    # stride 3, three co blocks
+    ((1, 5, 4, 1), (2, 3), (1, 1), ((0, 0), (0, 0)), 1),       # single channel, no padding
+]
+
+
+def _lax_weight_grad(x, dy, kernel, strides, padding):
+    w = jnp.zeros((*kernel, x.shape[3], dy.shape[3]), x.dtype)
+    conv = lambda w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.vjp(conv, w)[1](dy)[0]
+
+
+def _operands(case, seed=0):
+    x_shape, kernel, strides, padding, co = case
+    out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(x_shape[1:3], kernel, strides, padding)]
+    r = np.random.default_rng(seed)
+    return (jnp.asarray(r.standard_normal(x_shape), jnp.float32),
+            jnp.asarray(r.standard_normal((x_shape[0], *out, co)), jnp.float32))
+
+
+def _params(case):
+    return dict(kernel_size=case[1], window_strides=case[2], padding=case[3])
+
+
+def _close(got, want, rtol=1e-5):
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(jnp.abs(want).max()))
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES)
+def test_native_weight_grad_equals_lax(case):
+    x, dy = _operands(case)
+    want = _lax_weight_grad(x, dy, *case[1:4])
+    _close(jax.jit(functools.partial(reference_weight_grad, **_params(case)))(x, dy), want)
+    f = jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))
+    assert "hqjax_conv2d_weight_grad_f32" in f.lower(x, dy).as_text()
+    _close(f(x, dy), want)
+
+
+@needs_native
+def test_portable_micro_kernel_equals_lax():
+    lib = cpu_wgrad.library()
+    isa = lib.hqjax_wgrad_isa()
+    try:
+        assert lib.hqjax_wgrad_set_isa(0) == 0
+        for case in CASES[:5]:
+            x, dy = _operands(case)
+            _close(jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))(x, dy),
+                   _lax_weight_grad(x, dy, *case[1:4]))
+    finally:
+        lib.hqjax_wgrad_set_isa(isa)
+
+
+@needs_native
+def test_results_do_not_depend_on_scheduling():
+    case = CASES[1]
+    x, dy = _operands(case)
+    f = jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))
+    first = np.asarray(f(x, dy))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(x, dy)), first)
+
+
+@needs_native
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_jvp_vjp_vmap_of_native_weight_grad(case):
+    p = _params(case)
+    nat, ref = functools.partial(conv2d_weight_grad, **p), functools.partial(reference_weight_grad, **p)
+    (x, dy), (dx, ddy) = _operands(case), _operands(case, seed=1)
+    t_want = jax.jvp(ref, (x, dy), (dx, ddy))[1]
+    _close(jax.jit(lambda *a: jax.jvp(nat, a[:2], a[2:])[1])(x, dy, dx, ddy), t_want)
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal(t_want.shape), jnp.float32)
+    for w, g in zip(jax.vjp(ref, x, dy)[1](ct), jax.jit(lambda x, dy: jax.vjp(nat, x, dy)[1](ct))(x, dy)):
+        _close(g, w)
+    y, lin = jax.linearize(nat, x, dy)  # linearize keeps the tangent maps native
+    _close(lin(dx, ddy), t_want)
+    assert "conv2d_weight_grad" in str(jax.make_jaxpr(lin)(dx, ddy))
+    xs, dys = jnp.stack([x, dx]), jnp.stack([dy, ddy])
+    for axes, args in [((0, 0), (xs, dys)), ((0, None), (xs, dy)), ((None, 0), (x, dys))]:
+        _close(jax.jit(jax.vmap(nat, axes))(*args), jax.vmap(ref, axes)(*args))
+
+
+FORWARD = [  # forward convolutions whose weight gradients the rewrite must recognize
+    ((2, 9, 9, 3), (3, 3, 3, 8), (1, 1), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 3, 12, 10), (6, 3, 3, 3), (2, 2), ((1, 0), (2, 1)), ("NCHW", "OIHW", "NCHW")),
+    ((3, 10, 10, 5), (1, 1, 5, 4), (2, 2), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("case", FORWARD)
+def test_rewrite_runs_weight_gradients_natively(case):
+    lhs_shape, rhs_shape, strides, padding, dn = case
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal(lhs_shape), jnp.float32)
+    w = jnp.asarray(r.standard_normal(rhs_shape), jnp.float32)
+    conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+    loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+    grads = jax.grad(loss, argnums=(0, 1))
+    rewritten = cpu_convolutions(grads, native_wgrad=True)
+    prims = {e.primitive.name for e in jax.make_jaxpr(rewritten)(x, w).jaxpr.eqns}
+    assert "conv2d_weight_grad" in prims
+    for got, want in zip(jax.jit(rewritten)(x, w), grads(x, w)):
+        _close(got, want)
+    # reverse mode through a rewritten forward pass: the oneDNN convolution's weight transpose
+    fwd = cpu_convolutions(loss, native_wgrad=True)
+    vjp_prims = str(jax.make_jaxpr(jax.grad(fwd, argnums=1))(x, w))
+    assert "conv2d_weight_grad" in vjp_prims
+    _close(jax.jit(jax.grad(fwd, argnums=1))(x, w), grads(x, w)[1])
+
+
+def _resnet_loss(batch=2):
+    k = jax.random.split(jax.random.key(0), 3)
+    model, x = ResNet20(), jax.random.normal(k[0], (batch, 32, 32, 3))
+    y = jax.random.randint(k[1], (batch,), 0, 10)
+    variables = model.init(k[2], x, train=False)
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False), y).mean()
+    return loss, variables["params"]
+
+
+@needs_native
+def test_resnet_gradient_matches_xla():
+    """(test_cpu_conv's ResNet test covers its HVPs with convolutions='auto', i.e. native.)"""
+    loss, params = _resnet_loss()
+    scale = lambda t: float(hqjax.tree_norm(t))
+    grad = cpu_conv.apply_convolutions(jax.grad(loss), "auto")
+    assert "conv2d_weight_grad" in {e.primitive.name for e in jax.make_jaxpr(grad)(params).jaxpr.eqns}
+    want = jax.jit(jax.grad(loss))(params)
+    assert scale(jax.tree.map(jnp.subtract, jax.jit(grad)(params), want)) <= 1e-5 * scale(want)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """A process in which the kernel cannot be built: a compiler that does not exist."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("HQJAX_CACHE_DIR", str(tmp_path / "cache"))
+    # fresh once-per-process caches, restored (with the real library) when the test ends
+    monkeypatch.setattr(cpu_wgrad, "_register", functools.lru_cache(maxsize=1)(cpu_wgrad._register.__wrapped__))
+    status = functools.lru_cache(maxsize=1)(cpu_wgrad.native_wgrad_status.__wrapped__)
+    monkeypatch.setattr(cpu_wgrad, "native_wgrad_status", status)
+    monkeypatch.setattr(cpu_conv, "native_wgrad_status", status)
+
+
+def test_fallback_without_a_compiler(no_compiler):
+    ok, reason = cpu_wgrad.native_wgrad_status()
+    assert not ok and "no-such-c++" in reason
+    assert cpu_wgrad.library() is None
+    with pytest.raises(RuntimeError, match="convolutions='native' is unavailable"):
+        resolve_convolutions("native")
+    assert resolve_convolutions("auto") in ("onednn", "xla")
+    # the primitive itself still works: it lowers to XLA's convolution
+    case = CASES[1]
+    x, dy = _operands(case)
+    f = jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))
+    assert "hqjax_conv2d_weight_grad_f32" not in f.lower(x, dy).as_text()
+    _close(f(x, dy), _lax_weight_grad(x, dy, *case[1:4]))
+    lhs_shape, rhs_shape, strides, padding, dn = FORWARD[1]
+    r = np.random.default_rng(0)
+    x, w = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in (lhs_shape, rhs_shape))
+    loss = lambda w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)))
+    v = jnp.asarray(r.standard_normal(rhs_shape), jnp.float32)
+    _close(hqjax.hvp(loss, w, v, convolutions="auto"), hqjax.hvp(loss, w, v, convolutions="xla"), rtol=1e-4)
+
+
+def test_fallback_when_compilation_fails(no_compiler, monkeypatch, tmp_path):
+    fake = tmp_path / "broken-c++"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho 'error: broken' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    ok, reason = cpu_wgrad.native_wgrad_status()
+    assert not ok and "failed (3)" in reason and "broken" in reason
+    assert not list((tmp_path / "cache").glob("*.so"))  # no partial library left in the cache
