@@ -29,6 +29,10 @@ __all__ = ["top_eigenvalues", "block_top_eigenvalues"]
 PyTree = Any
 
 
+def _unit(v):
+    return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(v.dtype).tiny)
+
+
 def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
     """All k deflated power iterations as one loop, so the step is compiled once."""
 
@@ -43,8 +47,10 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
 
     def body(s):
         i, it, v, prev, vals, vecs, iters, (max_iters, tol) = s
-        v = v - (vecs @ v) @ vecs  # PyHessian's orthnormal(v, eigenvectors): deflation
-        v = v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(dtype).tiny)
+        # PyHessian's orthnormal(v, eigenvectors): deflation. Skipped (v is already a unit
+        # vector) while no eigenvector is known: four passes over n, ~5 ms per iteration at
+        # 1.86 M parameters, more than the rest of the step's own work.
+        v = jax.lax.cond(i > 0, lambda v: _unit(v - (vecs @ v) @ vecs), lambda v: v, v)
         w = flat_mv(v)
         lam = jnp.vdot(w, v)
         v_new = w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
