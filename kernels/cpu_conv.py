@@ -20,6 +20,12 @@ function's convolutions make those cheaper without changing what is computed:
 3. With ``native_wgrad`` (``convolutions="native"``, and ``"auto"`` when it passes its
    self-check), weight gradients run as :mod:`.cpu_wgrad`'s native kernel instead, both the
    ones already in a differentiated function and the transposes of oneDNN convolutions.
+4. With ``native_forward`` (``convolutions="native"``/``"auto"`` when :data:`NATIVE_FORWARD`
+   and :func:`~.cpu_wgrad.native_forward_status` pass), 2-D small-window convolutions
+   (forward passes, stride-1 input gradients and their tangents) run as :data:`native_conv_p`,
+   the native forward kernel of the same library, instead of oneDNN: operands transposed to
+   NHWC/HWIO, bilinear, reverse mode through lax's transposes rewritten again (native weight
+   gradients; stride-1 input gradients native, strided ones XLA's), ``vmap`` through lax.
 
 oneDNN's forward convolution with an image-sized window (a weight gradient) took 1.8 s
 against 5 ms for XLA's, hence the window limit. The custom call is an internal interface of
@@ -319,7 +325,8 @@ def resolve_convolutions(convolutions: str) -> str:
     ``'xla'`` leaves XLA's convolutions alone. ``'onednn'`` runs small windows through
     oneDNN and the rest through XLA (raises if oneDNN is unavailable). ``'native'``
     additionally runs weight gradients through the native kernel (raises if it is
-    unavailable; uses oneDNN where :func:`onednn_status` passes). ``'auto'`` is the fastest
+    unavailable) and small-window convolutions through the native forward kernel where
+    :func:`native_forward_status` passes (else oneDNN where :func:`onednn_status` passes). ``'auto'`` is the fastest
     of those whose self-checks pass when the default backend is the CPU, else ``'xla'``.
     """
     if convolutions not in CONVOLUTIONS:

@@ -27,6 +27,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -352,14 +353,33 @@ struct FwdTile {
   int64_t x_kh, w_kh;  // strides per kh step
   int64_t x_pix;       // x stride between output pixels (SW * CI)
   int64_t CO;          // w's ci stride and y's pixel stride
+  // Edge tiles (some pixel's window crosses the left or right border): x points at column 0
+  // of the first tap row, pixel i's tap kw reads column col0 + i*SW + kw, and taps outside
+  // [0, W) read CI zeros from `zeros` instead.
+  int64_t col0, SW, W, CI, KW;
+  const float* zeros;
 };
 
+template <bool EDGE>
 void fwd_generic(const FwdTile& t, int p, int nc) {
   float acc[FP][NR];
   std::memset(acc, 0, sizeof(acc));
   for (int64_t kh = 0; kh < t.nkh; ++kh) {
     const float* xr = t.x + kh * t.x_kh;
     const float* wr = t.w + kh * t.w_kh;
+    if (EDGE) {
+      for (int64_t kw = 0; kw < t.KW; ++kw) {
+        for (int64_t ci = 0; ci < t.CI; ++ci) {
+          const float* wv = wr + (kw * t.CI + ci) * t.CO;
+          for (int i = 0; i < p; ++i) {
+            const int64_t c = t.col0 + i * t.SW + kw;
+            const float xv = (c >= 0 && c < t.W) ? xr[c * t.CI + ci] : 0.0f;
+            for (int v = 0; v < nc; ++v) acc[i][v] += xv * wv[v];
+          }
+        }
+      }
+      continue;
+    }
     for (int64_t k = 0; k < t.nk; ++k) {
       const float* wv = wr + k * t.CO;
       for (int i = 0; i < p; ++i) {
@@ -373,31 +393,48 @@ void fwd_generic(const FwdTile& t, int p, int nc) {
 }
 
 #if HQJAX_X86
-template <int P, int V, bool MASKED>
+template <int P, int V, bool MASKED, bool EDGE>
 __attribute__((target("avx2,fma"))) void fwd_avx2(const FwdTile& t, int tail) {
   // (the mask is built here: a __m256i argument from a non-AVX caller would break the ABI)
   static_assert(P >= 1 && P <= FP && V >= 1 && V <= 2, "tile size");
   const __m256i mask = MASKED ? tail_mask(tail) : _mm256_setzero_si256();
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
          a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-  const int64_t xp = t.x_pix, co = t.CO, nk = t.nk;
-  for (int64_t kh = 0; kh < t.nkh; ++kh) {
-    const float* xr = t.x + kh * t.x_kh;
-    const float* wv = t.w + kh * t.w_kh;
-    for (int64_t k = 0; k < nk; ++k, wv += co) {
-      const __m256 d0 = (MASKED && V == 1) ? _mm256_maskload_ps(wv, mask) : _mm256_loadu_ps(wv);
-      const __m256 d1 = V < 2 ? d0 : (MASKED ? _mm256_maskload_ps(wv + 8, mask) : _mm256_loadu_ps(wv + 8));
-      __m256 xb;
+  const int64_t co = t.CO;
+  // One (kh[, kw]) run of n steps: x of pixel i at p##i[k], w at wv + k*co.
+#define HQJAX_STEPS(n)                                                                                 \
+  for (int64_t k = 0; k < (n); ++k, wv += co) {                                                       \
+    const __m256 d0 = (MASKED && V == 1) ? _mm256_maskload_ps(wv, mask) : _mm256_loadu_ps(wv);        \
+    const __m256 d1 = V < 2 ? d0 : (MASKED ? _mm256_maskload_ps(wv + 8, mask) : _mm256_loadu_ps(wv + 8)); \
+    __m256 xb;                                                                                         \
+    HQJAX_PIX(0) HQJAX_PIX(1) HQJAX_PIX(2) HQJAX_PIX(3) HQJAX_PIX(4) HQJAX_PIX(5)                     \
+  }
 #define HQJAX_PIX(i)                                       \
   if (P > i) {                                             \
-    xb = _mm256_broadcast_ss(xr + i * xp + k);             \
+    xb = _mm256_broadcast_ss(p##i + k);                    \
     a##i##0 = _mm256_fmadd_ps(xb, d0, a##i##0);            \
     if (V > 1) a##i##1 = _mm256_fmadd_ps(xb, d1, a##i##1); \
   }
-      HQJAX_PIX(0) HQJAX_PIX(1) HQJAX_PIX(2) HQJAX_PIX(3) HQJAX_PIX(4) HQJAX_PIX(5)
-#undef HQJAX_PIX
+  for (int64_t kh = 0; kh < t.nkh; ++kh) {
+    const float* xr = t.x + kh * t.x_kh;
+    const float* wv = t.w + kh * t.w_kh;
+    if (EDGE) {
+      for (int64_t kw = 0; kw < t.KW; ++kw) {
+        auto px = [&](int i) {
+          const int64_t c = t.col0 + i * t.SW + kw;
+          return (c >= 0 && c < t.W) ? xr + c * t.CI : t.zeros;
+        };
+        const float *p0 = px(0), *p1 = px(1), *p2 = px(2), *p3 = px(3), *p4 = px(4), *p5 = px(5);
+        HQJAX_STEPS(t.CI)
+      }
+    } else {
+      const float *p0 = xr, *p1 = xr + t.x_pix, *p2 = xr + 2 * t.x_pix, *p3 = xr + 3 * t.x_pix,
+                  *p4 = xr + 4 * t.x_pix, *p5 = xr + 5 * t.x_pix;
+      HQJAX_STEPS(t.nk)
     }
   }
+#undef HQJAX_PIX
+#undef HQJAX_STEPS
   const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
   for (int i = 0; i < P; ++i) {
     for (int v = 0; v < V; ++v) {
@@ -413,32 +450,51 @@ __attribute__((target("avx2,fma"))) void fwd_avx2(const FwdTile& t, int tail) {
 
 using FwdFn = void (*)(const FwdTile&, int);
 
-template <int P>
+template <int P, bool EDGE>
 FwdFn fwd_pick_v(int v, bool masked) {
-  if (v == 1) return masked ? fwd_avx2<P, 1, true> : fwd_avx2<P, 1, false>;
-  return masked ? fwd_avx2<P, 2, true> : fwd_avx2<P, 2, false>;
+  if (v == 1) return masked ? fwd_avx2<P, 1, true, EDGE> : fwd_avx2<P, 1, false, EDGE>;
+  return masked ? fwd_avx2<P, 2, true, EDGE> : fwd_avx2<P, 2, false, EDGE>;
 }
 
+template <bool EDGE>
 FwdFn fwd_pick(int p, int v, bool masked) {
   switch (p) {
-    case 1: return fwd_pick_v<1>(v, masked);
-    case 2: return fwd_pick_v<2>(v, masked);
-    case 3: return fwd_pick_v<3>(v, masked);
-    case 4: return fwd_pick_v<4>(v, masked);
-    case 5: return fwd_pick_v<5>(v, masked);
-    default: return fwd_pick_v<6>(v, masked);
+    case 1: return fwd_pick_v<1, EDGE>(v, masked);
+    case 2: return fwd_pick_v<2, EDGE>(v, masked);
+    case 3: return fwd_pick_v<3, EDGE>(v, masked);
+    case 4: return fwd_pick_v<4, EDGE>(v, masked);
+    case 5: return fwd_pick_v<5, EDGE>(v, masked);
+    default: return fwd_pick_v<6, EDGE>(v, masked);
   }
 }
 #endif
 
-// Output rows [r0, r1) of the flattened (b, oh) rows.
-void fwd_rows(const Geometry& g, const float* x, const float* w, float* y, int64_t r0, int64_t r1, int isa) {
+// Output rows [r0, r1) of the flattened (b, oh) rows. Each row is covered by ceil(OW / 6)
+// tiles of (nearly) equal width (see below for few input channels): a tile of 4 or more pixels keeps enough independent FMA
+// chains in flight, a 1-pixel tile would wait on FMA latency. Tiles whose pixels' windows
+// all lie inside the image run the merged (kw, ci) loop; the others the edge loop.
+void fwd_rows(const Geometry& g, const float* x, const float* w, float* y, int64_t r0, int64_t r1, int isa,
+              const float* zeros) {
   // Interior columns: every kw of the window inside the image.
   int64_t in_lo = (g.PW + g.SW - 1) / g.SW;
   int64_t in_hi = g.W - g.KW + g.PW < 0 ? 0 : (g.W - g.KW + g.PW) / g.SW + 1;
   in_hi = std::min(in_hi, g.OW);
-  in_lo = std::min(in_lo, g.OW);
-  if (in_hi < in_lo) in_hi = in_lo;
+  // Tiles (first pixel, width) of a row. With few input channels (the first layer) the edge
+  // loop's short per-kw runs cost more than latency-bound 1-pixel tiles: there the border
+  // pixels are tiles of their own and the interior is split evenly.
+  std::vector<std::pair<int64_t, int>> tiles;
+  auto split = [&](int64_t lo, int64_t hi) {
+    const int64_t n = hi - lo, k = (n + FP - 1) / FP;
+    for (int64_t j = 0; j < k; lo += n / k + (j < n % k ? 1 : 0), ++j)
+      tiles.emplace_back(lo, static_cast<int>(n / k + (j < n % k ? 1 : 0)));
+  };
+  if (g.CI < 8 && in_lo < in_hi) {
+    for (int64_t o = 0; o < in_lo; ++o) tiles.emplace_back(o, 1);
+    split(in_lo, in_hi);
+    for (int64_t o = in_hi; o < g.OW; ++o) tiles.emplace_back(o, 1);
+  } else {
+    split(0, g.OW);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / g.OH, oh = r % g.OH;
     const int64_t top = oh * g.SH - g.PH;
@@ -447,40 +503,41 @@ void fwd_rows(const Geometry& g, const float* x, const float* w, float* y, int64
     float* yrow = y + r * g.OW * g.CO;
     for (int64_t c0 = 0; c0 < g.CO; c0 += NR) {
       const int nc = static_cast<int>(std::min<int64_t>(NR, g.CO - c0));
-#if HQJAX_X86
       const int v = (nc + 7) / 8;
       const int tail = nc - 8 * (v - 1);
-#endif
-      // pixels [o0, o0 + p) sharing the kw range [kw0, kw1)
-      auto run = [&](int64_t o0, int p, int64_t kw0, int64_t kw1) {
+      for (const auto& [o0, p] : tiles) {
+        const bool edge = o0 < in_lo || o0 + p > in_hi;
         FwdTile t;
-        const int64_t left = o0 * g.SW - g.PW + kw0;
-        t.x = xrow + left * g.CI;
-        t.w = w + ((kh0 * g.KW + kw0) * g.CI) * g.CO + c0;
+        t.col0 = o0 * g.SW - g.PW;
+        t.x = edge ? xrow : xrow + t.col0 * g.CI;
+        t.w = w + (kh0 * g.KW * g.CI) * g.CO + c0;
         t.y = yrow + o0 * g.CO + c0;
         t.nkh = kh1 - kh0;
-        t.nk = (kw1 - kw0) * g.CI;
+        t.nk = g.KW * g.CI;
         t.x_kh = g.W * g.CI;
         t.w_kh = g.KW * g.CI * g.CO;
         t.x_pix = g.SW * g.CI;
         t.CO = g.CO;
-        if (t.nk <= 0) t.nkh = 0;
+        t.SW = g.SW;
+        t.W = g.W;
+        t.CI = g.CI;
+        t.KW = g.KW;
+        t.zeros = zeros;
 #if HQJAX_X86
         if (isa == 1) {
-          fwd_pick(p, v, tail != 8)(t, tail);
-          return;
+          (edge ? fwd_pick<true>(p, v, tail != 8) : fwd_pick<false>(p, v, tail != 8))(t, tail);
+          continue;
         }
 #endif
-        fwd_generic(t, p, nc);
-      };
-      auto edge = [&](int64_t o) {
-        const int64_t l = o * g.SW - g.PW;
-        const int64_t kw0 = std::max<int64_t>(0, -l), kw1 = std::max(kw0, std::min<int64_t>(g.KW, g.W - l));
-        run(o, 1, kw0, kw1);
-      };
-      for (int64_t o = 0; o < in_lo; ++o) edge(o);
-      for (int64_t o = in_lo; o < in_hi; o += FP) run(o, static_cast<int>(std::min<int64_t>(FP, in_hi - o)), 0, g.KW);
-      for (int64_t o = in_hi; o < g.OW; ++o) edge(o);
+        (void)isa;
+        (void)v;
+        (void)tail;
+        if (edge) {
+          fwd_generic<true>(t, p, nc);
+        } else {
+          fwd_generic<false>(t, p, nc);
+        }
+      }
     }
   }
 }
@@ -501,8 +558,9 @@ ffi::Error conv_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   float* yp = y->typed_data();
   // Rows per chunk: about 64 chunks, for balance across threads (any partition gives the same result).
   const int64_t chunks = std::min<int64_t>(total_rows, 64);
+  const std::vector<float> zeros(g.CI, 0.0f);  // what taps outside the image read
   parallel_for(pool, chunks, [&](int64_t c) {
-    fwd_rows(g, xp, wp, yp, c * total_rows / chunks, (c + 1) * total_rows / chunks, current_isa());
+    fwd_rows(g, xp, wp, yp, c * total_rows / chunks, (c + 1) * total_rows / chunks, current_isa(), zeros.data());
   });
   return ffi::Error::Success();
 }
@@ -550,7 +608,8 @@ extern "C" __attribute__((visibility("default"))) int hqjax_wgrad_set_isa(int is
 extern "C" __attribute__((visibility("default"))) void hqjax_forward_direct(const float* x, const float* w, float* y,
                                                                              const int64_t* d) {
   Geometry g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12]};
-  fwd_rows(g, x, w, y, 0, g.B * g.OH, current_isa());
+  const std::vector<float> zeros(g.CI, 0.0f);
+  fwd_rows(g, x, w, y, 0, g.B * g.OH, current_isa(), zeros.data());
 }
 
 // Single-threaded entry point for tuning the micro-kernel outside XLA (not built normally).
