@@ -61,6 +61,9 @@ MAX_NATIVE_KERNEL = 7  # native forward convolutions: kernels up to 7x7
 # Whether convolutions="native" runs small-window convolutions through the native forward
 # kernel (else oneDNN's): on only where it measured faster than oneDNN per layer.
 NATIVE_FORWARD = True
+# ...and only for outputs at least this wide: on ResNet-20's 8x8 64->64 layers (rows of two
+# 4-pixel tiles) the native kernel measured slower than oneDNN; 16 and 32 wide, faster.
+MIN_NATIVE_WIDTH = 12
 
 
 def _conv_primitive(name: str, transpose_lhs: Callable, transpose_rhs: Callable) -> jcore.Primitive:
@@ -166,14 +169,15 @@ def onednn_eligible(lhs_aval, rhs_aval, params: dict) -> bool:
             and 1 <= len(rhs_spec) - 2 <= 3 and window <= MAX_ONEDNN_WINDOW)
 
 
-def native_forward_eligible(lhs_aval, rhs_aval, out_aval, params: dict) -> bool:
+def native_forward_eligible(lhs_aval, rhs_aval, out_aval, params: dict, min_width: int = 0) -> bool:
     """Whether the native forward kernel can run this ``conv_general_dilated`` (any layout).
 
     2-D, float32, no input or window dilation, no groups, non-negative padding and a kernel
-    of at most ``MAX_NATIVE_KERNEL`` in each spatial dimension.
+    of at most ``MAX_NATIVE_KERNEL`` in each spatial dimension (and an output at least
+    ``min_width`` wide).
     """
-    _, rhs_spec, _ = params["dimension_numbers"]
-    return (len(rhs_spec) == 4
+    _, rhs_spec, out_spec = params["dimension_numbers"]
+    return (len(rhs_spec) == 4 and out_aval.shape[out_spec[3]] >= min_width
             and all(a.dtype == jnp.float32 for a in (lhs_aval, rhs_aval, out_aval))
             and params.get("preferred_element_type") in (None, jnp.float32)
             and tuple(params["lhs_dilation"]) == (1, 1) and tuple(params["rhs_dilation"]) == (1, 1)
@@ -218,7 +222,7 @@ def _rewrite_convolution(eqn, ins, use_onednn: bool, native_wgrad: bool, native_
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     if native_wgrad and (wgrad := weight_grad_form(lhs, rhs, eqn.outvars[0].aval, eqn.params)):
         return wgrad(*ins)
-    if native_fwd and native_forward_eligible(lhs, rhs, eqn.outvars[0].aval, eqn.params):
+    if native_fwd and native_forward_eligible(lhs, rhs, eqn.outvars[0].aval, eqn.params, MIN_NATIVE_WIDTH):
         return native_forward(*ins, **eqn.params)
     if use_onednn and onednn_eligible(lhs, rhs, eqn.params):
         prim = onednn_conv_native_wgrad_p if native_wgrad else onednn_conv_p

@@ -28,7 +28,7 @@ from jax import lax
 import hqjax
 from hqjax.kernels import cpu_conv
 from hqjax.kernels.cpu_conv import apply_convolutions, cpu_convolutions
-from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, library, native_forward_status, native_wgrad_status
+from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, forward_ffi_call, library, native_forward_status, native_wgrad_status
 from hqjax.models import ResNet20
 
 LAYERS = [(32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2)]  # H, CI, CO, stride; 3x3 SAME
@@ -85,7 +85,7 @@ def forward_layers(batch, repeats):
         conv = lambda x, w: lax.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
         fns = {"xla": jax.jit(conv), "onednn": jax.jit(cpu_convolutions(conv)),
-               "native": jax.jit(cpu_convolutions(conv, native_forward=True))}
+               "native": jax.jit(functools.partial(forward_ffi_call, window_strides=(s, s), padding=((1, 1), (1, 1))))}
         assert "hqjax_conv2d_forward_f32" in fns["native"].lower(x, w).as_text()
         assert "onednn" in fns["onednn"].lower(x, w).as_text()
         want = np.asarray(fns["xla"](x, w))
