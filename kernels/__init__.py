@@ -12,14 +12,14 @@ epilogue, on three backends that return identical integers:
 the same kernels through im2col.
 
 :func:`cpu_convolutions` is the float side: it rewrites a function's convolutions for
-XLA:CPU (jaxlib's oneDNN for small windows, hqjax's native kernel from :mod:`.cpu_wgrad`
-or explicit layouts for weight gradients), which the curvature operators use by default on
-the CPU (``convolutions="auto"``).
+XLA:CPU (hqjax's native forward kernel or jaxlib's oneDNN for small windows, hqjax's
+native kernel from :mod:`.cpu_wgrad` or explicit layouts for weight gradients), which the
+curvature operators use by default on the CPU (``convolutions="auto"``).
 """
 
 from .conv import im2col, int_conv2d
 from .cpu_conv import cpu_convolutions, onednn_status
-from .cpu_wgrad import native_wgrad_status
+from .cpu_wgrad import native_forward_status, native_wgrad_status
 from .dispatch import BACKENDS, default_backend, int4_matmul, int_matmul
 from .mosaic import MosaicBlocks
 from .packing import pack_int4, unpack_int4
@@ -39,6 +39,7 @@ __all__ = [
     "int4_matmul",
     "int_conv2d",
     "int_matmul",
+    "native_forward_status",
     "native_wgrad_status",
     "onednn_status",
     "pack_int4",

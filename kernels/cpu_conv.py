@@ -20,6 +20,12 @@ function's convolutions make those cheaper without changing what is computed:
 3. With ``native_wgrad`` (``convolutions="native"``, and ``"auto"`` when it passes its
    self-check), weight gradients run as :mod:`.cpu_wgrad`'s native kernel instead, both the
    ones already in a differentiated function and the transposes of oneDNN convolutions.
+4. With ``native_forward`` (``convolutions="native"``/``"auto"`` when :data:`NATIVE_FORWARD`
+   and :func:`~.cpu_wgrad.native_forward_status` pass), 2-D small-window convolutions
+   (forward passes, stride-1 input gradients and their tangents) run as :data:`native_conv_p`,
+   the native forward kernel of the same library, instead of oneDNN: operands transposed to
+   NHWC/HWIO, bilinear, reverse mode through lax's transposes rewritten again (native weight
+   gradients; stride-1 input gradients native, strided ones XLA's), ``vmap`` through lax.
 
 oneDNN's forward convolution with an image-sized window (a weight gradient) took 1.8 s
 against 5 ms for XLA's, hence the window limit. The custom call is an internal interface of
@@ -43,25 +49,35 @@ from jax._src.interpreters import ad, batching, mlir
 from jax._src.lax import convolution as _conv
 from jax.extend import core as jcore
 
-from .cpu_wgrad import native_wgrad_status, weight_grad_form
+from . import cpu_wgrad
+from .cpu_wgrad import native_forward_status, native_wgrad_status, weight_grad_form
 
-__all__ = ["CONVOLUTIONS", "cpu_convolutions", "onednn_conv_p", "onednn_status", "resolve_convolutions"]
+__all__ = ["CONVOLUTIONS", "cpu_convolutions", "native_conv_p", "onednn_conv_p", "onednn_status",
+           "resolve_convolutions"]
 
 CONVOLUTIONS = ("auto", "xla", "onednn", "native")
 MAX_ONEDNN_WINDOW = 49  # kernel elements per feature pair: up to 7x7 in 2-D
+MAX_NATIVE_KERNEL = 7  # native forward convolutions: kernels up to 7x7
+# Whether convolutions="native" runs small-window convolutions through the native forward
+# kernel (else oneDNN's): on only where it measured faster than oneDNN per layer.
+NATIVE_FORWARD = True
+# ...and only for outputs at least this wide: on ResNet-20's 8x8 64->64 layers (rows of two
+# 4-pixel tiles) the native kernel measured slower than oneDNN; 16 and 32 wide, faster.
+MIN_NATIVE_WIDTH = 12
 
 
-def _onednn_primitive(name: str, transpose_rhs: Callable) -> jcore.Primitive:
+def _conv_primitive(name: str, transpose_lhs: Callable, transpose_rhs: Callable) -> jcore.Primitive:
     """A convolution with exactly ``lax.conv_general_dilated_p``'s parameters and semantics.
 
-    Shape rules, autodiff and batching are lax's own; its CPU lowering is oneDNN's, and its
-    weight-gradient transpose is ``transpose_rhs``.
+    Shape rules, autodiff and batching are lax's own (batching through lax's convolution);
+    the caller registers its CPU lowering; its transposes are ``transpose_lhs`` and
+    ``transpose_rhs``.
     """
     p = jcore.Primitive(name)
     p.def_impl(functools.partial(dispatch.apply_primitive, p))
     p.def_effectful_abstract_eval(lambda *a, **k: lax.conv_general_dilated_p.abstract_eval(*a, **k))
     # Bilinear: tangents are the same primitive again; reverse mode uses lax-style transposes.
-    ad.defbilinear(p, _conv._conv_general_dilated_transpose_lhs, transpose_rhs)
+    ad.defbilinear(p, transpose_lhs, transpose_rhs)
     batching.fancy_primitive_batchers[p] = _conv._conv_general_dilated_batch_rule
     mlir.register_lowering(p, _conv._conv_general_dilated_lower)
     return p
@@ -73,9 +89,23 @@ def _transpose_rhs_native(g, lhs, rhs, **params):
     return cpu_convolutions(rule, onednn=False, native_wgrad=True)(g, lhs)
 
 
-onednn_conv_p = _onednn_primitive("onednn_conv_general_dilated", _conv._conv_general_dilated_transpose_rhs)
+def _transpose_lhs_native(g, lhs, rhs, **params):
+    """lax's input-gradient transpose, its convolution run natively (stride 1: a forward
+    convolution with the flipped kernel), by oneDNN or by XLA (strided: input dilation)."""
+    rule = lambda g, rhs: _conv._conv_general_dilated_transpose_lhs(g, lhs, rhs, **params)
+    return cpu_convolutions(rule, onednn=onednn_status()[0], native_wgrad=True, native_forward=True)(g, rhs)
+
+
+onednn_conv_p = _conv_primitive("onednn_conv_general_dilated", _conv._conv_general_dilated_transpose_lhs,
+                                _conv._conv_general_dilated_transpose_rhs)
 # The same, for convolutions="native": its weight gradients (reverse mode through it) are native.
-onednn_conv_native_wgrad_p = _onednn_primitive("onednn_conv_general_dilated_native_wgrad", _transpose_rhs_native)
+onednn_conv_native_wgrad_p = _conv_primitive("onednn_conv_general_dilated_native_wgrad",
+                                             _conv._conv_general_dilated_transpose_lhs, _transpose_rhs_native)
+# A 2-D convolution in NHWC/HWIO/NHWC form (as the rewrite binds it) run by hqjax's native
+# forward kernel (cpu_wgrad.cc); reverse mode gives native weight gradients and input
+# gradients that are rewritten again.
+native_conv_p = _conv_primitive("native_conv_general_dilated", _transpose_lhs_native, _transpose_rhs_native)
+NHWC_HWIO = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
 def _ints(xs) -> list[str]:
@@ -110,6 +140,18 @@ mlir.register_lowering(onednn_conv_p, _onednn_lowering, platform="cpu")
 mlir.register_lowering(onednn_conv_native_wgrad_p, _onednn_lowering, platform="cpu")
 
 
+def _native_lowering(ctx, lhs, rhs, **params):
+    lhs_aval, rhs_aval = ctx.avals_in
+    if (cpu_wgrad._register()[0] and tuple(params["dimension_numbers"]) == tuple(NHWC_HWIO)
+            and native_forward_eligible(lhs_aval, rhs_aval, ctx.avals_out[0], params)):
+        return cpu_wgrad.forward_lowering(ctx, lhs, rhs, window_strides=params["window_strides"],
+                                          padding=params["padding"])
+    return _conv._conv_general_dilated_lower(ctx, lhs, rhs, **params)  # still correct, through XLA
+
+
+mlir.register_lowering(native_conv_p, _native_lowering, platform="cpu")
+
+
 def onednn_eligible(lhs_aval, rhs_aval, params: dict) -> bool:
     """Whether oneDNN's direct forward convolution can run this ``conv_general_dilated``.
 
@@ -125,6 +167,35 @@ def onednn_eligible(lhs_aval, rhs_aval, params: dict) -> bool:
             and params["batch_group_count"] == 1 and params["feature_group_count"] == 1
             and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
             and 1 <= len(rhs_spec) - 2 <= 3 and window <= MAX_ONEDNN_WINDOW)
+
+
+def native_forward_eligible(lhs_aval, rhs_aval, out_aval, params: dict, min_width: int = 0) -> bool:
+    """Whether the native forward kernel can run this ``conv_general_dilated`` (any layout).
+
+    2-D, float32, no input or window dilation, no groups, non-negative padding and a kernel
+    of at most ``MAX_NATIVE_KERNEL`` in each spatial dimension (and an output at least
+    ``min_width`` wide).
+    """
+    _, rhs_spec, out_spec = params["dimension_numbers"]
+    return (len(rhs_spec) == 4 and out_aval.shape[out_spec[3]] >= min_width
+            and all(a.dtype == jnp.float32 for a in (lhs_aval, rhs_aval, out_aval))
+            and params.get("preferred_element_type") in (None, jnp.float32)
+            and tuple(params["lhs_dilation"]) == (1, 1) and tuple(params["rhs_dilation"]) == (1, 1)
+            and params["batch_group_count"] == 1 and params["feature_group_count"] == 1
+            and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
+            and all(1 <= rhs_aval.shape[d] <= MAX_NATIVE_KERNEL for d in rhs_spec[2:]))
+
+
+def native_forward(lhs, rhs, *, dimension_numbers, **params):
+    """``lax.conv_general_dilated_p`` (2-D) as :data:`native_conv_p`, operands transposed to NHWC/HWIO."""
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    perm = lambda x, p: x if tuple(p) == tuple(range(x.ndim)) else jnp.transpose(x, p)
+    out = native_conv_p.bind(perm(lhs, (lhs_spec[0], lhs_spec[2], lhs_spec[3], lhs_spec[1])),
+                             perm(rhs, (rhs_spec[2], rhs_spec[3], rhs_spec[1], rhs_spec[0])),
+                             dimension_numbers=NHWC_HWIO, **params)
+    back = [0] * 4
+    back[out_spec[0]], back[out_spec[1]], back[out_spec[2]], back[out_spec[3]] = 0, 3, 1, 2
+    return perm(out, back)
 
 
 def conv_with_xla_layouts(lhs, rhs, *, dimension_numbers, **params):
@@ -147,17 +218,19 @@ def conv_with_xla_layouts(lhs, rhs, *, dimension_numbers, **params):
     return perm(out, back)
 
 
-def _rewrite_convolution(eqn, ins, use_onednn: bool, native_wgrad: bool):
+def _rewrite_convolution(eqn, ins, use_onednn: bool, native_wgrad: bool, native_fwd: bool):
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     if native_wgrad and (wgrad := weight_grad_form(lhs, rhs, eqn.outvars[0].aval, eqn.params)):
         return wgrad(*ins)
+    if native_fwd and native_forward_eligible(lhs, rhs, eqn.outvars[0].aval, eqn.params, MIN_NATIVE_WIDTH):
+        return native_forward(*ins, **eqn.params)
     if use_onednn and onednn_eligible(lhs, rhs, eqn.params):
         prim = onednn_conv_native_wgrad_p if native_wgrad else onednn_conv_p
         return prim.bind(*ins, **eqn.params)
     return conv_with_xla_layouts(*ins, **eqn.params)
 
 
-def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = False):
+def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = False, native_fwd: bool = False):
     env: dict = {}
     read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
     for v, x in zip(jaxpr.constvars, consts):
@@ -167,11 +240,11 @@ def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = 
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         if eqn.primitive is lax.conv_general_dilated_p:
-            outs = [_rewrite_convolution(eqn, ins, use_onednn, native_wgrad)]
+            outs = [_rewrite_convolution(eqn, ins, use_onednn, native_wgrad, native_fwd)]
         elif eqn.primitive.name in ("pjit", "jit", "closed_call"):
             # inlined: a nested jit is one more XLA computation boundary, not a semantic one
             inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
-            outs = _eval_rewritten(inner.jaxpr, inner.consts, ins, use_onednn, native_wgrad)
+            outs = _eval_rewritten(inner.jaxpr, inner.consts, ins, use_onednn, native_wgrad, native_fwd)
         else:
             with eqn.ctx.manager:
                 outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
@@ -183,7 +256,8 @@ def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = 
     return [read(v) for v in jaxpr.outvars]
 
 
-def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = False) -> Callable:
+def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = False,
+                     native_forward: bool = False) -> Callable:
     """``fn`` with its convolutions rewritten for XLA:CPU (same values, faster there).
 
     Parameters
@@ -194,6 +268,9 @@ def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = 
     native_wgrad : run 2-D float32 weight gradients through :mod:`.cpu_wgrad`'s native
         kernel (check :func:`~hqjax.kernels.cpu_wgrad.native_wgrad_status` first; without
         the library it lowers to XLA's convolution, correct but no faster).
+    native_forward : run 2-D float32 small-window convolutions (forward passes, stride-1
+        input gradients) through the native forward kernel instead of oneDNN (check
+        :func:`~hqjax.kernels.cpu_wgrad.native_forward_status` first).
 
     Returns
     -------
@@ -204,7 +281,8 @@ def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = 
     """
     def rewritten(*args):
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), onednn, native_wgrad)
+        outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), onednn, native_wgrad,
+                               native_forward)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return functools.wraps(fn)(rewritten) if hasattr(fn, "__name__") else rewritten
@@ -251,7 +329,8 @@ def resolve_convolutions(convolutions: str) -> str:
     ``'xla'`` leaves XLA's convolutions alone. ``'onednn'`` runs small windows through
     oneDNN and the rest through XLA (raises if oneDNN is unavailable). ``'native'``
     additionally runs weight gradients through the native kernel (raises if it is
-    unavailable; uses oneDNN where :func:`onednn_status` passes). ``'auto'`` is the fastest
+    unavailable) and small-window convolutions through the native forward kernel where
+    :func:`native_forward_status` passes (else oneDNN where :func:`onednn_status` passes). ``'auto'`` is the fastest
     of those whose self-checks pass when the default backend is the CPU, else ``'xla'``.
     """
     if convolutions not in CONVOLUTIONS:
@@ -282,4 +361,5 @@ def apply_convolutions(fn: Callable, convolutions: str) -> Callable:
         return fn
     if mode == "onednn":
         return cpu_convolutions(fn)
-    return cpu_convolutions(fn, onednn=onednn_status()[0], native_wgrad=True)
+    return cpu_convolutions(fn, onednn=onednn_status()[0], native_wgrad=True, native_forward=NATIVE_FORWARD
+                            and native_forward_status()[0])

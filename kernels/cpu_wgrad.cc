@@ -24,8 +24,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -240,39 +242,40 @@ void tile(const Geometry& g, const float* x, const float* dy, int64_t r0, int64_
   }
 }
 
-// Work shared by the calling thread and the tasks it schedules on XLA's pool. Chunks are
-// claimed through `next`; the caller waits until `done` counts every chunk, never for a task
-// to start (XLA may run scheduled tasks late, on the caller, or on a pool of one thread).
-struct Work {
-  Geometry g;
-  const float* x;
-  const float* dy;
-  int64_t rows_per_tile, tiles, chunks;
-  std::vector<float> partial;  // [chunks, KH*KW*CI*CO]
+// Work shared by the calling thread and the tasks it schedules on XLA's pool: chunks
+// [0, chunks) are claimed through `next` and each is run once by fn(chunk). The caller waits
+// until `done` counts every chunk, never for a task to start (XLA may run scheduled tasks
+// late, on the caller, or on a pool of one thread); a late task finds no chunk left and
+// only touches this shared state, never fn's captures.
+struct Parallel {
+  std::function<void(int64_t)> fn;
+  int64_t chunks = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::mutex mu;
   std::condition_variable cv;
 };
 
-void run_chunks(Work& w) {
-  const int isa = current_isa();
-  const int64_t size = w.g.KH * w.g.KW * w.g.CI * w.g.CO;
-  const int64_t total_rows = w.g.B * w.g.OH;
-  std::vector<Row> rows, shifted;
+void run_chunks(Parallel& p) {
   int64_t finished = 0;
-  for (int64_t c; (c = w.next.fetch_add(1)) < w.chunks; ++finished) {
-    const int64_t t0 = c * w.tiles / w.chunks, t1 = (c + 1) * w.tiles / w.chunks;
-    float* acc = w.partial.data() + c * size;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * w.rows_per_tile;
-      tile(w.g, w.x, w.dy, r0, std::min(total_rows, r0 + w.rows_per_tile), acc, isa, rows, shifted);
-    }
+  for (int64_t c; (c = p.next.fetch_add(1)) < p.chunks; ++finished) p.fn(c);
+  if (finished > 0 && p.done.fetch_add(finished) + finished == p.chunks) {
+    std::lock_guard<std::mutex> lock(p.mu);
+    p.cv.notify_all();
   }
-  if (finished > 0 && w.done.fetch_add(finished) + finished == w.chunks) {
-    std::lock_guard<std::mutex> lock(w.mu);
-    w.cv.notify_all();
-  }
+}
+
+// fn(c) for every c in [0, chunks), on the calling thread and up to num_threads - 1 helpers.
+void parallel_for(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> fn) {
+  if (chunks <= 0) return;
+  auto p = std::make_shared<Parallel>();
+  p->fn = std::move(fn);
+  p->chunks = chunks;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([p] { run_chunks(*p); });
+  run_chunks(*p);
+  std::unique_lock<std::mutex> lock(p->mu);
+  p->cv.wait(lock, [&] { return p->done.load() == p->chunks; });
 }
 
 // Tile height in output rows: the x and dy rows one tile touches, about 24 KiB (L1 is 32 KiB
@@ -299,29 +302,266 @@ ffi::Error weight_grad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t total_rows = g.B * g.OH;
   if (size == 0 || total_rows == 0 || g.OW == 0) return ffi::Error::Success();
 
-  auto work = std::make_shared<Work>();
-  work->g = g;
-  work->x = x.typed_data();
-  work->dy = dy.typed_data();
-  work->rows_per_tile = rows_per_tile(g);
-  work->tiles = (total_rows + work->rows_per_tile - 1) / work->rows_per_tile;
+  const int64_t rpt = rows_per_tile(g);
+  const int64_t tiles = (total_rows + rpt - 1) / rpt;
   // A chunk count that depends on the shape only (deterministic sums), enough to balance a
   // few threads, and private accumulators of at most ~4 MiB in all.
   const int64_t by_memory = std::max<int64_t>(1, (4 << 20) / (size * 4));
-  work->chunks = std::max<int64_t>(1, std::min<int64_t>({work->tiles, int64_t{16}, by_memory}));
-  work->partial.assign(work->chunks * size, 0.0f);
-
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run_chunks(*work); });
-  run_chunks(*work);
-  {
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done.load() == work->chunks; });
-  }
-  for (int64_t c = 0; c < work->chunks; ++c) {
-    const float* p = work->partial.data() + c * size;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({tiles, int64_t{16}, by_memory}));
+  std::vector<float> partial(chunks * size, 0.0f);
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  parallel_for(pool, chunks, [&](int64_t c) {
+    const int isa = current_isa();
+    std::vector<Row> rows, shifted;
+    float* acc = partial.data() + c * size;
+    for (int64_t t = c * tiles / chunks; t < (c + 1) * tiles / chunks; ++t) {
+      const int64_t r0 = t * rpt;
+      tile(g, xp, dyp, r0, std::min(total_rows, r0 + rpt), acc, isa, rows, shifted);
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* p = partial.data() + c * size;
     for (int64_t i = 0; i < size; ++i) out[i] += p[i];
   }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward convolution
+//
+//   y[b, oh, ow, co] = sum_{kh, kw, ci} x[b, oh*sh + kh - ph, ow*sw + kw - pw, ci] * w[kh, kw, ci, co]
+//
+// Direct convolution: a tile of P consecutive output pixels of one row x 16 output channels
+// (2P ymm accumulators, P <= 6) stays in registers while the loop runs over the taps and
+// input channels: per (tap, ci), two vector loads of w[kh, kw, ci, co:co+16], P broadcasts of
+// x and 2P FMAs. For fixed kh, (kw, ci) walks contiguous memory in both x (NHWC) and w
+// (HWIO), so the kw and ci loops are one. Padding is never materialized: rows clip their kh
+// range at the image's top and bottom, the pixels whose window crosses the left or right
+// edge run as tiles of one pixel with their own kw range, the rest as full tiles. Every
+// output element is written by one thread with one summation order, so the result does not
+// depend on the partition of the (b, oh) rows over XLA's thread pool.
+
+constexpr int FP = 6;  // output pixels per tile
+
+// One tile's operands: x at (pixel 0, first tap), w at (first tap, ci 0, co block), y at pixel 0.
+struct FwdTile {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t nkh, nk;     // taps rows, and kw * CI steps per row
+  int64_t x_kh, w_kh;  // strides per kh step
+  int64_t x_pix;       // x stride between output pixels (SW * CI)
+  int64_t CO;          // w's ci stride and y's pixel stride
+  // Edge tiles (some pixel's window crosses the left or right border): x points at column 0
+  // of the first tap row, pixel i's tap kw reads column col0 + i*SW + kw, and taps outside
+  // [0, W) read CI zeros from `zeros` instead.
+  int64_t col0, SW, W, CI, KW;
+  const float* zeros;
+};
+
+template <bool EDGE>
+void fwd_generic(const FwdTile& t, int p, int nc) {
+  float acc[FP][NR];
+  std::memset(acc, 0, sizeof(acc));
+  for (int64_t kh = 0; kh < t.nkh; ++kh) {
+    const float* xr = t.x + kh * t.x_kh;
+    const float* wr = t.w + kh * t.w_kh;
+    if (EDGE) {
+      for (int64_t kw = 0; kw < t.KW; ++kw) {
+        for (int64_t ci = 0; ci < t.CI; ++ci) {
+          const float* wv = wr + (kw * t.CI + ci) * t.CO;
+          for (int i = 0; i < p; ++i) {
+            const int64_t c = t.col0 + i * t.SW + kw;
+            const float xv = (c >= 0 && c < t.W) ? xr[c * t.CI + ci] : 0.0f;
+            for (int v = 0; v < nc; ++v) acc[i][v] += xv * wv[v];
+          }
+        }
+      }
+      continue;
+    }
+    for (int64_t k = 0; k < t.nk; ++k) {
+      const float* wv = wr + k * t.CO;
+      for (int i = 0; i < p; ++i) {
+        const float xv = xr[i * t.x_pix + k];
+        for (int v = 0; v < nc; ++v) acc[i][v] += xv * wv[v];
+      }
+    }
+  }
+  for (int i = 0; i < p; ++i)
+    for (int v = 0; v < nc; ++v) t.y[i * t.CO + v] = acc[i][v];
+}
+
+#if HQJAX_X86
+template <int P, int V, bool MASKED, bool EDGE>
+__attribute__((target("avx2,fma"))) void fwd_avx2(const FwdTile& t, int tail) {
+  // (the mask is built here: a __m256i argument from a non-AVX caller would break the ABI)
+  static_assert(P >= 1 && P <= FP && V >= 1 && V <= 2, "tile size");
+  const __m256i mask = MASKED ? tail_mask(tail) : _mm256_setzero_si256();
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  const int64_t co = t.CO;
+  // One (kh[, kw]) run of n steps: x of pixel i at p##i[k], w at wv + k*co.
+#define HQJAX_STEPS(n)                                                                                 \
+  for (int64_t k = 0; k < (n); ++k, wv += co) {                                                       \
+    const __m256 d0 = (MASKED && V == 1) ? _mm256_maskload_ps(wv, mask) : _mm256_loadu_ps(wv);        \
+    const __m256 d1 = V < 2 ? d0 : (MASKED ? _mm256_maskload_ps(wv + 8, mask) : _mm256_loadu_ps(wv + 8)); \
+    __m256 xb;                                                                                         \
+    HQJAX_PIX(0) HQJAX_PIX(1) HQJAX_PIX(2) HQJAX_PIX(3) HQJAX_PIX(4) HQJAX_PIX(5)                     \
+  }
+#define HQJAX_PIX(i)                                       \
+  if (P > i) {                                             \
+    xb = _mm256_broadcast_ss(p##i + k);                    \
+    a##i##0 = _mm256_fmadd_ps(xb, d0, a##i##0);            \
+    if (V > 1) a##i##1 = _mm256_fmadd_ps(xb, d1, a##i##1); \
+  }
+  for (int64_t kh = 0; kh < t.nkh; ++kh) {
+    const float* xr = t.x + kh * t.x_kh;
+    const float* wv = t.w + kh * t.w_kh;
+    if (EDGE) {
+      for (int64_t kw = 0; kw < t.KW; ++kw) {
+        auto px = [&](int i) {
+          const int64_t c = t.col0 + i * t.SW + kw;
+          return (c >= 0 && c < t.W) ? xr + c * t.CI : t.zeros;
+        };
+        const float *p0 = px(0), *p1 = px(1), *p2 = px(2), *p3 = px(3), *p4 = px(4), *p5 = px(5);
+        HQJAX_STEPS(t.CI)
+      }
+    } else {
+      const float *p0 = xr, *p1 = xr + t.x_pix, *p2 = xr + 2 * t.x_pix, *p3 = xr + 3 * t.x_pix,
+                  *p4 = xr + 4 * t.x_pix, *p5 = xr + 5 * t.x_pix;
+      HQJAX_STEPS(t.nk)
+    }
+  }
+#undef HQJAX_PIX
+#undef HQJAX_STEPS
+  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+  for (int i = 0; i < P; ++i) {
+    for (int v = 0; v < V; ++v) {
+      float* o = t.y + i * co + 8 * v;
+      if (MASKED && v == V - 1) {
+        _mm256_maskstore_ps(o, mask, acc[i][v]);
+      } else {
+        _mm256_storeu_ps(o, acc[i][v]);
+      }
+    }
+  }
+}
+
+using FwdFn = void (*)(const FwdTile&, int);
+
+template <int P, bool EDGE>
+FwdFn fwd_pick_v(int v, bool masked) {
+  if (v == 1) return masked ? fwd_avx2<P, 1, true, EDGE> : fwd_avx2<P, 1, false, EDGE>;
+  return masked ? fwd_avx2<P, 2, true, EDGE> : fwd_avx2<P, 2, false, EDGE>;
+}
+
+template <bool EDGE>
+FwdFn fwd_pick(int p, int v, bool masked) {
+  switch (p) {
+    case 1: return fwd_pick_v<1, EDGE>(v, masked);
+    case 2: return fwd_pick_v<2, EDGE>(v, masked);
+    case 3: return fwd_pick_v<3, EDGE>(v, masked);
+    case 4: return fwd_pick_v<4, EDGE>(v, masked);
+    case 5: return fwd_pick_v<5, EDGE>(v, masked);
+    default: return fwd_pick_v<6, EDGE>(v, masked);
+  }
+}
+#endif
+
+// Output rows [r0, r1) of the flattened (b, oh) rows. Each row is covered by ceil(OW / 6)
+// tiles of (nearly) equal width (see below for few input channels): a tile of 4 or more pixels keeps enough independent FMA
+// chains in flight, a 1-pixel tile would wait on FMA latency. Tiles whose pixels' windows
+// all lie inside the image run the merged (kw, ci) loop; the others the edge loop.
+void fwd_rows(const Geometry& g, const float* x, const float* w, float* y, int64_t r0, int64_t r1, int isa,
+              const float* zeros) {
+  // Interior columns: every kw of the window inside the image.
+  int64_t in_lo = (g.PW + g.SW - 1) / g.SW;
+  int64_t in_hi = g.W - g.KW + g.PW < 0 ? 0 : (g.W - g.KW + g.PW) / g.SW + 1;
+  in_hi = std::min(in_hi, g.OW);
+  // Tiles (first pixel, width) of a row. With few input channels (the first layer) the edge
+  // loop's short per-kw runs cost more than latency-bound 1-pixel tiles: there the border
+  // pixels are tiles of their own and the interior is split evenly.
+  std::vector<std::pair<int64_t, int>> tiles;
+  auto split = [&](int64_t lo, int64_t hi) {
+    const int64_t n = hi - lo, k = (n + FP - 1) / FP;
+    for (int64_t j = 0; j < k; lo += n / k + (j < n % k ? 1 : 0), ++j)
+      tiles.emplace_back(lo, static_cast<int>(n / k + (j < n % k ? 1 : 0)));
+  };
+  if (g.CI < 8 && in_lo < in_hi) {
+    for (int64_t o = 0; o < in_lo; ++o) tiles.emplace_back(o, 1);
+    split(in_lo, in_hi);
+    for (int64_t o = in_hi; o < g.OW; ++o) tiles.emplace_back(o, 1);
+  } else {
+    split(0, g.OW);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / g.OH, oh = r % g.OH;
+    const int64_t top = oh * g.SH - g.PH;
+    const int64_t kh0 = std::max<int64_t>(0, -top), kh1 = std::max(kh0, std::min<int64_t>(g.KH, g.H - top));
+    const float* xrow = x + (b * g.H + top + kh0) * g.W * g.CI;  // only read when kh1 > kh0
+    float* yrow = y + r * g.OW * g.CO;
+    for (int64_t c0 = 0; c0 < g.CO; c0 += NR) {
+      const int nc = static_cast<int>(std::min<int64_t>(NR, g.CO - c0));
+      const int v = (nc + 7) / 8;
+      const int tail = nc - 8 * (v - 1);
+      for (const auto& [o0, p] : tiles) {
+        const bool edge = o0 < in_lo || o0 + p > in_hi;
+        FwdTile t;
+        t.col0 = o0 * g.SW - g.PW;
+        t.x = edge ? xrow : xrow + t.col0 * g.CI;
+        t.w = w + (kh0 * g.KW * g.CI) * g.CO + c0;
+        t.y = yrow + o0 * g.CO + c0;
+        t.nkh = kh1 - kh0;
+        t.nk = g.KW * g.CI;
+        t.x_kh = g.W * g.CI;
+        t.w_kh = g.KW * g.CI * g.CO;
+        t.x_pix = g.SW * g.CI;
+        t.CO = g.CO;
+        t.SW = g.SW;
+        t.W = g.W;
+        t.CI = g.CI;
+        t.KW = g.KW;
+        t.zeros = zeros;
+#if HQJAX_X86
+        if (isa == 1) {
+          (edge ? fwd_pick<true>(p, v, tail != 8) : fwd_pick<false>(p, v, tail != 8))(t, tail);
+          continue;
+        }
+#endif
+        (void)isa;
+        (void)v;
+        (void)tail;
+        if (edge) {
+          fwd_generic<true>(t, p, nc);
+        } else {
+          fwd_generic<false>(t, p, nc);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error conv_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                        int64_t pad_w) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("conv2d forward: x, w and y must have rank 4");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], stride_h, stride_w, pad_h, pad_w};
+  if (yd[0] != g.B || wd[2] != g.CI || wd[3] != g.CO || g.SH < 1 || g.SW < 1 || g.PH < 0 || g.PW < 0)
+    return ffi::Error::InvalidArgument("conv2d forward: inconsistent shapes, strides or padding");
+  const int64_t total_rows = g.B * g.OH;
+  if (total_rows == 0 || g.OW == 0 || g.CO == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  // Rows per chunk: about 64 chunks, for balance across threads (any partition gives the same result).
+  const int64_t chunks = std::min<int64_t>(total_rows, 64);
+  const std::vector<float> zeros(g.CI, 0.0f);  // what taps outside the image read
+  parallel_for(pool, chunks, [&](int64_t c) {
+    fwd_rows(g, xp, wp, yp, c * total_rows / chunks, (c + 1) * total_rows / chunks, current_isa(), zeros.data());
+  });
   return ffi::Error::Success();
 }
 
@@ -341,6 +581,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HqjaxConv2dWeightGradF32, weight_grad,
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w"));
 
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* HqjaxConv2dForwardF32(XLA_FFI_CallFrame*);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HqjaxConv2dForwardF32, conv_forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x, NHWC
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w, HWIO
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y, NHWC
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));
+
 // Which micro-kernel runs: 1 AVX2+FMA, 0 portable. hqjax_wgrad_set_isa(0) forces the
 // portable one (tests); hqjax_wgrad_set_isa(1) is ignored on CPUs without AVX2+FMA.
 extern "C" __attribute__((visibility("default"))) int hqjax_wgrad_isa() { return current_isa(); }
@@ -351,6 +604,14 @@ extern "C" __attribute__((visibility("default"))) int hqjax_wgrad_set_isa(int is
 }
 
 #ifdef HQJAX_WGRAD_BENCH
+// Single-threaded forward convolution (d as for hqjax_wgrad_direct, y: [B, OH, OW, CO]).
+extern "C" __attribute__((visibility("default"))) void hqjax_forward_direct(const float* x, const float* w, float* y,
+                                                                             const int64_t* d) {
+  Geometry g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12]};
+  const std::vector<float> zeros(g.CI, 0.0f);
+  fwd_rows(g, x, w, y, 0, g.B * g.OH, current_isa(), zeros.data());
+}
+
 // Single-threaded entry point for tuning the micro-kernel outside XLA (not built normally).
 extern "C" __attribute__((visibility("default"))) void hqjax_wgrad_direct(const float* x, const float* dy, float* out,
                                                                            const int64_t* d) {

@@ -1,4 +1,4 @@
-"""Weight gradients of 2-D convolutions on XLA:CPU through a native XLA FFI kernel.
+"""Weight gradients (and forward passes) of 2-D convolutions on XLA:CPU through native XLA FFI kernels.
 
 Why this exists: the weight gradient ``dW[kh, kw, ci, co] = sum_{b, oh, ow} x_pad[b, oh*s + kh,
 ow*s + kw, ci] * dy[b, oh, ow, co]`` is a convolution whose window is as large as the image.
@@ -15,6 +15,11 @@ XLA FFI target. Its AVX2+FMA code is selected at run time from the CPU's feature
 is safe on any x86-64, so a shared cache directory cannot hand a machine instructions it
 lacks). :func:`native_wgrad_status` reports whether all of that worked and the kernel agrees
 with ``lax`` on small cases; if not, nothing uses it and XLA's convolutions run as before.
+
+The same library holds a direct forward convolution (``FORWARD_TARGET``: NHWC input, HWIO
+kernel, strides and padding, no dilation or groups; a 6-pixel x 16-channel register tile).
+:mod:`.cpu_conv` runs small-window convolutions through it (``convolutions='native'``) when
+:func:`native_forward_status` passes; its primitive lives there, beside oneDNN's.
 
 :data:`conv2d_weight_grad_p` is the primitive: the FFI call on the CPU when the library is
 available, XLA's own convolution anywhere else. It is bilinear in ``(x, dy)``, so ``jvp``
@@ -44,12 +49,15 @@ from jax._src import dispatch
 from jax._src.interpreters import ad, batching, mlir
 from jax.extend import core as jcore
 
-__all__ = ["conv2d_weight_grad", "conv2d_weight_grad_p", "native_wgrad_status", "reference_weight_grad",
-           "weight_grad_form"]
+__all__ = ["conv2d_weight_grad", "conv2d_weight_grad_p", "forward_ffi_call", "native_forward_status",
+           "native_wgrad_status", "reference_weight_grad", "weight_grad_form"]
 
 SOURCE = Path(__file__).with_name("cpu_wgrad.cc")
 FFI_TARGET = "hqjax_conv2d_weight_grad_f32"
 _SYMBOL = "HqjaxConv2dWeightGradF32"
+FORWARD_TARGET = "hqjax_conv2d_forward_f32"
+_FORWARD_SYMBOL = "HqjaxConv2dForwardF32"
+_TARGETS = ((FFI_TARGET, _SYMBOL), (FORWARD_TARGET, _FORWARD_SYMBOL))
 # No -march=native: the AVX2 path is chosen at run time (see the module docstring).
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 
@@ -246,17 +254,18 @@ def _build() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _register() -> tuple[bool, str | ctypes.CDLL]:
-    """Build, load and register the FFI target once per process: ``(True, lib)`` or ``(False, reason)``."""
+    """Build, load and register the FFI targets once per process: ``(True, lib)`` or ``(False, reason)``."""
     try:
         lib = ctypes.CDLL(str(_build()))
-        jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
+        for target, symbol in _TARGETS:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # no compiler, a failed build, an incompatible jaxlib, ...
         return False, f"{type(e).__name__}: {e}"
     return True, lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library (``hqjax_wgrad_isa()``/``hqjax_wgrad_set_isa(int)``), or None."""
+    """The loaded kernel library (``hqjax_wgrad_isa()``/``hqjax_wgrad_set_isa(int)``, both kernels), or None."""
     ok, lib = _register()
     return lib if ok else None
 
@@ -298,4 +307,63 @@ def native_wgrad_status() -> tuple[bool, str]:
                 return False, f"the native weight gradient disagrees with XLA's on {x_shape}, {p}"
     except Exception as e:
         return False, f"the native weight gradient failed to run: {type(e).__name__}: {e}"
+    return True, "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# The forward kernel
+
+
+def forward_lowering(ctx, x, w, *, window_strides, padding):
+    """MLIR lowering of the native forward convolution ``[B,H,W,CI] x [KH,KW,CI,CO] -> [B,OH,OW,CO]``
+    (output shape from ``ctx.avals_out``; high padding is implied by it). Needs :func:`_register`."""
+    return jax.ffi.ffi_lowering(FORWARD_TARGET)(ctx, x, w, stride_h=np.int64(window_strides[0]),
+                                               stride_w=np.int64(window_strides[1]), pad_h=np.int64(padding[0][0]),
+                                               pad_w=np.int64(padding[1][0]))
+
+
+def forward_ffi_call(x, w, *, window_strides, padding):
+    """The native forward convolution called directly (NHWC x HWIO -> NHWC; no autodiff, CPU only)."""
+    out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(x.shape[1:3], w.shape[:2], window_strides, padding)]
+    return jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], *out, w.shape[3]), jnp.float32))(
+        x, w, stride_h=np.int64(window_strides[0]), stride_w=np.int64(window_strides[1]),
+        pad_h=np.int64(padding[0][0]), pad_w=np.int64(padding[1][0]))
+
+
+_FORWARD_PROBES = (  # (x shape, w shape, strides, padding)
+    ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),
+    ((1, 9, 8, 5), (3, 3, 5, 17), (2, 2), ((1, 1), (1, 1))),     # stride 2, batch 1, a masked co tail
+    ((3, 6, 7, 8), (1, 1, 8, 9), (2, 2), ((0, 0), (0, 0))),      # 1x1 projection
+    ((2, 10, 9, 7), (3, 2, 7, 20), (2, 1), ((2, 0), (0, 1))),    # asymmetric everything
+    ((2, 5, 16, 16), (3, 3, 16, 32), (1, 1), ((1, 1), (1, 1))),  # full 6-pixel tiles, two co blocks
+)
+
+
+@functools.lru_cache(maxsize=1)
+def native_forward_status() -> tuple[bool, str]:
+    """``(available, reason)``: whether the native forward convolution builds, loads and agrees with XLA.
+
+    Once per process, like :func:`native_wgrad_status` (same library), on cases with strides,
+    asymmetric padding, 1x1 kernels, batch 1 and channel counts that are not multiples of 8.
+    """
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError as e:
+        return False, f"no CPU backend: {e}"
+    ok, lib = _register()
+    if not ok:
+        return False, f"cannot build the native convolution kernels: {lib}"
+    rng = np.random.default_rng(0)
+    try:
+        for x_shape, w_shape, strides, padding in _FORWARD_PROBES:
+            x = jax.device_put(rng.standard_normal(x_shape).astype(np.float32), cpu)
+            w = jax.device_put(rng.standard_normal(w_shape).astype(np.float32), cpu)
+            ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                        precision=lax.Precision.HIGHEST)
+            want = np.asarray(jax.jit(ref)(x, w))
+            got = np.asarray(jax.jit(functools.partial(forward_ffi_call, window_strides=strides, padding=padding))(x, w))
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()):
+                return False, f"the native forward convolution disagrees with XLA's on {x_shape} x {w_shape}, {strides}, {padding}"
+    except Exception as e:
+        return False, f"the native forward convolution failed to run: {type(e).__name__}: {e}"
     return True, "ok"

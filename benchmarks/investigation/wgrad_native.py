@@ -1,11 +1,14 @@
-"""Native weight-gradient kernel (hqjax.kernels.cpu_wgrad) vs XLA:CPU, side by side in one process.
+"""Native convolution kernels (hqjax.kernels.cpu_wgrad) vs XLA:CPU and oneDNN, side by side in one process.
 
 Per layer: ResNet-20's weight gradients at batch 128 (NHWC/HWIO), XLA's (``jax.vjp`` of
 ``lax.conv_general_dilated`` in the weights, as in conv_formulations_jax.py) vs the native
-kernel. Whole model: ResNet-20 (batch 128) gradient, Hessian-vector product (jvp of grad) and
-linearized HVP (``hqjax.hessian(..., linearize=True)``, residuals hoisted as jit arguments)
-with ``convolutions='xla'``, ``'onednn'`` (the previous ``'auto'``) and ``'native'`` (oneDNN +
-native weight gradients, the new ``'auto'``). Medians of --repeats calls, the variants of a
+kernel; and its forward convolutions (the stride-1 ones are also the shapes of its input
+gradients), XLA's vs oneDNN's (jaxlib's custom call) vs the native forward kernel. Whole
+model: ResNet-20 (batch 128) gradient, Hessian-vector product (jvp of grad) and linearized
+HVP (``hqjax.hessian(..., linearize=True)``, residuals hoisted as jit arguments) with
+``convolutions='xla'``, ``'onednn'``, ``'native'`` with oneDNN forward convolutions (native
+weight gradients only: ``cpu_conv.NATIVE_FORWARD = False``) and ``'native'`` with native
+forward convolutions too. Medians of --repeats calls, the variants of a
 row interleaved so that load from other processes hits them alike (per layer, the minimum
 too: XLA's multi-threaded convolutions suffer far more from a loaded machine than the native
 kernel does, so medians on a busy machine flatter the native kernel).
@@ -23,11 +26,13 @@ import optax
 from jax import lax
 
 import hqjax
-from hqjax.kernels.cpu_conv import apply_convolutions
-from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, library, native_wgrad_status
+from hqjax.kernels import cpu_conv
+from hqjax.kernels.cpu_conv import apply_convolutions, cpu_convolutions
+from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, forward_ffi_call, library, native_forward_status, native_wgrad_status
 from hqjax.models import ResNet20
 
 LAYERS = [(32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2)]  # H, CI, CO, stride; 3x3 SAME
+FORWARD_LAYERS = [*LAYERS, (32, 3, 16, 1)]  # + the first layer
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -69,6 +74,28 @@ def layers(batch, repeats):
               f"| {t['xla min']:.2f} / {t['native min']:.2f} | {err:.1e} |", flush=True)
 
 
+def forward_layers(batch, repeats):
+    rng = np.random.default_rng(0)
+    print(f"\n| forward conv (H, CI->CO, stride), batch {batch} | XLA ms | oneDNN ms | native ms | native vs oneDNN "
+          f"| min XLA / oneDNN / native ms | max rel. error |")
+    print("|---|---|---|---|---|---|---|")
+    for h, ci, co, s in FORWARD_LAYERS:
+        x = jnp.asarray(rng.standard_normal((batch, h, h, ci)), jnp.float32)
+        w = jnp.asarray(0.1 * rng.standard_normal((3, 3, ci, co)), jnp.float32)
+        conv = lambda x, w: lax.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        fns = {"xla": jax.jit(conv), "onednn": jax.jit(cpu_convolutions(conv)),
+               "native": jax.jit(functools.partial(forward_ffi_call, window_strides=(s, s), padding=((1, 1), (1, 1))))}
+        assert "hqjax_conv2d_forward_f32" in fns["native"].lower(x, w).as_text()
+        assert "onednn" in fns["onednn"].lower(x, w).as_text()
+        want = np.asarray(fns["xla"](x, w))
+        err = max(np.abs(np.asarray(fns[k](x, w)) - want).max() / np.abs(want).max() for k in ("onednn", "native"))
+        t = interleaved({k: (lambda f=f: f(x, w)) for k, f in fns.items()}, repeats)
+        print(f"| {h}x{h}, {ci}->{co}, s{s} | {t['xla']:.2f} | {t['onednn']:.2f} | {t['native']:.2f} "
+              f"| {t['onednn'] / t['native']:.2f}x | {t['xla min']:.2f} / {t['onednn min']:.2f} / {t['native min']:.2f} "
+              f"| {err:.1e} |", flush=True)
+
+
 def model(batch, repeats):
     k = jax.random.split(jax.random.key(0), 3)
     net, x = ResNet20(), jax.random.normal(k[0], (batch, 32, 32, 3))
@@ -81,20 +108,27 @@ def model(batch, repeats):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
-    modes = ("xla", "onednn", "native")
+    variants = {"xla": ("xla", False), "onednn": ("onednn", False), "native wgrad": ("native", False),
+                "native wgrad+fwd": ("native", True)}
     ops = {}
-    for m in modes:
+    for name, (m, fwd) in variants.items():
+        cpu_conv.NATIVE_FORWARD = fwd  # read when apply_convolutions runs: at construction/trace below
         grad = jax.jit(apply_convolutions(jax.grad(loss), m))
         hvp = jax.jit(lambda p, v, m=m: hqjax.hvp(loss, p, v, convolutions=m))
         lin = hoisted(hqjax.hessian(loss, params, linearize=True, check_finite=False, convolutions=m), v)
-        ops[m] = {"gradient": lambda g=grad: g(params), "HVP (jvp of grad)": lambda h=hvp: h(params, v),
-                  "linearized HVP": lambda l=lin: l(v)}
-    print(f"\n| ResNet-20, batch {batch} | " + " | ".join(f"'{m}' ms" for m in modes) + " | native vs xla | native vs onednn |")
-    print("|---|---|---|---|---|---|")
+        jax.block_until_ready((grad(params), hvp(params, v), lin(v)))  # traced now, under this flag
+        ops[name] = {"gradient": lambda g=grad: g(params), "HVP (jvp of grad)": lambda h=hvp: h(params, v),
+                     "linearized HVP": lambda l=lin: l(v)}
+    cpu_conv.NATIVE_FORWARD = True
+    names = list(variants)
+    print(f"\n| ResNet-20, batch {batch} | " + " | ".join(f"'{m}' ms" for m in names)
+          + " | wgrad+fwd vs onednn | wgrad+fwd vs wgrad |")
+    print("|---|---|---|---|---|---|---|")
     for op in ops["xla"]:
-        t = interleaved({m: ops[m][op] for m in modes}, repeats)  # medians (mins also returned)
-        print(f"| {op} | " + " | ".join(f"{t[m]:.0f}" for m in modes)
-              + f" | {t['xla'] / t['native']:.2f}x | {t['onednn'] / t['native']:.2f}x |", flush=True)
+        t = interleaved({m: ops[m][op] for m in names}, repeats)  # medians (mins also returned)
+        print(f"| {op} | " + " | ".join(f"{t[m]:.0f}" for m in names)
+              + f" | {t['onednn'] / t['native wgrad+fwd']:.2f}x | {t['native wgrad'] / t['native wgrad+fwd']:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":
@@ -102,12 +136,16 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--skip-wgrad", action="store_true")
     args = ap.parse_args()
     ok, reason = native_wgrad_status()
     if not ok:
         raise SystemExit(f"native weight gradient unavailable: {reason}")
     isa = "AVX2+FMA" if library().hqjax_wgrad_isa() == 1 else "portable"
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, native kernel: {isa} micro-kernel\n")
-    layers(args.batch, args.repeats)
+    print(f"native forward: {native_forward_status()}")
+    if not args.skip_wgrad:
+        layers(args.batch, args.repeats)
+    forward_layers(args.batch, args.repeats)
     if not args.skip_model:
         model(args.batch, args.repeats)

@@ -42,8 +42,9 @@ _CONVOLUTIONS_DOC = """convolutions : ``'auto'`` (default), ``'native'``, ``'one
         convolutions in ``f`` run. ``'onednn'`` rewrites them with
         :func:`hqjax.kernels.cpu_convolutions` (oneDNN for small windows, explicit layouts
         for weight gradients; same values, 1.3-1.4x faster Hessian-vector products on
-        ResNet-20 on XLA:CPU); ``'native'`` also runs 2-D weight gradients through hqjax's
-        own kernel (:mod:`hqjax.kernels.cpu_wgrad`, compiled on first use); ``'auto'`` picks
+        ResNet-20 on XLA:CPU); ``'native'`` also runs 2-D weight gradients and forward
+        convolutions through hqjax's own kernels (:mod:`hqjax.kernels.cpu_wgrad`, compiled
+        on first use; oneDNN where a self-check fails); ``'auto'`` picks
         the fastest of those whose self-checks pass when the default backend is the CPU;
         ``'xla'`` leaves XLA's convolutions alone."""
 
