@@ -66,3 +66,23 @@ def make_requant():
         zero = r.integers(0, 20, n) if zero_point else None
         return requant_from_scale(scale, bias, zero_point=zero, out_dtype=out_dtype, clip=clip)
     return make
+
+
+@pytest.fixture(scope="session")
+def resnet_loss():
+    """``make(batch) -> (loss(params), params)``: ResNet-20 in eval mode on a random batch."""
+    import jax
+    import optax
+
+    from hqjax.models import ResNet20
+
+    def make(batch=2):
+        k = jax.random.split(jax.random.key(0), 3)
+        model, x = ResNet20(), jax.random.normal(k[0], (batch, 32, 32, 3))
+        y = jax.random.randint(k[1], (batch,), 0, 10)
+        variables = model.init(k[2], x, train=False)
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False), y).mean()
+        return loss, variables["params"]
+
+    return make

@@ -12,7 +12,6 @@ from jax.extend import core as jcore
 import hqjax
 from hqjax.kernels import cpu_conv
 from hqjax.kernels.cpu_conv import cpu_convolutions, onednn_conv_p, onednn_status, resolve_convolutions
-from hqjax.models import ResNet20
 
 needs_onednn = pytest.mark.skipif(not onednn_status()[0], reason=f"oneDNN convolution unavailable: {onednn_status()[1]}")
 
@@ -73,19 +72,10 @@ def test_jvp_vjp_vmap_of_rewritten_convolution(case):
     np.testing.assert_allclose(jax.vmap(g, (0, None))(batch, b), jax.vmap(f, (0, None))(batch, b), rtol=1e-5, atol=1e-4)
 
 
-def _resnet_loss(batch=4):
-    k = jax.random.split(jax.random.key(0), 3)
-    model, x = ResNet20(), jax.random.normal(k[0], (batch, 32, 32, 3))
-    y = jax.random.randint(k[1], (batch,), 0, 10)
-    variables = model.init(k[2], x, train=False)
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False), y).mean()
-    return loss, variables["params"]
-
 
 @needs_onednn
-def test_resnet_gradient_and_hvps_match_xla():
-    loss, params = _resnet_loss()
+def test_resnet_gradient_and_hvps_match_xla(resnet_loss):
+    loss, params = resnet_loss(4)
     v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
     g0 = jax.grad(loss)(params)
     g1 = jax.jit(cpu_convolutions(jax.grad(loss)))(params)
@@ -102,9 +92,9 @@ def test_resnet_gradient_and_hvps_match_xla():
 
 
 @needs_onednn
-def test_linearized_operator_keeps_weight_gradient_operands_pretransposed():
+def test_linearized_operator_keeps_weight_gradient_operands_pretransposed(resnet_loss):
     """The layouts XLA wants for weight-gradient convolutions are residuals, not per-product work."""
-    loss, params = _resnet_loss(batch=2)
+    loss, params = resnet_loss(batch=2)
     v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
     lin = hqjax.hessian(loss, params, linearize=True, convolutions="onednn", check_finite=False)
     closed = jax.make_jaxpr(lin)(v)

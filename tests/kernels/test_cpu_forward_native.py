@@ -6,7 +6,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax import lax
 
@@ -14,7 +13,6 @@ import hqjax
 from hqjax.kernels import cpu_conv, cpu_wgrad
 from hqjax.kernels.cpu_conv import apply_convolutions, cpu_convolutions
 from hqjax.kernels.cpu_wgrad import forward_ffi_call, native_forward_status
-from hqjax.models import ResNet20
 
 needs_native = pytest.mark.skipif(not native_forward_status()[0],
                                   reason=f"native forward convolution unavailable: {native_forward_status()[1]}")
@@ -128,15 +126,6 @@ def test_results_do_not_depend_on_scheduling():
         np.testing.assert_array_equal(np.asarray(f(x, w)), first)
 
 
-def _resnet_loss(batch=2):  # as in test_cpu_conv.py / test_cpu_wgrad.py
-    k = jax.random.split(jax.random.key(0), 3)
-    model, x = ResNet20(), jax.random.normal(k[0], (batch, 32, 32, 3))
-    y = jax.random.randint(k[1], (batch,), 0, 10)
-    variables = model.init(k[2], x, train=False)
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False), y).mean()
-    return loss, variables["params"]
-
 
 @needs_native
 def test_narrow_outputs_stay_with_onednn(monkeypatch):
@@ -151,13 +140,13 @@ def test_narrow_outputs_stay_with_onednn(monkeypatch):
 
 @needs_native
 @pytest.mark.skipif(not cpu_conv.NATIVE_FORWARD, reason="the native forward kernel is not wired into 'native'")
-def test_resnet_gradient_uses_native_forward(monkeypatch):
+def test_resnet_gradient_uses_native_forward(monkeypatch, resnet_loss):
     """Traced only (compiling ResNet-20 is slow): its gradient and HVPs are checked against XLA
     with the same 'auto' (= 'native') rewrite by test_cpu_wgrad's and test_cpu_conv's ResNet
     tests; linearize through the primitive by test_jvp_vjp_linearize_vmap_through_native_forward."""
     monkeypatch.setattr(cpu_conv, "MIN_NATIVE_WIDTH", 12)  # as shipped: 8x8 layers stay with oneDNN
     assert cpu_conv.resolve_convolutions("auto") == "native"
-    loss, params = _resnet_loss(batch=2)
+    loss, params = resnet_loss(batch=2)
     text = _prims(apply_convolutions(jax.grad(loss), "native"), params)
     assert text.count("native_conv_general_dilated") >= 19 - 6 + 16 - 6  # 32x32 and 16x16 layers
     assert "conv2d_weight_grad" in text

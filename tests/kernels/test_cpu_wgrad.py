@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax import lax
 
@@ -13,7 +12,6 @@ import hqjax
 from hqjax.kernels import cpu_conv, cpu_wgrad
 from hqjax.kernels.cpu_conv import cpu_convolutions, resolve_convolutions
 from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, native_wgrad_status, reference_weight_grad
-from hqjax.models import ResNet20
 
 needs_native = pytest.mark.skipif(not native_wgrad_status()[0],
                                   reason=f"native weight gradient unavailable: {native_wgrad_status()[1]}")
@@ -134,20 +132,11 @@ def test_rewrite_runs_weight_gradients_natively(case):
     _close(jax.jit(jax.grad(fwd, argnums=1))(x, w), grads(x, w)[1])
 
 
-def _resnet_loss(batch=2):
-    k = jax.random.split(jax.random.key(0), 3)
-    model, x = ResNet20(), jax.random.normal(k[0], (batch, 32, 32, 3))
-    y = jax.random.randint(k[1], (batch,), 0, 10)
-    variables = model.init(k[2], x, train=False)
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False), y).mean()
-    return loss, variables["params"]
-
 
 @needs_native
-def test_resnet_gradient_matches_xla():
+def test_resnet_gradient_matches_xla(resnet_loss):
     """(test_cpu_conv's ResNet test covers its HVPs with convolutions='auto', i.e. native.)"""
-    loss, params = _resnet_loss()
+    loss, params = resnet_loss()
     scale = lambda t: float(hqjax.tree_norm(t))
     grad = cpu_conv.apply_convolutions(jax.grad(loss), "auto")
     assert "conv2d_weight_grad" in {e.primitive.name for e in jax.make_jaxpr(grad)(params).jaxpr.eqns}
