@@ -278,6 +278,41 @@ _PROBES = (  # (x shape, kernel size, strides, padding, co)
 )
 
 
+def _self_check(what: str, cases) -> tuple[bool, str]:
+    """``(available, reason)`` for one native kernel: it builds, loads and matches XLA.
+
+    ``cases(draw)`` yields ``(got, want, label)`` triples; ``draw(shape)`` gives a float32
+    standard-normal array on the CPU.
+    """
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError as e:
+        return False, f"no CPU backend: {e}"
+    ok, lib = _register()
+    if not ok:
+        return False, f"cannot build the native {what}: {lib}"
+    rng = np.random.default_rng(0)
+    draw = lambda shape: jax.device_put(rng.standard_normal(shape).astype(np.float32), cpu)
+    try:
+        for got, want, label in cases(draw):
+            got, want = np.asarray(got), np.asarray(want)
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()):
+                return False, f"the native {what} disagrees with XLA's on {label}"
+    except Exception as e:
+        return False, f"the native {what} failed to run: {type(e).__name__}: {e}"
+    return True, "ok"
+
+
+def _wgrad_cases(draw):
+    for x_shape, kernel, strides, padding, co in _PROBES:
+        dy_shape = (x_shape[0], *[(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi)
+                                  in zip(x_shape[1:3], kernel, strides, padding)], co)
+        x, dy = draw(x_shape), draw(dy_shape)
+        p = dict(kernel_size=kernel, window_strides=strides, padding=padding)
+        yield (jax.jit(functools.partial(conv2d_weight_grad, **p))(x, dy),
+               jax.jit(functools.partial(reference_weight_grad, **p))(x, dy), f"{x_shape}, {p}")
+
+
 @functools.lru_cache(maxsize=1)
 def native_wgrad_status() -> tuple[bool, str]:
     """``(available, reason)``: whether the native weight gradient builds, loads and agrees with XLA.
@@ -286,28 +321,7 @@ def native_wgrad_status() -> tuple[bool, str]:
     compare it with :func:`reference_weight_grad` on cases with strides, asymmetric padding,
     1x1 kernels, batch 1 and channel counts that are not multiples of 8.
     """
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError as e:
-        return False, f"no CPU backend: {e}"
-    ok, lib = _register()
-    if not ok:
-        return False, f"cannot build the native weight-gradient kernel: {lib}"
-    rng = np.random.default_rng(0)
-    try:
-        for x_shape, kernel, strides, padding, co in _PROBES:
-            dy_shape = (x_shape[0], *[(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi)
-                                      in zip(x_shape[1:3], kernel, strides, padding)], co)
-            x = jax.device_put(rng.standard_normal(x_shape).astype(np.float32), cpu)
-            dy = jax.device_put(rng.standard_normal(dy_shape).astype(np.float32), cpu)
-            p = dict(kernel_size=kernel, window_strides=strides, padding=padding)
-            want = np.asarray(jax.jit(functools.partial(reference_weight_grad, **p))(x, dy))
-            got = np.asarray(jax.jit(functools.partial(conv2d_weight_grad, **p))(x, dy))
-            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()):
-                return False, f"the native weight gradient disagrees with XLA's on {x_shape}, {p}"
-    except Exception as e:
-        return False, f"the native weight gradient failed to run: {type(e).__name__}: {e}"
-    return True, "ok"
+    return _self_check("weight-gradient kernel", _wgrad_cases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +353,15 @@ _FORWARD_PROBES = (  # (x shape, w shape, strides, padding)
 )
 
 
+def _forward_cases(draw):
+    for x_shape, w_shape, strides, padding in _FORWARD_PROBES:
+        x, w = draw(x_shape), draw(w_shape)
+        ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                    precision=lax.Precision.HIGHEST)
+        yield (jax.jit(functools.partial(forward_ffi_call, window_strides=strides, padding=padding))(x, w),
+               jax.jit(ref)(x, w), f"{x_shape} x {w_shape}, {strides}, {padding}")
+
+
 @functools.lru_cache(maxsize=1)
 def native_forward_status() -> tuple[bool, str]:
     """``(available, reason)``: whether the native forward convolution builds, loads and agrees with XLA.
@@ -346,24 +369,4 @@ def native_forward_status() -> tuple[bool, str]:
     Once per process, like :func:`native_wgrad_status` (same library), on cases with strides,
     asymmetric padding, 1x1 kernels, batch 1 and channel counts that are not multiples of 8.
     """
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError as e:
-        return False, f"no CPU backend: {e}"
-    ok, lib = _register()
-    if not ok:
-        return False, f"cannot build the native convolution kernels: {lib}"
-    rng = np.random.default_rng(0)
-    try:
-        for x_shape, w_shape, strides, padding in _FORWARD_PROBES:
-            x = jax.device_put(rng.standard_normal(x_shape).astype(np.float32), cpu)
-            w = jax.device_put(rng.standard_normal(w_shape).astype(np.float32), cpu)
-            ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                        precision=lax.Precision.HIGHEST)
-            want = np.asarray(jax.jit(ref)(x, w))
-            got = np.asarray(jax.jit(functools.partial(forward_ffi_call, window_strides=strides, padding=padding))(x, w))
-            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()):
-                return False, f"the native forward convolution disagrees with XLA's on {x_shape} x {w_shape}, {strides}, {padding}"
-    except Exception as e:
-        return False, f"the native forward convolution failed to run: {type(e).__name__}: {e}"
-    return True, "ok"
+    return _self_check("forward convolution", _forward_cases)
