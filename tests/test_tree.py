@@ -23,6 +23,21 @@ def test_algebra_matches_raveled_numpy():
     assert hqjax.tree_size(p) == flat(p).size
 
 
+def test_ravel_and_flat_operator_match_ravel_pytree():
+    from jax.flatten_util import ravel_pytree
+    p = {**_params(), "scalar": jnp.float32(3.0), "t": jnp.arange(24.0).reshape(2, 3, 4).transpose(2, 0, 1)}
+    want, unravel = ravel_pytree(p)
+    got = jax.jit(hqjax.tree_ravel)(p)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    # a non-diagonal linear map, so leaf order and offsets both matter
+    mv = lambda t: jax.tree.map(lambda x: 2.0 * x + jnp.sum(x), t)
+    flat_mv, unravel2 = hqjax.flat_operator(mv, p)
+    x = jnp.arange(want.size, dtype=jnp.float32)
+    np.testing.assert_allclose(jax.jit(flat_mv)(x), ravel_pytree(mv(unravel(x)))[0])
+    np.testing.assert_array_equal(ravel_pytree(unravel2(x))[0], x)
+
+
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
 def test_random_like_shapes_and_values(dist):
     p = _params()

@@ -16,13 +16,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import resolve_loop
 from hqjax.curvature.lanczos import check_reorth_passes, lanczos_runner, tridiagonal
 from hqjax.curvature.results import DensityResult
-from hqjax.tree import tree_random_like, tree_size
+from hqjax.tree import flat_operator, tree_random_like, tree_ravel, tree_size
 
 __all__ = ["spectral_density", "density_on_grid"]
 
@@ -59,13 +58,12 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: ja
     check_matvec(matvec, params)
     loop = resolve_loop(loop, params, key)
     m = min(int(num_steps), n)
-    _, unravel = ravel_pytree(params)
-    flat_mv = lambda x: ravel_pytree(matvec(unravel(x)))[0]
+    flat_mv, _ = flat_operator(matvec, params)
 
     key_probe, key_restart = jax.random.split(key)
 
     def probe(r):
-        return ravel_pytree(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))[0]
+        return tree_ravel(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))
 
     run = lanczos_runner(flat_mv, m, probe(0), loop, key_restart, reorth_passes=passes)
     nodes, weights = [], []

@@ -16,13 +16,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import make_while, resolve_loop
 from hqjax.curvature.lanczos import check_reorth_passes, lanczos_runner, stack_basis, tridiagonal
 from hqjax.curvature.results import EigenResult
-from hqjax.tree import Blocks, tree_size
+from hqjax.tree import Blocks, flat_operator, tree_size
 
 __all__ = ["top_eigenvalues", "block_top_eigenvalues"]
 
@@ -136,12 +135,12 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
     passes = check_reorth_passes(reorth_passes)
     check_matvec(matvec, params)
     loop = resolve_loop(loop, params, key)
-    flat, unravel = ravel_pytree(params)
-    flat_mv = lambda x: ravel_pytree(matvec(unravel(x)))[0]
+    flat_mv, unravel = flat_operator(matvec, params)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
     if method == "power":
-        vals, vecs, iters = _power(flat_mv, n, flat.dtype, key, int(k), int(max_iters), tol, loop)
+        vals, vecs, iters = _power(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop)
     else:
-        vals, vecs, iters = _lanczos(flat_mv, n, flat.dtype, key, int(k), int(max_iters), tol, loop, passes)
+        vals, vecs, iters = _lanczos(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop, passes)
     res = EigenResult(vals, jax.vmap(unravel)(vecs), iters, method)
     raise_if_not_finite(res.eigenvalues, what="top eigenvalue estimate")
     return res

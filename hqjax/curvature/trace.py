@@ -14,12 +14,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import make_while, map_chunks, resolve_loop
 from hqjax.curvature.results import TraceResult
-from hqjax.tree import Blocks, blocks as make_blocks, tree_dot, tree_random_like
+from hqjax.tree import Blocks, blocks as make_blocks, flat_operator, tree_dot, tree_random_like, tree_ravel
 
 __all__ = ["trace"]
 
@@ -61,7 +60,7 @@ def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_siz
             gp = g
         else:
             Q, unravel = deflate
-            gf, _ = ravel_pytree(g)
+            gf = tree_ravel(g)
             gp = unravel(gf - Q @ (Q.T @ gf))
         mg = matvec(gp)
         return jnp.concatenate([tree_dot(gp, mg)[None], blk.dots(g, mg).reshape(nb)])
@@ -166,9 +165,8 @@ def _hutchpp(matvec, params, key, blk, num_probes, dist, chunk_size, loop):
     """Hutch++ (Meyer et al. 2021, Alg. 1) with exact per-block low-rank parts."""
     k = num_probes // 3
     ks, kg = jax.random.split(key)
-    _, unravel = ravel_pytree(params)
-    flat_mv = lambda x: ravel_pytree(matvec(unravel(x)))[0]
-    S = jax.vmap(lambda j: ravel_pytree(_probe(ks, j, params, dist))[0])(jnp.arange(k))
+    flat_mv, unravel = flat_operator(matvec, params)
+    S = jax.vmap(lambda j: tree_ravel(_probe(ks, j, params, dist)))(jnp.arange(k))
     MS = map_chunks(flat_mv, S, chunk_size, loop)  # [k, n]
     Q, _ = jnp.linalg.qr(MS.T)  # [n, k]
     MQ = map_chunks(flat_mv, Q.T, chunk_size, loop)  # [k, n]
