@@ -17,7 +17,9 @@ How to run (PyTorch lives outside the project, in its own venv; not part of CI):
         --density-steps 10 --repeats 3 --estimator-repeats 1             # a quick smoke run
 
 The PyTorch side (``_pyhessian_side.py``) runs as a subprocess after the JAX side has
-finished each model, so the two never compete for the CPU.
+finished each model, so the two never compete for the CPU. On a shared machine whose speed
+drifts over minutes, ``--rounds 3`` alternates the two sides three times per model and
+pools the samples, so a slow spell does not land on one side only.
 """
 
 from __future__ import annotations
@@ -255,6 +257,12 @@ def run_torch(name, cfg, params, stats, x, y, probe, args, workdir):
     return res, np.load(out + ".npz")
 
 
+def merge_times(first, later):
+    """Adds a later round's samples to the first round's; compile times and values stay the first's."""
+    for row, ts in later["times"].items():
+        first["times"].setdefault(row, []).extend(ts)
+
+
 def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
@@ -322,6 +330,8 @@ def main(argv=None):
     ap.add_argument("--convolutions", default="auto", choices=CONVOLUTIONS,
                     help="hqjax's convolution rewrite (hqjax.kernels.cpu_convolutions); 'xla' measures plain XLA")
     ap.add_argument("--torch-python", default="/work/torchvenv/bin/python")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the hqjax and PyHessian sides this many times per model; medians pool all rounds")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args(argv)
     if not os.path.exists(args.torch_python):
@@ -335,6 +345,11 @@ def main(argv=None):
             print(f"\n== {name}: {n:,} parameters, batch {x.shape[0]}", flush=True)
             jres, g, hv, probe = run_jax(name, loss, params, args)
             tres, tz = run_torch(name, cfg, params, stats, x, y, probe, args, tmp)
+            for r in range(1, args.rounds):
+                # alternate the two sides so a slow spell of a shared machine hits both
+                print(f"-- {name}: round {r + 1} of {args.rounds}", flush=True)
+                merge_times(jres, run_jax(name, loss, params, args)[0])
+                merge_times(tres, run_torch(name, cfg, params, stats, x, y, probe, args, tmp)[0])
             agree = agreement(jres, tres, tz, g, hv)
             lines, ratios = table(f"{name} ({n:,} parameters, batch {x.shape[0]})", jres, tres)
             print("\n".join(lines))
