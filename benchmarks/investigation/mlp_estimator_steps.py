@@ -1,7 +1,8 @@
 """Cost of one estimator step against one HVP on the benchmark's MLP (1.86 M parameters).
 
-An open question in benchmarks/RESULTS.md: the linearized HVP alone, then a Hutchinson
-probe, a power-iteration step (host and device loop) and a Lanczos step, 20 of each.
+The linearized HVP alone, then a Hutchinson probe, a power-iteration step (host and
+device loop) and a Lanczos step, 20 of each. This is how the slow flattening of operator
+outputs was found (benchmarks/RESULTS.md, "Flattening an operator's output").
 
     python benchmarks/investigation/mlp_estimator_steps.py
 """

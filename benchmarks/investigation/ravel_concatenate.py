@@ -11,31 +11,20 @@ table of medians of interleaved calls:
 """
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from _timing import interleaved_medians  # noqa: E402
 from curvature_vs_pyhessian import make_problem  # noqa: E402
 
 import hqjax  # noqa: E402
 
 LEGACY = {"xla_cpu_use_fusion_emitters": False}
-
-
-def medians(calls, repeats=9):
-    for f in calls:
-        jax.block_until_ready(f())
-    ts = [[] for _ in calls]
-    for _ in range(repeats):
-        for i, f in enumerate(calls):
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            ts[i].append(time.perf_counter() - t)
-    return [1e3 * np.median(t) for t in ts]
 
 
 def main():
@@ -46,7 +35,7 @@ def main():
     rows = [(name, emitters, jax.jit(f, compiler_options=None if emitters == "on" else LEGACY))
             for name, f in [("concatenate (ravel_pytree)", concat), ("dynamic_update_slice (tree_ravel)", dus)]
             for emitters in ("on", "off")]
-    times = medians([(lambda j: lambda: j(params, other))(j) for _, _, j in rows])
+    times = interleaved_medians([(lambda j: lambda: j(params, other))(j) for _, _, j in rows])
     print(f"{'flatten a + b (MLP shapes)':36s} {'emitters':>8s} {'ms':>8s}")
     for (name, emitters, _), t in zip(rows, times):
         print(f"{name:36s} {emitters:>8s} {t:8.2f}")
@@ -56,7 +45,7 @@ def main():
     tree_mv = jax.jit(mv)
     concat_mv = jax.jit(lambda x: ravel_pytree(mv(unravel(x)))[0])
     dus_mv = jax.jit(hqjax.flat_operator(mv, params)[0])
-    t_tree, t_concat, t_dus = medians([lambda: tree_mv(params), lambda: concat_mv(flat), lambda: dus_mv(flat)])
+    t_tree, t_concat, t_dus = interleaved_medians([lambda: tree_mv(params), lambda: concat_mv(flat), lambda: dus_mv(flat)])
     print(f"\n{'MLP linearized HVP':36s} {'ms':>8s}")
     for name, t in [("pytree in, pytree out", t_tree), ("flat, ravel_pytree", t_concat), ("flat, flat_operator", t_dus)]:
         print(f"{name:36s} {t:8.2f}")

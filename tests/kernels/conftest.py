@@ -86,3 +86,15 @@ def resnet_loss():
         return loss, variables["params"]
 
     return make
+
+
+@pytest.fixture
+def scalar_isa():
+    """Runs the test with the native kernels forced onto their portable (scalar) code path."""
+    from hqjax.kernels import cpu_wgrad
+
+    lib = cpu_wgrad.library()
+    isa = lib.hqjax_wgrad_isa()
+    assert lib.hqjax_wgrad_set_isa(0) == 0
+    yield
+    lib.hqjax_wgrad_set_isa(isa)

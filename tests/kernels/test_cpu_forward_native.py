@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from jax import lax
 
-import hqjax
 from hqjax.kernels import cpu_conv, cpu_wgrad
 from hqjax.kernels.cpu_conv import apply_convolutions, cpu_convolutions
 from hqjax.kernels.cpu_wgrad import forward_ffi_call, native_forward_status
@@ -69,17 +68,11 @@ def test_native_forward_equals_lax(case):
 
 
 @needs_native
-def test_portable_micro_kernel_equals_lax():
-    lib = cpu_wgrad.library()
-    isa = lib.hqjax_wgrad_isa()
-    try:
-        assert lib.hqjax_wgrad_set_isa(0) == 0
-        for case in CASES[:7]:
-            x, w = _operands(case)
-            _close(jax.jit(functools.partial(forward_ffi_call, window_strides=case[2], padding=case[3]))(x, w),
-                   _lax(case)(x, w))
-    finally:
-        lib.hqjax_wgrad_set_isa(isa)
+def test_portable_micro_kernel_equals_lax(scalar_isa):
+    for case in CASES[:7]:
+        x, w = _operands(case)
+        _close(jax.jit(functools.partial(forward_ffi_call, window_strides=case[2], padding=case[3]))(x, w),
+               _lax(case)(x, w))
 
 
 @needs_native

@@ -61,17 +61,11 @@ def test_native_weight_grad_equals_lax(case):
 
 
 @needs_native
-def test_portable_micro_kernel_equals_lax():
-    lib = cpu_wgrad.library()
-    isa = lib.hqjax_wgrad_isa()
-    try:
-        assert lib.hqjax_wgrad_set_isa(0) == 0
-        for case in CASES[:5]:
-            x, dy = _operands(case)
-            _close(jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))(x, dy),
-                   _lax_weight_grad(x, dy, *case[1:4]))
-    finally:
-        lib.hqjax_wgrad_set_isa(isa)
+def test_portable_micro_kernel_equals_lax(scalar_isa):
+    for case in CASES[:5]:
+        x, dy = _operands(case)
+        _close(jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))(x, dy),
+               _lax_weight_grad(x, dy, *case[1:4]))
 
 
 @needs_native
