@@ -1,5 +1,7 @@
 """Shared helpers for the kernel tests: random int operands and exact NumPy oracles."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,18 @@ def scalar_isa():
     assert lib.hqjax_wgrad_set_isa(0) == 0
     yield
     lib.hqjax_wgrad_set_isa(isa)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """A process in which the native kernels cannot be built: a compiler that does not exist."""
+    from hqjax.kernels import cpu_conv, cpu_wgrad
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("HQJAX_CACHE_DIR", str(tmp_path / "cache"))
+    # fresh once-per-process caches, restored (with the real library) when the test ends
+    monkeypatch.setattr(cpu_wgrad, "_register", functools.lru_cache(maxsize=1)(cpu_wgrad._register.__wrapped__))
+    for name in ("native_wgrad_status", "native_forward_status"):
+        status = functools.lru_cache(maxsize=1)(getattr(cpu_wgrad, name).__wrapped__)
+        monkeypatch.setattr(cpu_wgrad, name, status)
+        monkeypatch.setattr(cpu_conv, name, status)

@@ -158,13 +158,7 @@ def test_forward_self_check_failure_falls_back_to_onednn(monkeypatch):
     _close(jax.jit(f)(x, w), _lax(case)(x, w))
 
 
-def test_fallback_without_a_compiler(monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
-    monkeypatch.setenv("HQJAX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_wgrad, "_register", functools.lru_cache(maxsize=1)(cpu_wgrad._register.__wrapped__))
-    status = functools.lru_cache(maxsize=1)(cpu_wgrad.native_forward_status.__wrapped__)
-    monkeypatch.setattr(cpu_wgrad, "native_forward_status", status)
-    monkeypatch.setattr(cpu_conv, "native_forward_status", status)
+def test_fallback_without_a_compiler(no_compiler):
     ok, reason = cpu_wgrad.native_forward_status()
     assert not ok and "no-such-c++" in reason
     # the primitive itself still works without the library: it lowers to XLA's convolution

@@ -138,18 +138,6 @@ def test_resnet_gradient_matches_xla(resnet_loss):
     assert scale(jax.tree.map(jnp.subtract, jax.jit(grad)(params), want)) <= 1e-5 * scale(want)
 
 
-@pytest.fixture
-def no_compiler(monkeypatch, tmp_path):
-    """A process in which the kernel cannot be built: a compiler that does not exist."""
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
-    monkeypatch.setenv("HQJAX_CACHE_DIR", str(tmp_path / "cache"))
-    # fresh once-per-process caches, restored (with the real library) when the test ends
-    monkeypatch.setattr(cpu_wgrad, "_register", functools.lru_cache(maxsize=1)(cpu_wgrad._register.__wrapped__))
-    status = functools.lru_cache(maxsize=1)(cpu_wgrad.native_wgrad_status.__wrapped__)
-    monkeypatch.setattr(cpu_wgrad, "native_wgrad_status", status)
-    monkeypatch.setattr(cpu_conv, "native_wgrad_status", status)
-
-
 def test_fallback_without_a_compiler(no_compiler):
     ok, reason = cpu_wgrad.native_wgrad_status()
     assert not ok and "no-such-c++" in reason
