@@ -309,15 +309,19 @@ def onednn_status() -> tuple[bool, str]:
         return False, f"no CPU backend: {e}"
     rng = np.random.default_rng(0)
     try:
-        for lhs_shape, rhs_shape, strides, padding, dilation, dn in _PROBES:
-            lhs = jax.device_put(rng.standard_normal(lhs_shape).astype(np.float32), cpu)
-            rhs = jax.device_put(rng.standard_normal(rhs_shape).astype(np.float32), cpu)
-            f = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, rhs_dilation=dilation,
-                                                      dimension_numbers=dn)
-            want = np.asarray(jax.jit(f)(lhs, rhs))
-            got = np.asarray(jax.jit(cpu_convolutions(f))(lhs, rhs))
-            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()):
-                return False, f"jaxlib's oneDNN convolution disagrees with XLA's on {dn} (max error {np.abs(got - want).max():.3g})"
+        # eagerly, even when first asked while the caller's function is being traced
+        with jax.ensure_compile_time_eval():
+            for lhs_shape, rhs_shape, strides, padding, dilation, dn in _PROBES:
+                lhs = jax.device_put(rng.standard_normal(lhs_shape).astype(np.float32), cpu)
+                rhs = jax.device_put(rng.standard_normal(rhs_shape).astype(np.float32), cpu)
+                f = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, rhs_dilation=dilation,
+                                                          dimension_numbers=dn)
+                want = np.asarray(jax.jit(f)(lhs, rhs))
+                got = np.asarray(jax.jit(cpu_convolutions(f))(lhs, rhs))
+                if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4,
+                                                              atol=1e-4 * np.abs(want).max()):
+                    return False, (f"jaxlib's oneDNN convolution disagrees with XLA's on {dn} "
+                                   f"(max error {np.abs(got - want).max():.3g})")
     except Exception as e:  # an unknown custom call target, a changed config format, ...
         return False, f"jaxlib {jax.__version__} cannot run the oneDNN convolution custom call: {type(e).__name__}: {e}"
     return True, "ok"

@@ -565,6 +565,93 @@ ffi::Error conv_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------
+// Modified Gram-Schmidt for Lanczos reorthogonalization (hqjax/curvature/lanczos.py):
+//
+//   for i < count:  w -= (v_i . w) v_i        (v_i: row i of V [rows, n])
+//
+// XLA computes classical Gram-Schmidt as two matrix-vector products, each streaming the
+// basis from memory (it is far larger than any cache). Here sweep i subtracts row i-1 and
+// accumulates row i's dot product with the updated w in one pass: row i-1 was just read by
+// the previous sweep (one row plus w fits in L3), so every basis row comes from memory once.
+// The n entries are split into a fixed number of chunks (a function of n only) whose
+// partial sums are added in order, so results do not depend on threads or scheduling.
+
+// One sweep over [0, len): w -= c * prev (if prev), then the dot of next with the new w (if next).
+template <int L>
+inline double gs_sweep_body(float* w, const float* prev, const float* next, int64_t len, float c) {
+  float acc[L] = {};  // independent accumulators, so the compiler can vectorize the sum
+  int64_t e = 0;
+  if (prev != nullptr && next != nullptr) {
+    for (; e + L <= len; e += L)
+      for (int l = 0; l < L; ++l) {
+        const float x = w[e + l] - c * prev[e + l];
+        w[e + l] = x;
+        acc[l] += next[e + l] * x;
+      }
+    for (; e < len; ++e) {
+      w[e] -= c * prev[e];
+      acc[0] += next[e] * w[e];
+    }
+  } else if (prev != nullptr) {
+    for (; e < len; ++e) w[e] -= c * prev[e];
+  } else if (next != nullptr) {
+    for (; e + L <= len; e += L)
+      for (int l = 0; l < L; ++l) acc[l] += next[e + l] * w[e + l];
+    for (; e < len; ++e) acc[0] += next[e] * w[e];
+  }
+  double total = 0;
+  for (int l = 0; l < L; ++l) total += acc[l];
+  return total;
+}
+
+#if HQJAX_X86
+__attribute__((target("avx2,fma"))) double gs_sweep_avx2(float* w, const float* prev, const float* next,
+                                                          int64_t len, float c) {
+  return gs_sweep_body<16>(w, prev, next, len, c);
+}
+#endif
+
+double gs_sweep(float* w, const float* prev, const float* next, int64_t len, float c, int isa) {
+#if HQJAX_X86
+  if (isa == 1) return gs_sweep_avx2(w, prev, next, len, c);
+#endif
+  (void)isa;
+  return gs_sweep_body<8>(w, prev, next, len, c);
+}
+
+ffi::Error gram_schmidt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> basis,
+                        ffi::Buffer<ffi::S32> count_in, ffi::ResultBuffer<ffi::F32> w_out) {
+  const auto vd = basis.dimensions();
+  const int64_t n = static_cast<int64_t>(w_in.element_count());
+  if (vd.size() != 2 || vd[1] != n || w_out->element_count() != w_in.element_count() ||
+      count_in.element_count() != 1)
+    return ffi::Error::InvalidArgument("gram_schmidt: need w [n], V [rows, n] and a scalar count");
+  const int64_t count = std::clamp<int64_t>(count_in.typed_data()[0], 0, vd[0]);
+  float* w = w_out->typed_data();
+  if (w != w_in.typed_data()) std::memcpy(w, w_in.typed_data(), sizeof(float) * n);
+  if (count == 0 || n == 0) return ffi::Error::Success();
+  const float* v = basis.typed_data();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, n / 4096));
+  std::vector<double> partial(chunks);
+  const int isa = current_isa();
+  float c = 0.0f;
+  for (int64_t i = 0; i <= count; ++i) {
+    const float* prev = i > 0 ? v + (i - 1) * n : nullptr;
+    const float* next = i < count ? v + i * n : nullptr;
+    parallel_for(pool, chunks, [&](int64_t k) {
+      const int64_t lo = k * n / chunks, hi = (k + 1) * n / chunks;
+      partial[k] = gs_sweep(w + lo, prev ? prev + lo : nullptr, next ? next + lo : nullptr, hi - lo, c, isa);
+    });
+    if (next != nullptr) {
+      double dot = 0;
+      for (int64_t k = 0; k < chunks; ++k) dot += partial[k];
+      c = static_cast<float>(dot);
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Exported although the library is built with -fvisibility=hidden (this declaration comes first).
@@ -593,6 +680,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HqjaxConv2dForwardF32, conv_forward,
                                   .Attr<int64_t>("stride_w")
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w"));
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* HqjaxGramSchmidtF32(XLA_FFI_CallFrame*);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HqjaxGramSchmidtF32, gram_schmidt,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [n]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // V [rows, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count: rows 0..count-1 are used
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // w minus its projections
 
 // Which micro-kernel runs: 1 AVX2+FMA, 0 portable. hqjax_wgrad_set_isa(0) forces the
 // portable one (tests); hqjax_wgrad_set_isa(1) is ignored on CPUs without AVX2+FMA.

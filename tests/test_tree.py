@@ -30,12 +30,57 @@ def test_ravel_and_flat_operator_match_ravel_pytree():
     got = jax.jit(hqjax.tree_ravel)(p)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
-    # a non-diagonal linear map, so leaf order and offsets both matter
+    # a non-diagonal linear map, so leaf order and offsets both matter; no transposes in it,
+    # so the flat order is ravel_pytree's
     mv = lambda t: jax.tree.map(lambda x: 2.0 * x + jnp.sum(x), t)
-    flat_mv, unravel2 = hqjax.flat_operator(mv, p)
+    flat_mv, ravel, unravel2 = hqjax.flat_operator(mv, p)
     x = jnp.arange(want.size, dtype=jnp.float32)
     np.testing.assert_allclose(jax.jit(flat_mv)(x), ravel_pytree(mv(unravel(x)))[0])
     np.testing.assert_array_equal(ravel_pytree(unravel2(x))[0], x)
+    np.testing.assert_array_equal(ravel(p), want)
+
+
+def test_flat_operator_stores_transposed_outputs_in_computed_order():
+    """A leaf the operator makes as transpose(y) is stored as y (no strided copy); ravel,
+    unravel and the flat matvec agree with each other and with the pytree operator."""
+    p = {"a": jnp.zeros((3, 5)), "b": jnp.zeros((7,)), "c": jnp.zeros((2, 3, 4))}
+    r = np.random.default_rng(0)
+    A, C = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((5, 5), (4, 4)))
+
+    @jax.jit  # seen through a nested jit too
+    def inner(x):
+        return jnp.transpose(jnp.einsum("ij,kj->ik", A, x))  # [3, 5] made as transpose([5, 3])
+
+    def mv(t):
+        return {"a": inner(t["a"]), "b": 3.0 * t["b"], "c": jnp.transpose(jnp.einsum("abk,kl->lab", t["c"], C), (1, 2, 0))}
+
+    flat_mv, ravel, unravel = hqjax.flat_operator(mv, p)
+    t = jax.tree.map(lambda x: jnp.asarray(r.standard_normal(x.shape), jnp.float32), p)
+    x = ravel(t)
+    assert x.shape == (hqjax.tree_size(p),)
+    # a: stored transposed, so its block of x is t["a"].T; b as is; c with its axes rotated
+    np.testing.assert_array_equal(x[:15], np.ravel(np.asarray(t["a"]).T))
+    np.testing.assert_array_equal(x[15:22], t["b"])
+    np.testing.assert_array_equal(x[22:], np.ravel(np.transpose(np.asarray(t["c"]), (2, 0, 1))))
+    for a, b in zip(jax.tree.leaves(unravel(x)), jax.tree.leaves(t)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(unravel(jax.jit(flat_mv)(x))), jax.tree.leaves(mv(t))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # linear algebra on the flat vectors is that of the pytrees
+    np.testing.assert_allclose(jnp.vdot(x, flat_mv(x)), hqjax.tree_dot(t, mv(t)), rtol=1e-5)
+
+
+def test_rademacher_probes_are_balanced_signs():
+    p = {"w": jnp.zeros((1000, 333)), "s": jnp.zeros(()), "e": jnp.zeros((0, 4)), "v": jnp.zeros((33,))}
+    v = jax.jit(hqjax.tree_random_like, static_argnums=2)(jax.random.key(3), p, "rademacher")
+    assert [x.shape for x in jax.tree.leaves(v)] == [x.shape for x in jax.tree.leaves(p)]
+    w = np.asarray(v["w"])
+    assert set(np.unique(w)) == {-1.0, 1.0} and float(v["s"]) in (-1.0, 1.0)
+    assert abs(w.mean()) < 4 / np.sqrt(w.size)  # +-1 equally likely (4 standard errors)
+    # neighbouring entries (bits of one random word) are uncorrelated
+    assert abs(np.mean(w[:, 1:] * w[:, :-1])) < 4 / np.sqrt(w.size)
+    other = hqjax.tree_random_like(jax.random.key(4), p, "rademacher")
+    assert np.mean(np.asarray(other["w"]) == w) == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])

@@ -21,7 +21,7 @@ from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import resolve_loop
 from hqjax.curvature.lanczos import check_reorth_passes, lanczos_runner, tridiagonal
 from hqjax.curvature.results import DensityResult
-from hqjax.tree import flat_operator, tree_random_like, tree_ravel, tree_size
+from hqjax.tree import flat_operator, tree_random_like, tree_size
 
 __all__ = ["spectral_density", "density_on_grid"]
 
@@ -58,12 +58,12 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: ja
     check_matvec(matvec, params)
     loop = resolve_loop(loop, params, key)
     m = min(int(num_steps), n)
-    flat_mv, _ = flat_operator(matvec, params)
+    flat_mv, ravel, _ = flat_operator(matvec, params)
 
     key_probe, key_restart = jax.random.split(key)
 
     def probe(r):
-        return tree_ravel(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))
+        return ravel(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))
 
     run = lanczos_runner(flat_mv, m, probe(0), loop, key_restart, reorth_passes=passes)
     nodes, weights = [], []

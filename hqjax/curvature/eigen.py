@@ -135,7 +135,7 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
     passes = check_reorth_passes(reorth_passes)
     check_matvec(matvec, params)
     loop = resolve_loop(loop, params, key)
-    flat_mv, unravel = flat_operator(matvec, params)
+    flat_mv, _, unravel = flat_operator(matvec, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     if method == "power":
         vals, vecs, iters = _power(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import make_while, map_chunks, resolve_loop
 from hqjax.curvature.results import TraceResult
-from hqjax.tree import Blocks, blocks as make_blocks, flat_operator, tree_dot, tree_random_like, tree_ravel
+from hqjax.tree import Blocks, blocks as make_blocks, flat_operator, tree_dot, tree_random_like
 
 __all__ = ["trace"]
 
@@ -47,7 +47,7 @@ def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_siz
                 deflate=None):
     """Run Hutchinson probes in chunks; returns ``(n, mean [1+nb], m2 [1+nb])``.
 
-    With ``deflate = (Q, unravel)`` (Q ``[n_params, k]`` orthonormal), the matvec is applied
+    With ``deflate = (Q, ravel, unravel)`` (Q ``[n_params, k]`` orthonormal, in ``ravel``'s order), the matvec is applied
     to ``g_perp = (I - Q Q^T) g``; the total uses ``g_perp . M g_perp`` (Hutch++) and block
     ``b`` uses ``g_b . (M g_perp)_b``, whose mean is ``tr(M_bb) - tr(P_b Q Q^T M P_b)``.
     """
@@ -59,8 +59,8 @@ def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_siz
         if deflate is None:
             gp = g
         else:
-            Q, unravel = deflate
-            gf = tree_ravel(g)
+            Q, ravel, unravel = deflate
+            gf = ravel(g)
             gp = unravel(gf - Q @ (Q.T @ gf))
         mg = matvec(gp)
         return jnp.concatenate([tree_dot(gp, mg)[None], blk.dots(g, mg).reshape(nb)])
@@ -165,8 +165,8 @@ def _hutchpp(matvec, params, key, blk, num_probes, dist, chunk_size, loop):
     """Hutch++ (Meyer et al. 2021, Alg. 1) with exact per-block low-rank parts."""
     k = num_probes // 3
     ks, kg = jax.random.split(key)
-    flat_mv, unravel = flat_operator(matvec, params)
-    S = jax.vmap(lambda j: tree_ravel(_probe(ks, j, params, dist)))(jnp.arange(k))
+    flat_mv, ravel, unravel = flat_operator(matvec, params)
+    S = jax.vmap(lambda j: ravel(_probe(ks, j, params, dist)))(jnp.arange(k))
     MS = map_chunks(flat_mv, S, chunk_size, loop)  # [k, n]
     Q, _ = jnp.linalg.qr(MS.T)  # [n, k]
     MQ = map_chunks(flat_mv, Q.T, chunk_size, loop)  # [k, n]
@@ -174,5 +174,5 @@ def _hutchpp(matvec, params, key, blk, num_probes, dist, chunk_size, loop):
     lowrank_blocks = jax.vmap(lambda q, mq: blk.dots(unravel(q), unravel(mq)).reshape(len(blk)))(Q.T, MQ).sum(0)
     n, mean, m2 = _hutchinson(matvec, params, kg, blk, num_probes=num_probes - 2 * k, dist=dist,
                               chunk_size=min(chunk_size, num_probes - 2 * k), tol=None, loop=loop,
-                              deflate=(Q, unravel))
+                              deflate=(Q, ravel, unravel))
     return n, mean, m2, jnp.concatenate([lowrank_total[None], lowrank_blocks])

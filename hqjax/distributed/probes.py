@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hqjax.curvature.lanczos import check_reorth_passes, lanczos_runner, tridiagonal
 from hqjax.curvature.operators import is_concrete
 from hqjax.curvature.results import DensityResult, TraceResult
-from hqjax.tree import Blocks, blocks as make_blocks, flat_operator, tree_dot, tree_random_like, tree_ravel, tree_size
+from hqjax.tree import Blocks, blocks as make_blocks, flat_operator, tree_dot, tree_random_like, tree_size
 
 __all__ = ["probe_parallel_trace", "probe_parallel_density"]
 
@@ -149,10 +149,10 @@ def probe_parallel_density(matvec: Callable[[PyTree], PyTree], params: PyTree, k
         raise ValueError(f"num_steps and num_runs must be >= 1, got {num_steps} and {num_runs}")
     rounds = math.ceil(num_runs / d)
     m = min(int(num_steps), tree_size(params))
-    flat_mv, _ = flat_operator(matvec, params)
+    flat_mv, ravel, _ = flat_operator(matvec, params)
     # hqjax.spectral_density's keys: one for the probes, one for Lanczos restarts.
     key_probe, key_restart = jax.random.split(key)
-    probe = lambda r: tree_ravel(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))
+    probe = lambda r: ravel(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))
 
     def run(r):
         lanczos = lanczos_runner(flat_mv, m, probe(0), "device", key_restart, reorth_passes=passes)

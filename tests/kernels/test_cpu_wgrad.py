@@ -167,3 +167,43 @@ def test_fallback_when_compilation_fails(no_compiler, monkeypatch, tmp_path):
     ok, reason = cpu_wgrad.native_wgrad_status()
     assert not ok and "failed (3)" in reason and "broken" in reason
     assert not list((tmp_path / "cache").glob("*.so"))  # no partial library left in the cache
+
+
+@needs_native
+@pytest.mark.parametrize("rows,n,count", [(1, 5, 1), (6, 4096 * 3 + 5, 4), (6, 70_001, 6), (3, 9, 0), (3, 9, 7),
+                                          (2, 4096 * 64 + 1, 2)])
+def test_native_gram_schmidt_equals_modified_gram_schmidt(rows, n, count):
+    r = np.random.default_rng(rows * n)
+    w = jnp.asarray(r.standard_normal(n), jnp.float32)
+    basis = jnp.asarray(r.standard_normal((rows, n)), jnp.float32)
+    basis = basis / jnp.linalg.norm(basis, axis=1, keepdims=True)
+    got = jax.jit(cpu_wgrad.gram_schmidt)(w, basis, count)
+    want = np.asarray(w, np.float64)
+    for v in np.asarray(basis, np.float64)[:min(count, rows)]:  # float64 modified Gram-Schmidt
+        want = want - (v @ want) * v
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(w)).max())
+    np.testing.assert_allclose(got, jax.jit(cpu_wgrad.reference_gram_schmidt)(w, basis, count), rtol=1e-4,
+                               atol=1e-5 * np.abs(np.asarray(w)).max())
+    # a fixed partition of n: the same bits every call, whatever the thread scheduling
+    np.testing.assert_array_equal(got, jax.jit(cpu_wgrad.gram_schmidt)(w, basis, count))
+
+
+def test_status_checks_asked_first_inside_jit_still_pass(monkeypatch):
+    """The self-checks run their cases eagerly: asked while a function is being traced, they
+    must not fail on (and cache a failure from) tracers."""
+    fresh = {name: functools.lru_cache(maxsize=1)(getattr(cpu_wgrad, name).__wrapped__)
+             for name in ("native_wgrad_status", "native_gram_schmidt_status")}
+    for name, status in fresh.items():
+        monkeypatch.setattr(cpu_wgrad, name, status)
+    monkeypatch.setattr(cpu_conv, "onednn_status", functools.lru_cache(maxsize=1)(cpu_conv.onednn_status.__wrapped__))
+    seen = {}
+
+    @jax.jit
+    def f(x):
+        seen.update({name: status() for name, status in fresh.items()}, onednn=cpu_conv.onednn_status())
+        return x
+
+    f(1.0)
+    for name, (ok, reason) in seen.items():
+        assert ok or "failed to run" not in reason and "Tracer" not in reason, (name, reason)
+    assert seen["native_wgrad_status"] == native_wgrad_status()
