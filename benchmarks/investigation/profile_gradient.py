@@ -33,7 +33,7 @@ def main():
     _, loss, params, _, _, _ = make_problem(args.model)
     grad = jax.jit(apply_convolutions(jax.value_and_grad(loss), args.convolutions))
     times = op_times(grad, params, repeats=args.repeats, by_kind=not args.by_op)
-    print(f"{args.model} value_and_grad, convolutions={args.convolutions}, ms per call (median run of {args.repeats})")
+    print(f"{args.model} value_and_grad, convolutions={args.convolutions}, ms per call (mean of {args.repeats} runs)")
     print_op_times(times, args.top)
 
 
