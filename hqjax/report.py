@@ -8,7 +8,6 @@ display needed) and are written atomically like every other output.
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 

@@ -19,7 +19,11 @@ with ``lax`` on small cases; if not, nothing uses it and XLA's convolutions run 
 The same library holds a direct forward convolution (``FORWARD_TARGET``: NHWC input, HWIO
 kernel, strides and padding, no dilation or groups; a 6-pixel x 16-channel register tile).
 :mod:`.cpu_conv` runs small-window convolutions through it (``convolutions='native'``) when
-:func:`native_forward_status` passes; its primitive lives there, beside oneDNN's.
+:func:`native_forward_status` passes; its primitive lives there, beside oneDNN's. It also
+holds the modified Gram-Schmidt step of Lanczos reorthogonalization (:func:`gram_schmidt`,
+``GRAM_SCHMIDT_TARGET``), which :mod:`hqjax.curvature.lanczos` uses when
+:func:`native_gram_schmidt_status` passes: each basis row read from memory once, where XLA's
+two matrix-vector products stream it twice.
 
 :data:`conv2d_weight_grad_p` is the primitive: the FFI call on the CPU when the library is
 available, XLA's own convolution anywhere else. It is bilinear in ``(x, dy)``, so ``jvp``

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from hqjax.curvature._loop import make_while
-from hqjax.kernels.cpu_wgrad import gram_schmidt, native_gram_schmidt_status
+from hqjax.kernels import cpu_wgrad
 
 # Whether Lanczos may reorthogonalize with hqjax's native Gram-Schmidt kernel on the CPU
 # (see _orthogonalize); False keeps XLA's classical Gram-Schmidt everywhere.
@@ -57,7 +57,7 @@ def _orthogonalize(w, V, j, passes: int):
         for _ in range(passes):
             for b, Vb in enumerate(V):
                 count = jnp.clip(j - b * rows + 1, 0, rows)
-                w = jax.lax.cond(b * rows <= j, lambda w, Vb=Vb, count=count: gram_schmidt(w, Vb, count),
+                w = jax.lax.cond(b * rows <= j, lambda w, Vb=Vb, count=count: cpu_wgrad.gram_schmidt(w, Vb, count),
                                  lambda w: w, w)
         return w
     for _ in range(passes):
@@ -74,7 +74,7 @@ def _native_gram_schmidt(w) -> bool:
     """Whether to reorthogonalize with the native kernel: float32 on a CPU backend, and the
     kernel built and checked (:func:`hqjax.kernels.cpu_wgrad.native_gram_schmidt_status`)."""
     return (w.dtype == jnp.float32 and jax.default_backend() == "cpu" and NATIVE_GRAM_SCHMIDT
-            and native_gram_schmidt_status()[0])
+            and cpu_wgrad.native_gram_schmidt_status()[0])
 
 
 def _set_row(V, j, v):
