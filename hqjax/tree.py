@@ -145,8 +145,8 @@ def flat_operator(matvec: Callable[[PyTree], PyTree], params: PyTree) -> FlatOpe
     this. The flat vector holds the leaves in ``ravel_pytree``'s order, each leaf's entries
     in the axis order the operator computes it in: a weight gradient comes out of JAX's
     transpose rule as ``transpose(dot_general(...))``, which XLA:CPU computes column-major,
-    so writing it row-major into the vector is a strided transposing copy (8.8 of a 63 ms
-    power-iteration step on a 1.86 M-parameter MLP); stored in its computed order it is a
+    so writing it row-major into the vector is a strided transposing copy (8.8 ms of a
+    power-iteration step profiled at 80 ms on a 1.86 M-parameter MLP, benchmarks/RESULTS.md); stored in its computed order it is a
     plain copy, and the transpose moves to the operator's input, where XLA folds it into
     the dot that reads it. ``ravel``/``unravel`` convert in the same order, so any linear
     algebra on the flat vectors (norms, dot products, orthogonalization) is unaffected.

@@ -188,6 +188,17 @@ def test_native_gram_schmidt_equals_modified_gram_schmidt(rows, n, count):
     np.testing.assert_array_equal(got, jax.jit(cpu_wgrad.gram_schmidt)(w, basis, count))
 
 
+@needs_native
+def test_portable_gram_schmidt_equals_reference(scalar_isa):
+    r = np.random.default_rng(1)
+    w = jnp.asarray(r.standard_normal(4096 * 3 + 5), jnp.float32)
+    basis = jnp.asarray(r.standard_normal((4, w.size)), jnp.float32)
+    basis = basis / jnp.linalg.norm(basis, axis=1, keepdims=True)
+    # the kernel reads the ISA at each call, so the portable sweep runs here
+    np.testing.assert_allclose(cpu_wgrad.gram_schmidt(w, basis, 3), cpu_wgrad.reference_gram_schmidt(w, basis, 3),
+                               rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
 def test_status_checks_asked_first_inside_jit_still_pass(monkeypatch):
     """The self-checks run their cases eagerly: asked while a function is being traced, they
     must not fail on (and cache a failure from) tracers."""
