@@ -333,10 +333,14 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the hqjax and PyHessian sides this many times per model; medians pool all rounds")
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--fresh-host-memory", action="store_true",
+                    help="skip hqjax.reuse_host_memory(), so XLA faults its scratch memory in on every call")
     args = ap.parse_args(argv)
+    host = None if args.fresh_host_memory else hqjax.reuse_host_memory()
     if not os.path.exists(args.torch_python):
         sys.exit(f"no PyTorch interpreter at {args.torch_python}; create it as the module docstring says, or pass --torch-python")
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), load average {os.getloadavg()}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), load average {os.getloadavg()}; "
+          f"hqjax.reuse_host_memory: {'not called' if host is None else host.applied or host.reason}")
     results, key_ratios = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

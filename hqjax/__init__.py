@@ -12,6 +12,8 @@ from hqjax.quant import *  # noqa: F401,F403
 from hqjax.quant import __all__ as _quant_all
 from hqjax.alloc import *  # noqa: F401,F403
 from hqjax.alloc import __all__ as _alloc_all
+from hqjax.host import *  # noqa: F401,F403
+from hqjax.host import __all__ as _host_all
 
 __version__ = "0.1.0"
-__all__ = [*_tree_all, *_curvature_all, *_quant_all, *_alloc_all]
+__all__ = [*_tree_all, *_curvature_all, *_quant_all, *_alloc_all, *_host_all]

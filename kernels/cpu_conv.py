@@ -26,6 +26,12 @@ function's convolutions make those cheaper without changing what is computed:
    the native forward kernel of the same library, instead of oneDNN: operands transposed to
    NHWC/HWIO, bilinear, reverse mode through lax's transposes rewritten again (native weight
    gradients; stride-1 input gradients native, strided ones XLA's), ``vmap`` through lax.
+5. With ``native_matmul`` (``"native"``/``"auto"`` when :data:`NATIVE_MATMUL` and
+   :func:`~.cpu_matmul.native_matmul_status` pass), the float32 matrix products XLA:CPU
+   handles worst, weight gradients over tokens and batched products (attention), run as
+   :data:`~.cpu_matmul.strided_matmul_p`, a native GEMM that reads operands through strides
+   (encoder gradient 20% faster, benchmarks/RESULTS.md). Despite this module's name, a
+   transformer's curvature operators are sped up by this rewrite too.
 
 oneDNN's forward convolution with an image-sized window (a weight gradient) took 1.8 s
 against 5 ms for XLA's, hence the window limit. The custom call is an internal interface of
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +56,7 @@ from jax._src.lax import convolution as _conv
 from jax.extend import core as jcore
 
 from . import cpu_wgrad
+from .cpu_matmul import matmul_form, native_matmul_status, strided_matmul
 from .cpu_wgrad import native_forward_status, native_wgrad_status, weight_grad_form
 
 __all__ = ["CONVOLUTIONS", "cpu_convolutions", "native_conv_p", "onednn_conv_p", "onednn_status",
@@ -64,6 +71,8 @@ NATIVE_FORWARD = True
 # ...and only for outputs at least this wide: on ResNet-20's 8x8 64->64 layers (rows of two
 # 4-pixel tiles) the native kernel measured slower than oneDNN; 16 and 32 wide, faster.
 MIN_NATIVE_WIDTH = 12
+# Weight gradients over tokens and batched products through cpu_matmul in 'native' mode.
+NATIVE_MATMUL = True
 
 
 def _conv_primitive(name: str, transpose_lhs: Callable, transpose_rhs: Callable) -> jcore.Primitive:
@@ -218,19 +227,28 @@ def conv_with_xla_layouts(lhs, rhs, *, dimension_numbers, **params):
     return perm(out, back)
 
 
-def _rewrite_convolution(eqn, ins, use_onednn: bool, native_wgrad: bool, native_fwd: bool):
+class _Choices(NamedTuple):
+    """Which rewrites :func:`cpu_convolutions` applies."""
+
+    onednn: bool
+    native_wgrad: bool
+    native_fwd: bool
+    native_matmul: bool
+
+
+def _rewrite_convolution(eqn, ins, use: _Choices):
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-    if native_wgrad and (wgrad := weight_grad_form(lhs, rhs, eqn.outvars[0].aval, eqn.params)):
+    if use.native_wgrad and (wgrad := weight_grad_form(lhs, rhs, eqn.outvars[0].aval, eqn.params)):
         return wgrad(*ins)
-    if native_fwd and native_forward_eligible(lhs, rhs, eqn.outvars[0].aval, eqn.params, MIN_NATIVE_WIDTH):
+    if use.native_fwd and native_forward_eligible(lhs, rhs, eqn.outvars[0].aval, eqn.params, MIN_NATIVE_WIDTH):
         return native_forward(*ins, **eqn.params)
-    if use_onednn and onednn_eligible(lhs, rhs, eqn.params):
-        prim = onednn_conv_native_wgrad_p if native_wgrad else onednn_conv_p
+    if use.onednn and onednn_eligible(lhs, rhs, eqn.params):
+        prim = onednn_conv_native_wgrad_p if use.native_wgrad else onednn_conv_p
         return prim.bind(*ins, **eqn.params)
     return conv_with_xla_layouts(*ins, **eqn.params)
 
 
-def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = False, native_fwd: bool = False):
+def _eval_rewritten(jaxpr, consts, args, use: _Choices):
     env: dict = {}
     read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
     for v, x in zip(jaxpr.constvars, consts):
@@ -240,11 +258,14 @@ def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = 
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         if eqn.primitive is lax.conv_general_dilated_p:
-            outs = [_rewrite_convolution(eqn, ins, use_onednn, native_wgrad, native_fwd)]
+            outs = [_rewrite_convolution(eqn, ins, use)]
+        elif (use.native_matmul and eqn.primitive is lax.dot_general_p
+              and matmul_form(eqn.invars[0].aval, eqn.invars[1].aval, eqn.params)):
+            outs = [strided_matmul(*ins, eqn.params["dimension_numbers"])]
         elif eqn.primitive.name in ("pjit", "jit", "closed_call"):
             # inlined: a nested jit is one more XLA computation boundary, not a semantic one
             inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
-            outs = _eval_rewritten(inner.jaxpr, inner.consts, ins, use_onednn, native_wgrad, native_fwd)
+            outs = _eval_rewritten(inner.jaxpr, inner.consts, ins, use)
         else:
             with eqn.ctx.manager:
                 outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
@@ -257,7 +278,7 @@ def _eval_rewritten(jaxpr, consts, args, use_onednn: bool, native_wgrad: bool = 
 
 
 def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = False,
-                     native_forward: bool = False) -> Callable:
+                     native_forward: bool = False, native_matmul: bool = False) -> Callable:
     """``fn`` with its convolutions rewritten for XLA:CPU (same values, faster there).
 
     Parameters
@@ -271,6 +292,9 @@ def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = 
     native_forward : run 2-D float32 small-window convolutions (forward passes, stride-1
         input gradients) through the native forward kernel instead of oneDNN (check
         :func:`~hqjax.kernels.cpu_wgrad.native_forward_status` first).
+    native_matmul : run float32 matrix products that XLA:CPU transposes first (weight
+        gradients over tokens, batched products) through :mod:`.cpu_matmul`'s native GEMM
+        (check :func:`~hqjax.kernels.cpu_matmul.native_matmul_status` first).
 
     Returns
     -------
@@ -279,10 +303,11 @@ def cpu_convolutions(fn: Callable, *, onednn: bool = True, native_wgrad: bool = 
     control flow (``scan``, ``while_loop``, ``cond``) are left as they are. On GPU/TPU the
     oneDNN primitive lowers to XLA's convolution, so the rewrite is harmless there but useless.
     """
+    use = _Choices(onednn, native_wgrad, native_forward, native_matmul)
+
     def rewritten(*args):
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), onednn, native_wgrad,
-                               native_forward)
+        outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), use)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return functools.wraps(fn)(rewritten) if hasattr(fn, "__name__") else rewritten
@@ -333,8 +358,10 @@ def resolve_convolutions(convolutions: str) -> str:
     ``'xla'`` leaves XLA's convolutions alone. ``'onednn'`` runs small windows through
     oneDNN and the rest through XLA (raises if oneDNN is unavailable). ``'native'``
     additionally runs weight gradients through the native kernel (raises if it is
-    unavailable) and small-window convolutions through the native forward kernel where
-    :func:`native_forward_status` passes (else oneDNN where :func:`onednn_status` passes). ``'auto'`` is the fastest
+    unavailable), small-window convolutions through the native forward kernel where
+    :func:`native_forward_status` passes (else oneDNN where :func:`onednn_status` passes) and
+    the matrix products :func:`~.cpu_matmul.matmul_form` picks through the native GEMM where
+    :func:`~.cpu_matmul.native_matmul_status` passes. ``'auto'`` is the fastest
     of those whose self-checks pass when the default backend is the CPU, else ``'xla'``.
     """
     if convolutions not in CONVOLUTIONS:
@@ -366,4 +393,4 @@ def apply_convolutions(fn: Callable, convolutions: str) -> Callable:
     if mode == "onednn":
         return cpu_convolutions(fn)
     return cpu_convolutions(fn, onednn=onednn_status()[0], native_wgrad=True, native_forward=NATIVE_FORWARD
-                            and native_forward_status()[0])
+                            and native_forward_status()[0], native_matmul=NATIVE_MATMUL and native_matmul_status()[0])

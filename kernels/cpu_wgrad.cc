@@ -652,6 +652,285 @@ ffi::Error gram_schmidt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_in, ffi::B
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Strided batched GEMM
+//
+//   C[b, m, n] = sum_k A(b, m, k) B(b, k, n),   A(b, m, k) = a[b*ab + m*am + k*ak],
+//                                               B(b, k, n) = b[b*bb + k*bk + n*bn]
+//
+// with C row-major [batch, M, N]. Any strides, so a dot_general whose operands XLA would
+// transpose first (a weight gradient contracts over the tokens, the leading axis of both
+// operands) reads them where they lie. BLIS-style: for each block of KC reduction steps,
+// MC x KC of A and KC x NC of B are packed into panels of MR rows and NR columns (zero-padded
+// at the edges), and the 6 x 16 register tile of the AVX2 micro-kernel runs over them from
+// L1/L2. The (batch, MC block, NC block) chunks partition C, each element is computed by one
+// chunk in a fixed order of k: results do not depend on threads or scheduling.
+
+constexpr int64_t GEMM_KC = 256;
+constexpr int64_t GEMM_MC_MAX = 240;  // rows of A per block (a multiple of MR): 240 KiB packed, in L2
+constexpr int64_t GEMM_NC_MAX = 256;  // columns of B per block (a multiple of NR)
+
+// Floats from one packed panel of `width` columns to the next: one cache line more than the
+// panel, so panels (16 KiB for B) do not all start at the same offset in a 4 KiB page, where
+// stores to them and the loads that follow alias and stall.
+constexpr int64_t gemm_panel(int64_t width, int64_t kc) { return width * kc + 16; }
+
+struct Gemm {
+  int64_t batch, M, N, K;
+  int64_t ab, am, ak;  // A strides (elements)
+  int64_t bb, bk, bn;  // B strides
+};
+
+// Packing reads each source row (fixed k, or fixed m / n) contiguously where the layout
+// allows: reading one panel at a time down a column of a row-major operand touches a new
+// cache line per k and left the packing slower than the arithmetic.
+
+#if HQJAX_X86
+// The row-contiguous packings with explicit vector moves (GCC copied element by element).
+__attribute__((target("avx2,fma"))) void gemm_pack_a_rows_avx2(const float* a, int64_t ak, int64_t mc, int64_t kc,
+                                                               float* dst) {
+  // 4 + 2 floats per panel row: masked stores (vmaskmovps) are microcoded and slow on AMD.
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* s = a + k * ak;
+    int64_t p = 0;
+    for (; p + MR <= mc; p += MR) {
+      float* d = dst + (p / MR) * gemm_panel(MR, kc) + k * MR;
+      _mm_storeu_ps(d, _mm_loadu_ps(s + p));
+      _mm_store_sd(reinterpret_cast<double*>(d + 4), _mm_load_sd(reinterpret_cast<const double*>(s + p + 4)));
+    }
+    if (p < mc) {
+      float* d = dst + (p / MR) * gemm_panel(MR, kc) + k * MR;
+      for (int64_t i = 0; i < MR; ++i) d[i] = p + i < mc ? s[p + i] : 0.0f;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void gemm_pack_b_rows_avx2(const float* b, int64_t bk, int64_t nc, int64_t kc,
+                                                               float* dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* s = b + k * bk;
+    int64_t p = 0;
+    for (; p + NR <= nc; p += NR) {
+      float* d = dst + (p / NR) * gemm_panel(NR, kc) + k * NR;
+      _mm256_storeu_ps(d, _mm256_loadu_ps(s + p));
+      _mm256_storeu_ps(d + 8, _mm256_loadu_ps(s + p + 8));
+    }
+    if (p < nc) {
+      float* d = dst + (p / NR) * gemm_panel(NR, kc) + k * NR;
+      const int64_t cols = nc - p;
+      _mm256_storeu_ps(d, _mm256_maskload_ps(s + p, tail_mask(static_cast<int>(std::min<int64_t>(8, cols)))));
+      _mm256_storeu_ps(d + 8, cols > 8 ? _mm256_maskload_ps(s + p + 8, tail_mask(static_cast<int>(cols - 8)))
+                                       : _mm256_setzero_ps());
+    }
+  }
+}
+#endif
+
+// A's mc rows x kc steps as panels of MR rows: panel q holds A(q * MR + i, k) at [k * MR + i].
+void gemm_pack_a(const float* a, int64_t am, int64_t ak, int64_t mc, int64_t kc, float* dst, int isa) {
+#if HQJAX_X86
+  if (am == 1 && isa == 1) {
+    gemm_pack_a_rows_avx2(a, ak, mc, kc, dst);
+    return;
+  }
+#endif
+  if (am == 1) {  // a row of fixed k is contiguous in m
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* s = a + k * ak;
+      for (int64_t p = 0; p < mc; p += MR) {
+        float* d = dst + (p / MR) * gemm_panel(MR, kc) + k * MR;
+        if (mc - p >= MR) {
+          for (int i = 0; i < MR; ++i) d[i] = s[p + i];
+        } else {
+          for (int64_t i = 0; i < MR; ++i) d[i] = i < mc - p ? s[p + i] : 0.0f;
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t p = 0; p < mc; p += MR) {  // otherwise one row m at a time (contiguous in k when ak == 1)
+    float* d = dst + (p / MR) * gemm_panel(MR, kc);
+    for (int64_t i = 0; i < MR; ++i) {
+      if (p + i < mc) {
+        const float* s = a + (p + i) * am;
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = s[k * ak];
+      } else {
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = 0.0f;
+      }
+    }
+  }
+}
+
+// B's kc steps x nc columns as panels of NR columns: panel q holds B(k, q * NR + j) at [k * NR + j].
+void gemm_pack_b(const float* b, int64_t bk, int64_t bn, int64_t nc, int64_t kc, float* dst, int isa) {
+#if HQJAX_X86
+  if (bn == 1 && isa == 1) {
+    gemm_pack_b_rows_avx2(b, bk, nc, kc, dst);
+    return;
+  }
+#endif
+  if (bn == 1) {  // a row of fixed k is contiguous in n
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* s = b + k * bk;
+      for (int64_t p = 0; p < nc; p += NR) {
+        float* d = dst + (p / NR) * gemm_panel(NR, kc) + k * NR;
+        if (nc - p >= NR) {
+          for (int j = 0; j < NR; ++j) d[j] = s[p + j];
+        } else {
+          for (int64_t j = 0; j < NR; ++j) d[j] = j < nc - p ? s[p + j] : 0.0f;
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t p = 0; p < nc; p += NR) {  // otherwise one column n at a time (contiguous in k when bk == 1)
+    float* d = dst + (p / NR) * gemm_panel(NR, kc);
+    for (int64_t j = 0; j < NR; ++j) {
+      if (p + j < nc) {
+        const float* s = b + (p + j) * bn;
+        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = s[k * bk];
+      } else {
+        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = 0.0f;
+      }
+    }
+  }
+}
+
+// The valid mr x nr corner of a full MR x NR tile into C (added to C when accumulate).
+inline void gemm_store(const float* tile, float* c, int64_t ldc, int64_t mr, int64_t nr, bool accumulate) {
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+
+void gemm_tile_generic(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, int64_t mr, int64_t nr,
+                       bool accumulate) {
+  float acc[MR * NR] = {};
+  for (int64_t k = 0; k < kc; ++k, ap += MR, bp += NR)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i * NR + j] += ap[i] * bp[j];
+  gemm_store(acc, c, ldc, mr, nr, accumulate);
+}
+
+#if HQJAX_X86
+__attribute__((target("avx2,fma"))) void gemm_tile_avx2(int64_t kc, const float* ap, const float* bp, float* c,
+                                                        int64_t ldc, int64_t mr, int64_t nr, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k, ap += MR, bp += NR) {
+    const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
+    __m256 a;
+#define HQJAX_GEMM_ROW(i)                   \
+  a = _mm256_broadcast_ss(ap + i);          \
+  c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0); \
+  c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);
+    HQJAX_GEMM_ROW(0) HQJAX_GEMM_ROW(1) HQJAX_GEMM_ROW(2) HQJAX_GEMM_ROW(3) HQJAX_GEMM_ROW(4) HQJAX_GEMM_ROW(5)
+#undef HQJAX_GEMM_ROW
+  }
+  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (mr == MR && nr == NR) {
+    for (int i = 0; i < MR; ++i) {
+      float* o = c + i * ldc;
+      if (accumulate) {
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[i][0]));
+        _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[i][1]));
+      } else {
+        _mm256_storeu_ps(o, acc[i][0]);
+        _mm256_storeu_ps(o + 8, acc[i][1]);
+      }
+    }
+    return;
+  }
+  alignas(32) float tile[MR * NR];
+  for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(tile + i * NR, acc[i][0]);
+    _mm256_store_ps(tile + i * NR + 8, acc[i][1]);
+  }
+  gemm_store(tile, c, ldc, mr, nr, accumulate);
+}
+#endif
+
+// One (batch, m block, n block) chunk of C, all of K.
+void gemm_chunk(const Gemm& g, const float* a, const float* b, float* c, int64_t bi, int64_t m0, int64_t mc,
+                int64_t n0, int64_t nc, std::vector<float>& apack, std::vector<float>& bpack, int isa) {
+  float* cblock = c + (bi * g.M + m0) * g.N + n0;
+  if (g.K == 0) {
+    for (int64_t i = 0; i < mc; ++i) std::fill(cblock + i * g.N, cblock + i * g.N + nc, 0.0f);
+    return;
+  }
+  const float* ablock = a + bi * g.ab + m0 * g.am;
+  const float* bblock = b + bi * g.bb + n0 * g.bn;
+  for (int64_t k0 = 0; k0 < g.K; k0 += GEMM_KC) {
+    const int64_t kc = std::min(GEMM_KC, g.K - k0);
+    gemm_pack_a(ablock + k0 * g.ak, g.am, g.ak, mc, kc, apack.data(), isa);
+    gemm_pack_b(bblock + k0 * g.bk, g.bk, g.bn, nc, kc, bpack.data(), isa);
+    for (int64_t jr = 0; jr < nc; jr += NR) {
+      for (int64_t ir = 0; ir < mc; ir += MR) {
+        const float* ap = apack.data() + (ir / MR) * gemm_panel(MR, kc);
+        const float* bp = bpack.data() + (jr / NR) * gemm_panel(NR, kc);
+        float* ct = cblock + ir * g.N + jr;
+        const int64_t mr = std::min<int64_t>(MR, mc - ir), nr = std::min<int64_t>(NR, nc - jr);
+#if HQJAX_X86
+        if (isa == 1) {
+          gemm_tile_avx2(kc, ap, bp, ct, g.N, mr, nr, k0 > 0);
+          continue;
+        }
+#endif
+        gemm_tile_generic(kc, ap, bp, ct, g.N, mr, nr, k0 > 0);
+      }
+    }
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Blocks: all of M in one block when it fits (B, usually the larger operand, is then packed
+// once), N split so that there are at least two chunks per thread. The partition does not
+// change any result: every element of C sums its k in the same order whatever the blocks.
+void gemm_run(ffi::ThreadPool* pool, const Gemm& g, const float* a, const float* b, float* c) {
+  const int64_t threads = pool == nullptr ? 1 : std::max<int64_t>(1, pool->num_threads());
+  const int64_t mb = (g.M + GEMM_MC_MAX - 1) / GEMM_MC_MAX;
+  const int64_t mc = round_up((g.M + mb - 1) / mb, MR);
+  const int64_t nb_wanted = std::max<int64_t>(1, (2 * threads + g.batch * mb - 1) / (g.batch * mb));
+  const int64_t nc = std::clamp<int64_t>(round_up((g.N + nb_wanted - 1) / nb_wanted, NR), NR, GEMM_NC_MAX);
+  const int64_t nb = (g.N + nc - 1) / nc;
+  const int64_t chunks = g.batch * mb * nb;
+  const int isa = current_isa();
+  auto run = [&](int64_t ch) {
+    // packing buffers per thread, reused across calls (no allocation in the hot path)
+    thread_local std::vector<float> apack, bpack;
+    apack.resize(std::max<size_t>(apack.size(), mc / MR * gemm_panel(MR, GEMM_KC)));
+    bpack.resize(std::max<size_t>(bpack.size(), nc / NR * gemm_panel(NR, GEMM_KC)));
+    const int64_t bi = ch / (mb * nb), r = ch % (mb * nb);
+    const int64_t m0 = (r / nb) * mc, n0 = (r % nb) * nc;
+    gemm_chunk(g, a, b, c, bi, m0, std::min(mc, g.M - m0), n0, std::min(nc, g.N - n0), apack, bpack, isa);
+  };
+  if (pool == nullptr) {
+    for (int64_t ch = 0; ch < chunks; ++ch) run(ch);
+  } else {
+    parallel_for(*pool, chunks, run);
+  }
+}
+
+ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
+                  int64_t batch, int64_t m, int64_t n, int64_t k, int64_t a_batch, int64_t a_m, int64_t a_k,
+                  int64_t b_batch, int64_t b_k, int64_t b_n) {
+  const Gemm g{batch, m, n, k, a_batch, a_m, a_k, b_batch, b_k, b_n};
+  // the largest index each operand is read at must lie inside it (strides are non-negative)
+  auto last = [](int64_t bs, int64_t s1, int64_t n1, int64_t s2, int64_t n2, int64_t nb) {
+    return (nb - 1) * bs + (n1 - 1) * s1 + (n2 - 1) * s2;
+  };
+  if (batch < 0 || m < 0 || n < 0 || k < 0 || a_batch < 0 || a_m < 0 || a_k < 0 || b_batch < 0 || b_k < 0 || b_n < 0 ||
+      c->element_count() != static_cast<size_t>(batch * m * n))
+    return ffi::Error::InvalidArgument("matmul: negative sizes or strides, or C is not [batch, M, N]");
+  if (batch * m * n == 0) return ffi::Error::Success();
+  if (k > 0 && (last(a_batch, a_m, m, a_k, k, batch) >= static_cast<int64_t>(a.element_count()) ||
+                last(b_batch, b_k, k, b_n, n, batch) >= static_cast<int64_t>(b.element_count())))
+    return ffi::Error::InvalidArgument("matmul: the strides reach past an operand's end");
+  gemm_run(&pool, g, a.typed_data(), b.typed_data(), c->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Exported although the library is built with -fvisibility=hidden (this declaration comes first).
@@ -690,6 +969,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HqjaxGramSchmidtF32, gram_schmidt,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // V [rows, n]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // count: rows 0..count-1 are used
                                   .Ret<ffi::Buffer<ffi::F32>>());  // w minus its projections
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* HqjaxMatmulF32(XLA_FFI_CallFrame*);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HqjaxMatmulF32, matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // A, any shape (read through strides)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // B, any shape
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // C [batch, M, N] (any shape of that size)
+                                  .Attr<int64_t>("batch")
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("a_batch")
+                                  .Attr<int64_t>("a_m")
+                                  .Attr<int64_t>("a_k")
+                                  .Attr<int64_t>("b_batch")
+                                  .Attr<int64_t>("b_k")
+                                  .Attr<int64_t>("b_n"));
 
 // Which micro-kernel runs: 1 AVX2+FMA, 0 portable. hqjax_wgrad_set_isa(0) forces the
 // portable one (tests); hqjax_wgrad_set_isa(1) is ignored on CPUs without AVX2+FMA.

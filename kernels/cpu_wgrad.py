@@ -63,7 +63,9 @@ _SYMBOL = "HqjaxConv2dWeightGradF32"
 FORWARD_TARGET = "hqjax_conv2d_forward_f32"
 _FORWARD_SYMBOL = "HqjaxConv2dForwardF32"
 GRAM_SCHMIDT_TARGET = "hqjax_gram_schmidt_f32"
-_TARGETS = ((FFI_TARGET, _SYMBOL), (FORWARD_TARGET, _FORWARD_SYMBOL), (GRAM_SCHMIDT_TARGET, "HqjaxGramSchmidtF32"))
+MATMUL_TARGET = "hqjax_matmul_f32"
+_TARGETS = ((FFI_TARGET, _SYMBOL), (FORWARD_TARGET, _FORWARD_SYMBOL), (GRAM_SCHMIDT_TARGET, "HqjaxGramSchmidtF32"),
+            (MATMUL_TARGET, "HqjaxMatmulF32"))
 # No -march=native: the AVX2 path is chosen at run time (see the module docstring).
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 

@@ -19,6 +19,7 @@ sys.path.insert(0, HERE)
 from _profile import op_times, print_op_times  # noqa: E402
 from curvature_vs_pyhessian import make_problem  # noqa: E402
 
+import hqjax  # noqa: E402
 from hqjax.kernels.cpu_conv import CONVOLUTIONS, apply_convolutions  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def main():
     ap.add_argument("--by-op", action="store_true", help="one row per op instead of per op kind")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
+    hqjax.reuse_host_memory()
     _, loss, params, _, _, _ = make_problem(args.model)
     grad = jax.jit(apply_convolutions(jax.value_and_grad(loss), args.convolutions))
     times = op_times(grad, params, repeats=args.repeats, by_kind=not args.by_op)

@@ -105,7 +105,7 @@ def scalar_isa():
 @pytest.fixture
 def no_compiler(monkeypatch, tmp_path):
     """A process in which the native kernels cannot be built: a compiler that does not exist."""
-    from hqjax.kernels import cpu_conv, cpu_wgrad
+    from hqjax.kernels import cpu_conv, cpu_matmul, cpu_wgrad
 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     monkeypatch.setenv("HQJAX_CACHE_DIR", str(tmp_path / "cache"))
@@ -116,3 +116,6 @@ def no_compiler(monkeypatch, tmp_path):
         monkeypatch.setattr(cpu_wgrad, name, status)
         if hasattr(cpu_conv, name):
             monkeypatch.setattr(cpu_conv, name, status)
+    status = functools.lru_cache(maxsize=1)(cpu_matmul.native_matmul_status.__wrapped__)
+    monkeypatch.setattr(cpu_matmul, "native_matmul_status", status)
+    monkeypatch.setattr(cpu_conv, "native_matmul_status", status)
