@@ -47,29 +47,32 @@ def _backend_started() -> bool:
         return False
 
 
-def reuse_host_memory(max_block_bytes: int = 1 << 30) -> HostMemory:
+def reuse_host_memory(max_block_bytes: int = 1 << 30, *, warn: bool = True) -> HostMemory:
     """Make the process heap keep XLA:CPU's freed scratch memory for the next call.
 
     Sets three glibc ``mallopt`` parameters: one malloc arena (``M_ARENA_MAX``), because the
     other arenas' heaps hold at most 64 MiB and must ``mmap`` any larger block (XLA's worker
-    threads would otherwise each use one);
-    ``M_MMAP_THRESHOLD`` of ``max_block_bytes``, so blocks up to that size come from the heap;
-    and the largest ``M_TRIM_THRESHOLD``, so freed memory is not handed back to the system.
+    threads would otherwise each use one); ``M_MMAP_THRESHOLD`` of ``max_block_bytes``, so
+    blocks up to that size come from the heap; and the largest ``M_TRIM_THRESHOLD``, so freed
+    memory is not handed back to the system.
     Blocks larger than ``max_block_bytes`` are still mapped and unmapped per call.
 
     Call it before JAX's first computation: JAX's CPU worker threads pick their malloc arena
-    when they start and keep it. Called later it warns and reports ``applied=False``; setting
-    :attr:`HostMemory.environment` before Python starts does the same from outside.
+    when they start and keep it. Called later it changes nothing, warns and reports
+    ``applied=False``; setting :attr:`HostMemory.environment` before Python starts does the
+    same from outside.
 
     The single arena serializes ``malloc`` across threads, which costs nothing measurable on
     the few-core hosts this helps most; on a many-core host measure before keeping it.
     Process-wide and not undoable, so hqjax never calls it on import: its command-line entry
-    points and benchmarks call it explicitly.
+    point (``hqjax``) and benchmarks call it explicitly.
 
     Parameters
     ----------
     max_block_bytes : the largest allocation served from the heap (default 1 GiB, at most
         ``2**31 - 1``).
+    warn : warn when called too late (after JAX's first computation); the returned
+        :class:`HostMemory` says so either way.
 
     Returns
     -------
@@ -81,6 +84,13 @@ def reuse_host_memory(max_block_bytes: int = 1 << 30) -> HostMemory:
            "MALLOC_TRIM_THRESHOLD_": str(_INT_MAX)}
     if not sys.platform.startswith("linux"):
         return HostMemory(False, f"not Linux ({sys.platform}): only glibc's allocator is tuned", env)
+    if _backend_started():
+        reason = ("JAX's backend had already started, and its worker threads keep the malloc arenas "
+                  "they began with, so nothing was changed; call hqjax.reuse_host_memory() before the first "
+                  "JAX computation, or set " + " ".join(f"{k}={v}" for k, v in env.items()) + " before Python starts")
+        if warn:
+            warnings.warn(reason, RuntimeWarning, stacklevel=2)
+        return HostMemory(False, reason, env)
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return HostMemory(False, "the C library is not glibc (musl?): its allocator is left as it is", env)
@@ -89,10 +99,4 @@ def reuse_host_memory(max_block_bytes: int = 1 << 30) -> HostMemory:
     if not all(ok):
         names = [n for n, r in zip(("M_ARENA_MAX", "M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"), ok) if not r]
         return HostMemory(False, f"glibc refused mallopt({', '.join(names)})", env)
-    if _backend_started():
-        reason = ("JAX's backend had already started, and its worker threads keep the malloc arenas "
-                  "they began with; call hqjax.reuse_host_memory() before the first JAX computation, "
-                  "or set " + " ".join(f"{k}={v}" for k, v in env.items()) + " before Python starts")
-        warnings.warn(reason, RuntimeWarning, stacklevel=2)
-        return HostMemory(False, reason, env)
     return HostMemory(True, "", env)

@@ -62,6 +62,9 @@ def test_reuse_host_memory_after_jax_started_says_how_to_fix_it():
     assert "before the first JAX computation" in status.reason and "MALLOC_ARENA_MAX=1" in status.reason
     assert any(issubclass(w.category, RuntimeWarning) for w in caught)
     assert status.environment["MALLOC_ARENA_MAX"] == "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the command-line entry point asks quietly
+        assert hqjax.reuse_host_memory(warn=False) == status
 
 
 def test_reuse_host_memory_rejects_a_block_size_mallopt_cannot_take():
