@@ -13,12 +13,14 @@ the same kernels through im2col.
 
 :func:`cpu_convolutions` is the float side: it rewrites a function's convolutions for
 XLA:CPU (hqjax's native forward kernel or jaxlib's oneDNN for small windows, hqjax's
-native kernel from :mod:`.cpu_wgrad` or explicit layouts for weight gradients), which the
-curvature operators use by default on the CPU (``convolutions="auto"``).
+native kernel from :mod:`.cpu_wgrad` or explicit layouts for weight gradients, and
+:mod:`.cpu_matmul`'s strided GEMM for weight gradients over tokens and batched products),
+which the curvature operators use by default on the CPU (``convolutions="auto"``).
 """
 
 from .conv import im2col, int_conv2d
 from .cpu_conv import cpu_convolutions, onednn_status
+from .cpu_matmul import native_matmul_status, strided_matmul
 from .cpu_wgrad import native_forward_status, native_wgrad_status
 from .dispatch import BACKENDS, default_backend, int4_matmul, int_matmul
 from .mosaic import MosaicBlocks
@@ -40,10 +42,12 @@ __all__ = [
     "int_conv2d",
     "int_matmul",
     "native_forward_status",
+    "native_matmul_status",
     "native_wgrad_status",
     "onednn_status",
     "pack_int4",
     "requant_from_scale",
     "requantize",
+    "strided_matmul",
     "unpack_int4",
 ]

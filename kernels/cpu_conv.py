@@ -30,7 +30,7 @@ function's convolutions make those cheaper without changing what is computed:
    :func:`~.cpu_matmul.native_matmul_status` pass), the float32 matrix products XLA:CPU
    handles worst, weight gradients over tokens and batched products (attention), run as
    :data:`~.cpu_matmul.strided_matmul_p`, a native GEMM that reads operands through strides
-   (encoder gradient 20% faster, benchmarks/RESULTS.md). Despite this module's name, a
+   (encoder gradient 1.2x faster, benchmarks/RESULTS.md). Despite this module's name, a
    transformer's curvature operators are sped up by this rewrite too.
 
 oneDNN's forward convolution with an image-sized window (a weight gradient) took 1.8 s
