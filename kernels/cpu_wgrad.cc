@@ -727,74 +727,54 @@ __attribute__((target("avx2,fma"))) void gemm_pack_b_rows_avx2(const float* b, i
 }
 #endif
 
-// A's mc rows x kc steps as panels of MR rows: panel q holds A(q * MR + i, k) at [k * MR + i].
-void gemm_pack_a(const float* a, int64_t am, int64_t ak, int64_t mc, int64_t kc, float* dst, int isa) {
-#if HQJAX_X86
-  if (am == 1 && isa == 1) {
-    gemm_pack_a_rows_avx2(a, ak, mc, kc, dst);
-    return;
-  }
-#endif
-  if (am == 1) {  // a row of fixed k is contiguous in m
+// `len` entries along an operand's free axis (stride s_free) x kc steps (stride s_k) as
+// panels of W entries: panel q holds entry (q * W + i, k) at [k * W + i], zero past `len`.
+// A is packed with W = MR (rows m), B with W = NR (columns n).
+template <int W>
+void gemm_pack_portable(const float* src, int64_t s_free, int64_t s_k, int64_t len, int64_t kc, float* dst) {
+  if (s_free == 1) {  // a row of fixed k is contiguous along the free axis
     for (int64_t k = 0; k < kc; ++k) {
-      const float* s = a + k * ak;
-      for (int64_t p = 0; p < mc; p += MR) {
-        float* d = dst + (p / MR) * gemm_panel(MR, kc) + k * MR;
-        if (mc - p >= MR) {
-          for (int i = 0; i < MR; ++i) d[i] = s[p + i];
+      const float* s = src + k * s_k;
+      for (int64_t p = 0; p < len; p += W) {
+        float* d = dst + (p / W) * gemm_panel(W, kc) + k * W;
+        if (len - p >= W) {
+          for (int i = 0; i < W; ++i) d[i] = s[p + i];
         } else {
-          for (int64_t i = 0; i < MR; ++i) d[i] = i < mc - p ? s[p + i] : 0.0f;
+          for (int64_t i = 0; i < W; ++i) d[i] = i < len - p ? s[p + i] : 0.0f;
         }
       }
     }
     return;
   }
-  for (int64_t p = 0; p < mc; p += MR) {  // otherwise one row m at a time (contiguous in k when ak == 1)
-    float* d = dst + (p / MR) * gemm_panel(MR, kc);
-    for (int64_t i = 0; i < MR; ++i) {
-      if (p + i < mc) {
-        const float* s = a + (p + i) * am;
-        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = s[k * ak];
+  for (int64_t p = 0; p < len; p += W) {  // otherwise one free index at a time (contiguous in k when s_k == 1)
+    float* d = dst + (p / W) * gemm_panel(W, kc);
+    for (int64_t i = 0; i < W; ++i) {
+      if (p + i < len) {
+        const float* s = src + (p + i) * s_free;
+        for (int64_t k = 0; k < kc; ++k) d[k * W + i] = s[k * s_k];
       } else {
-        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = 0.0f;
+        for (int64_t k = 0; k < kc; ++k) d[k * W + i] = 0.0f;
       }
     }
   }
 }
 
+// A's mc rows x kc steps as panels of MR rows: panel q holds A(q * MR + i, k) at [k * MR + i].
+void gemm_pack_a(const float* a, int64_t am, int64_t ak, int64_t mc, int64_t kc, float* dst, int isa) {
+#if HQJAX_X86
+  if (am == 1 && isa == 1) return gemm_pack_a_rows_avx2(a, ak, mc, kc, dst);
+#endif
+  (void)isa;
+  gemm_pack_portable<MR>(a, am, ak, mc, kc, dst);
+}
+
 // B's kc steps x nc columns as panels of NR columns: panel q holds B(k, q * NR + j) at [k * NR + j].
 void gemm_pack_b(const float* b, int64_t bk, int64_t bn, int64_t nc, int64_t kc, float* dst, int isa) {
 #if HQJAX_X86
-  if (bn == 1 && isa == 1) {
-    gemm_pack_b_rows_avx2(b, bk, nc, kc, dst);
-    return;
-  }
+  if (bn == 1 && isa == 1) return gemm_pack_b_rows_avx2(b, bk, nc, kc, dst);
 #endif
-  if (bn == 1) {  // a row of fixed k is contiguous in n
-    for (int64_t k = 0; k < kc; ++k) {
-      const float* s = b + k * bk;
-      for (int64_t p = 0; p < nc; p += NR) {
-        float* d = dst + (p / NR) * gemm_panel(NR, kc) + k * NR;
-        if (nc - p >= NR) {
-          for (int j = 0; j < NR; ++j) d[j] = s[p + j];
-        } else {
-          for (int64_t j = 0; j < NR; ++j) d[j] = j < nc - p ? s[p + j] : 0.0f;
-        }
-      }
-    }
-    return;
-  }
-  for (int64_t p = 0; p < nc; p += NR) {  // otherwise one column n at a time (contiguous in k when bk == 1)
-    float* d = dst + (p / NR) * gemm_panel(NR, kc);
-    for (int64_t j = 0; j < NR; ++j) {
-      if (p + j < nc) {
-        const float* s = b + (p + j) * bn;
-        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = s[k * bk];
-      } else {
-        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = 0.0f;
-      }
-    }
-  }
+  (void)isa;
+  gemm_pack_portable<NR>(b, bn, bk, nc, kc, dst);
 }
 
 // The valid mr x nr corner of a full MR x NR tile into C (added to C when accumulate).
