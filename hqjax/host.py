@@ -4,8 +4,8 @@ XLA:CPU allocates an executable's scratch memory (its "temp" buffer, one block h
 intermediate) afresh on each call and frees it afterwards. glibc serves a block that large
 with ``mmap`` and returns it with ``munmap``, so every call faults the whole block in again,
 one zero-filled 4 KiB page at a time: on this project's 2-core machine the encoder
-benchmark's gradient took 18,500 page faults and 46 ms of kernel time per call
-(``benchmarks/host_memory.py``; figures in ``benchmarks/RESULTS.md``). Keeping freed blocks
+benchmark's gradient took 18,160 page faults and 60 ms of kernel time per call, 104 ms in
+all against 64 ms with this setting (``benchmarks/host_memory.py``; ``benchmarks/RESULTS.md``). Keeping freed blocks
 in the process heap removes the faults; the cost is that the heap keeps its high-water mark
 instead of giving memory back to the system between calls.
 """
