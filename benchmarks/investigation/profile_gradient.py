@@ -6,6 +6,7 @@ Runs the benchmark's loss for ``--model`` through ``hqjax.kernels.apply_convolut
 
     python benchmarks/investigation/profile_gradient.py --model resnet20
     python benchmarks/investigation/profile_gradient.py --model encoder --by-op
+    python benchmarks/investigation/profile_gradient.py --model encoder --xla-products   # before the native GEMM
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ from _profile import op_times, print_op_times  # noqa: E402
 from curvature_vs_pyhessian import make_problem  # noqa: E402
 
 import hqjax  # noqa: E402
+from hqjax.kernels import cpu_conv  # noqa: E402
 from hqjax.kernels.cpu_conv import CONVOLUTIONS, apply_convolutions  # noqa: E402
 
 
@@ -30,8 +32,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--by-op", action="store_true", help="one row per op instead of per op kind")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--xla-products", action="store_true",
+                    help="keep every matrix product with XLA (hqjax.kernels.cpu_conv.NATIVE_MATMUL off)")
+    ap.add_argument("--fresh-host-memory", action="store_true", help="skip hqjax.reuse_host_memory()")
     args = ap.parse_args()
-    hqjax.reuse_host_memory()
+    if not args.fresh_host_memory:
+        hqjax.reuse_host_memory()
+    cpu_conv.NATIVE_MATMUL = not args.xla_products
     _, loss, params, _, _, _ = make_problem(args.model)
     grad = jax.jit(apply_convolutions(jax.value_and_grad(loss), args.convolutions))
     times = op_times(grad, params, repeats=args.repeats, by_kind=not args.by_op)
