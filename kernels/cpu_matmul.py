@@ -89,12 +89,15 @@ def strided_form(lhs_shape, rhs_shape, dimension_numbers) -> MatmulForm | None:
     return MatmulForm(batch, m, n, k, int(np.prod(lhs_shape[nb:])), a_m, a_k, int(np.prod(rhs_shape[nb:])), b_k, b_n)
 
 
-def matmul_form(lhs_aval, rhs_aval, params: dict) -> MatmulForm | None:
+def matmul_form(lhs_aval, rhs_aval, params: dict, transposed_output: bool = False) -> MatmulForm | None:
     """The :class:`MatmulForm` of a ``dot_general`` equation worth running natively, else None.
 
     Taken: float32 operands and result, at least :data:`MIN_FLOPS`, and either batch axes
-    (attention), or no batch axes with the contracting axes leading both operands and at
-    least as long as either free size (a weight gradient over tokens: ``x^T dy``).
+    (attention), or no batch axes with the contracting axes leading both operands (a weight
+    gradient over tokens: ``x^T dy``) and either at least as long as either free size, or
+    ``transposed_output``: the product replaces ``transpose(dy^T x)``, whose transposed copy
+    XLA:CPU would add (the MLP's 1024 x 1024 x 256 weight gradients: YNNPACK/Eigen's rate,
+    plus that copy).
     """
     f32 = lhs_aval.dtype == jnp.float32 and rhs_aval.dtype == jnp.float32
     if not f32 or params.get("preferred_element_type") not in (None, jnp.float32):
@@ -106,7 +109,7 @@ def matmul_form(lhs_aval, rhs_aval, params: dict) -> MatmulForm | None:
     if lb:
         return form
     leading = tuple(sorted(lc)) == tuple(range(len(lc))) and tuple(sorted(rc)) == tuple(range(len(rc)))
-    return form if leading and form.k >= max(form.m, form.n) else None
+    return form if leading and (transposed_output or form.k >= max(form.m, form.n)) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ CASES = [
     ((2, 3, 17, 8), (2, 3, 17, 21), (((2,), (2,)), ((0, 1), (0, 1)))),    # their gradients
     ((4, 530, 7), (4, 530, 16), (((1,), (1,)), ((0,), (0,)))),            # three reduction blocks
     ((2, 3, 5), (2, 3, 4), (((0, 1), (0, 1)), ((), ()))),             # tiny: one partial tile
+    ((70, 40), (40, 18), (((1,), (0,)), ((), ()))),                   # x W, A packed by 8 x 8 transposes
+    ((70, 264), (37, 264), (((1,), (1,)), ((), ()))),                 # x W^T, both transposed, K blocks 256 + 8
+    ((270, 48), (48, 20), (((1,), (0,)), ((), ()))),                  # two row blocks of A (M > 264)
 ]
 
 
@@ -107,6 +110,8 @@ def test_matmul_form_takes_weight_gradients_and_batched_products_only():
     wgrad = (((0, 1), (0, 1)), ((), ()))
     assert matmul_form(_aval((32, 64, 128)), _aval((32, 64, 512)), params(wgrad)) is not None   # encoder x^T dy
     assert matmul_form(_aval((256, 784)), _aval((256, 1024)), params((((0,), (0,)), ((), ())))) is None  # K < M: MLP
+    assert matmul_form(_aval((256, 784)), _aval((256, 1024)), params((((0,), (0,)), ((), ()))),
+                       transposed_output=True) is not None   # ... unless it saves XLA's transposed copy
     assert matmul_form(_aval((2048, 128)), _aval((128, 512)), params((((1,), (0,)), ((), ())))) is None  # x W: XLA's
     attn = (((3,), (3,)), ((0, 1), (0, 1)))
     assert matmul_form(_aval((32, 4, 64, 32)), _aval((32, 4, 64, 32)), params(attn)) is not None
@@ -136,6 +141,44 @@ def test_rewrite_routes_transformer_products_and_keeps_values(monkeypatch):
     want = jax.jvp(lambda p: grad(p, x), (params,), (v,))[1]
     for g, w in zip(jax.tree.leaves(hv), jax.tree.leaves(want)):
         _close(g, w, rtol=1e-4)
+
+
+def _mlp_loss(params, x):
+    h = jnp.tanh(x @ params["w0"])
+    return jnp.sum(jnp.tanh(h @ params["w1"]) ** 2)
+
+
+def test_rewrite_folds_transposed_weight_gradients_into_the_product(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "MIN_FLOPS", 0)
+    params = {"w0": _draw((20, 30), 12) * 0.3, "w1": _draw((30, 7), 13) * 0.3}
+    x = _draw((50, 20), 14)
+    grad = jax.grad(_mlp_loss)
+    assert "transpose" in [e.primitive.name for e in jax.make_jaxpr(grad)(params, x).eqns]   # autodiff's (dy^T x)^T
+    rewritten = cpu_conv.cpu_convolutions(grad, onednn=False, native_matmul=True)
+    names = [e.primitive.name for e in jax.make_jaxpr(rewritten)(params, x).eqns]
+    assert "transpose" not in names and names.count("strided_matmul") == 2, names   # x^T dy written in place
+    for g, w in zip(jax.tree.leaves(jax.jit(rewritten)(params, x)), jax.tree.leaves(jax.jit(grad)(params, x))):
+        _close(g, w)
+    v = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    _, lin = jax.linearize(lambda p: rewritten(p, x), params)
+    want = jax.jvp(lambda p: grad(p, x), (params,), (v,))[1]
+    for g, w in zip(jax.tree.leaves(jax.jit(lin)(v)), jax.tree.leaves(want)):
+        _close(g, w, rtol=1e-4)
+
+
+def test_rewrite_keeps_transposes_that_are_not_a_swapped_product(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "MIN_FLOPS", 0)
+    a, b = _draw((40, 3, 5), 15), _draw((40, 6), 16)
+    dn = (((0,), (0,)), ((), ()))
+
+    def f(a, b):
+        p = lax.dot_general(a, b, dn)                       # [3, 5, 6]
+        return jnp.transpose(p, (1, 0, 2)), jnp.transpose(p, (2, 0, 1)) + p.sum()   # not a swap; p used twice
+
+    rewritten = cpu_conv.cpu_convolutions(f, onednn=False, native_matmul=True)
+    assert [e.primitive.name for e in jax.make_jaxpr(rewritten)(a, b).eqns].count("transpose") == 2
+    for g, w in zip(jax.jit(rewritten)(a, b), f(a, b)):
+        _close(g, w)
 
 
 def test_without_the_library_the_product_is_xlas(no_compiler):
