@@ -19,8 +19,8 @@ as a primitive: the FFI call on the CPU when :func:`native_matmul_status` passes
 ``lax.dot_general`` anywhere else. :mod:`.cpu_conv`'s rewrite routes the eligible products of
 a function to it (:func:`matmul_form` says which), folding the transpose of the third kind
 into the product. Only these kinds: for plain ``x @ W`` products XLA's YNNPACK kernels are
-as fast (both ~160 GFLOP/s on 256 x 1024 x 1024 on two Zen 3 cores), and they fuse the
-elementwise work around them (the MLP's linearized HVP 5-10% slower with every product native).
+as fast, and XLA fuses the elementwise work around them (the MLP's linearized HVP was 5-10%
+slower with every product native, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
