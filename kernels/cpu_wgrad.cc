@@ -813,32 +813,26 @@ void gemm_pack_portable(const float* src, int64_t s_free, int64_t s_k, int64_t l
   }
 }
 
-// A's mc rows x kc steps as panels of MR rows: panel q holds A(q * MR + i, k) at [k * MR + i].
-void gemm_pack_a(const float* a, int64_t am, int64_t ak, int64_t mc, int64_t kc, float* dst, int isa) {
+// `len` entries along an operand's free axis (stride s_free) x kc steps (stride s_k) as panels
+// of W entries, as gemm_pack_portable lays them out: A with W = MR (panel q holds A(q * MR + i,
+// k) at [k * MR + i]), B with W = NR (B(k, q * NR + j) at [k * NR + j]). Vector code where a
+// row of fixed k, or a run of k, is contiguous; the portable copy for the rest.
+template <int W>
+void gemm_pack(const float* src, int64_t s_free, int64_t s_k, int64_t len, int64_t kc, float* dst, int isa) {
 #if HQJAX_X86
-  if (am == 1 && isa == 1) return gemm_pack_a_rows_avx2(a, ak, mc, kc, dst);
-  if (ak == 1 && isa == 1 && kc % 8 == 0) {
-    const int64_t done = gemm_pack_cols_avx2<MR>(a, am, mc, kc, dst);
-    if (done < mc) gemm_pack_portable<MR>(a + done * am, am, ak, mc - done, kc, dst + done / MR * gemm_panel(MR, kc));
+  if (s_free == 1 && isa == 1) {
+    if constexpr (W == MR) return gemm_pack_a_rows_avx2(src, s_k, len, kc, dst);
+    else return gemm_pack_b_rows_avx2(src, s_k, len, kc, dst);
+  }
+  if (s_k == 1 && isa == 1 && kc % 8 == 0) {
+    const int64_t done = gemm_pack_cols_avx2<W>(src, s_free, len, kc, dst);
+    if (done < len)
+      gemm_pack_portable<W>(src + done * s_free, s_free, s_k, len - done, kc, dst + done / W * gemm_panel(W, kc));
     return;
   }
 #endif
   (void)isa;
-  gemm_pack_portable<MR>(a, am, ak, mc, kc, dst);
-}
-
-// B's kc steps x nc columns as panels of NR columns: panel q holds B(k, q * NR + j) at [k * NR + j].
-void gemm_pack_b(const float* b, int64_t bk, int64_t bn, int64_t nc, int64_t kc, float* dst, int isa) {
-#if HQJAX_X86
-  if (bn == 1 && isa == 1) return gemm_pack_b_rows_avx2(b, bk, nc, kc, dst);
-  if (bk == 1 && isa == 1 && kc % 8 == 0) {
-    const int64_t done = gemm_pack_cols_avx2<NR>(b, bn, nc, kc, dst);
-    if (done < nc) gemm_pack_portable<NR>(b + done * bn, bn, bk, nc - done, kc, dst + done / NR * gemm_panel(NR, kc));
-    return;
-  }
-#endif
-  (void)isa;
-  gemm_pack_portable<NR>(b, bn, bk, nc, kc, dst);
+  gemm_pack_portable<W>(src, s_free, s_k, len, kc, dst);
 }
 
 // The valid mr x nr corner of a full MR x NR tile into C (added to C when accumulate).
@@ -912,8 +906,8 @@ void gemm_chunk(const Gemm& g, const float* a, const float* b, float* c, int64_t
   const float* bblock = b + bi * g.bb + n0 * g.bn;
   for (int64_t k0 = 0; k0 < g.K; k0 += GEMM_KC) {
     const int64_t kc = std::min(GEMM_KC, g.K - k0);
-    gemm_pack_a(ablock + k0 * g.ak, g.am, g.ak, mc, kc, apack.data(), isa);
-    gemm_pack_b(bblock + k0 * g.bk, g.bk, g.bn, nc, kc, bpack.data(), isa);
+    gemm_pack<MR>(ablock + k0 * g.ak, g.am, g.ak, mc, kc, apack.data(), isa);
+    gemm_pack<NR>(bblock + k0 * g.bk, g.bn, g.bk, nc, kc, bpack.data(), isa);
     for (int64_t jr = 0; jr < nc; jr += NR) {
       for (int64_t ir = 0; ir < mc; ir += MR) {
         const float* ap = apack.data() + (ir / MR) * gemm_panel(MR, kc);
