@@ -14,7 +14,8 @@ the same kernels through im2col.
 :func:`cpu_convolutions` is the float side: it rewrites a function's convolutions for
 XLA:CPU (hqjax's native forward kernel or jaxlib's oneDNN for small windows, hqjax's
 native kernel from :mod:`.cpu_wgrad` or explicit layouts for weight gradients, and
-:mod:`.cpu_matmul`'s strided GEMM for weight gradients over tokens and batched products),
+:mod:`.cpu_matmul`'s strided GEMM for weight gradients over tokens or written transposed,
+and batched products),
 which the curvature operators use by default on the CPU (``convolutions="auto"``).
 """
 

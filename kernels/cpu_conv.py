@@ -256,7 +256,7 @@ def _transposed_products(jaxpr) -> dict:
 
     JAX's autodiff writes a weight gradient as ``transpose(dot_general(dy, x))``, and XLA:CPU
     runs it as a product followed by a transposed copy of the result (for a dense layer's
-    1024 x 1024 kernel, that copy and the tangent's transposed add took ~7% of the MLP's
+    1024 x 1024 kernel, that copy and the tangent's transposed add took ~7% of the MLP's profiled
     linearized HVP). When the product's only use is a transpose that swaps its two free
     groups, ``dot_general(x, dy)`` with the contracting axes swapped is the transposed result,
     and the native GEMM computes it reading both operands where they lie.

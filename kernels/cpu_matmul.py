@@ -99,9 +99,9 @@ def matmul_form(lhs_aval, rhs_aval, params: dict, transposed_output: bool = Fals
     Taken: float32 operands and result, at least :data:`MIN_FLOPS`, and either batch axes
     (attention), or no batch axes with the contracting axes leading both operands (a weight
     gradient over tokens: ``x^T dy``) and either at least as long as either free size, or
-    ``transposed_output``: the product replaces ``transpose(dy^T x)``, whose transposed copy
-    XLA:CPU would add (the MLP's 1024 x 1024 x 256 weight gradients: YNNPACK/Eigen's rate,
-    plus that copy).
+    ``transposed_output``: the product replaces ``transpose(dy^T x)``, so running it natively
+    also saves XLA:CPU's transposed copy of the result (the MLP's 1024 x 1024 x 256 weight
+    gradients, which XLA's own product computes as fast).
     """
     f32 = lhs_aval.dtype == jnp.float32 and rhs_aval.dtype == jnp.float32
     if not f32 or params.get("preferred_element_type") not in (None, jnp.float32):

@@ -3,7 +3,7 @@
 For each model, builds the jitted gradient, the HVP from scratch and the linearized HVP twice,
 with ``hqjax.kernels.cpu_conv.NATIVE_MATMUL`` off and on (the products
 ``hqjax.kernels.cpu_matmul.matmul_form`` picks: weight gradients over tokens, batched
-products), checks that the two HVPs agree, and times all six in turn (both sides use XLA's
+products, and weight gradients autodiff wrote as ``transpose(dy^T x)``), checks that the two HVPs agree, and times all six in turn (both sides use XLA's
 thread pool, so one process is fair).
 
     python benchmarks/investigation/native_matmul.py --models encoder,mlp
