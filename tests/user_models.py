@@ -1,0 +1,165 @@
+"""Models hqjax does not ship, written as a user would, to test that the flow is general.
+
+Each takes 8x8x1 images (scikit-learn's digits) and returns 10 logits. Linen models are called
+as ``model.apply(variables, x, train=...)``; NNX models as ``model(x)`` (train/eval by
+``model.train()`` / ``model.eval()``, as NNX does). ``LINEN_MODELS`` and ``NNX_MODELS`` name
+them for parametrized tests; ``TwinLinen`` and ``TwinNNX`` are one network written both ways,
+with :func:`twin_nnx_from_linen` copying Linen variables into the NNX module.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "VGGish",
+    "ProjectionResNet",
+    "MobileBlockNet",
+    "NNXCNN",
+    "NNXMLP",
+    "TwinLinen",
+    "TwinNNX",
+    "twin_nnx_from_linen",
+    "LINEN_MODELS",
+    "NNX_MODELS",
+    "init_linen",
+]
+
+
+class VGGish(nn.Module):
+    """Two conv-conv-maxpool stages (VGG style), then two dense layers."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        for i, width in enumerate((8, 16)):
+            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=f"features/conv{i}a")(x))
+            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=f"features/conv{i}b")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(32, name="classifier/fc1")(x))
+        return nn.Dense(10, name="classifier/fc2")(x)
+
+
+class _ResBlock(nn.Module):
+    features: int
+    strides: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+        y = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False, name="conv_a")(x)
+        y = nn.relu(bn("bn_a")(y))
+        y = bn("bn_b")(nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv_b")(y))
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False, name="proj")(x)
+            x = bn("proj_bn")(x)
+        return nn.relu(x + y)
+
+
+class ProjectionResNet(nn.Module):
+    """Stem, an identity block, a strided block with a 1x1 projection shortcut, global
+    average pooling, a classifier; BatchNorm throughout."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3), padding="SAME", use_bias=False, name="stem")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_bn")(x))
+        x = _ResBlock(8, 1, name="block1")(x, train)
+        x = _ResBlock(16, 2, name="block2")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(10, name="head")(x)
+
+
+class MobileBlockNet(nn.Module):
+    """An inverted-residual block (MobileNet-V2 style): 1x1 expand, 3x3 depthwise (stride 2,
+    dilation-free), 1x1 project, ReLU6; then average pooling and a classifier."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+        x = nn.relu6(bn("stem_bn")(nn.Conv(8, (3, 3), padding="SAME", use_bias=False, name="stem")(x)))
+        y = nn.relu6(bn("expand_bn")(nn.Conv(24, (1, 1), use_bias=False, name="expand")(x)))
+        y = nn.Conv(24, (3, 3), strides=2, padding="SAME", feature_group_count=24, use_bias=False,
+                    name="depthwise")(y)
+        y = nn.relu6(bn("depthwise_bn")(y))
+        y = bn("project_bn")(nn.Conv(12, (1, 1), use_bias=False, name="project")(y))
+        y = nn.avg_pool(y, (2, 2), strides=(2, 2))
+        y = y.reshape((y.shape[0], -1))
+        return nn.Dense(10, name="head")(y)
+
+
+class NNXCNN(nnx.Module):
+    """conv -> relu -> max-pool -> conv (stride 2) -> relu -> linear, in NNX."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 8, (3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, (3, 3), strides=2, padding="SAME", rngs=rngs)
+        self.head = nnx.Linear(2 * 2 * 16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv1(x))
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        x = nnx.relu(self.conv2(x))
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
+class NNXMLP(nnx.Module):
+    """Flatten -> linear -> relu -> linear -> relu -> linear, in NNX."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(64, 48, rngs=rngs)
+        self.fc2 = nnx.Linear(48, 32, rngs=rngs)
+        self.out = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        return self.out(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+
+class TwinLinen(nn.Module):
+    """The Linen half of a twin pair: conv1 -> relu -> conv2 (stride 2) -> relu -> dense."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = nn.relu(nn.Conv(6, (3, 3), padding="SAME", name="conv1")(x))
+        x = nn.relu(nn.Conv(12, (3, 3), strides=2, padding="SAME", name="conv2")(x))
+        return nn.Dense(10, name="dense")(x.reshape((x.shape[0], -1)))
+
+
+class TwinNNX(nnx.Module):
+    """The NNX half of a twin pair: the same network and module names as :class:`TwinLinen`."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 6, (3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(6, 12, (3, 3), strides=2, padding="SAME", rngs=rngs)
+        self.dense = nnx.Linear(4 * 4 * 12, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv1(x))
+        x = nnx.relu(self.conv2(x))
+        return self.dense(x.reshape((x.shape[0], -1)))
+
+
+def twin_nnx_from_linen(variables) -> TwinNNX:
+    """A :class:`TwinNNX` holding the weights of :class:`TwinLinen` ``variables``."""
+    model = TwinNNX(nnx.Rngs(0))
+    p = variables["params"]
+    for name in ("conv1", "conv2", "dense"):
+        layer = getattr(model, name)
+        layer.kernel.value = p[name]["kernel"]
+        layer.bias.value = p[name]["bias"]
+    return model
+
+
+LINEN_MODELS = {"vggish": VGGish, "projection_resnet": ProjectionResNet, "mobile_block": MobileBlockNet}
+NNX_MODELS = {"nnx_cnn": NNXCNN, "nnx_mlp": NNXMLP}
+
+
+def init_linen(model: nn.Module, seed: int = 0, batch: int = 2):
+    """Variables of a Linen model for 8x8x1 inputs."""
+    return model.init(jax.random.key(seed), jnp.zeros((batch, 8, 8, 1)), train=False)
