@@ -342,14 +342,21 @@ def _median(v):
 
 # ---- the whole job ------------------------------------------------------------------------
 def run_section(state, item, cfg, deadline: float):
+    """``hqjax run`` (every stage) when matplotlib is importable, else ``hqjax evaluate``:
+    every stage but the plots and report, so the check needs only the core wheels of
+    ``device_wheels.txt``; the JSON names the command that ran."""
     missing = [m for m in ("ortools", "sklearn") if importlib.util.find_spec(m) is None]
+    command = "run" if importlib.util.find_spec("matplotlib") else "evaluate"
+    if command == "evaluate":
+        state["notes"].append("matplotlib absent: ran `hqjax evaluate` (every stage but the "
+                              "plots and report) instead of `hqjax run`")
 
     def job():
         if missing:  # allocation needs OR-Tools, the digits data scikit-learn
             raise ModuleNotFoundError(f"`hqjax run` needs {missing}: carry their wheels "
                                       "(benchmarks/device_wheels.txt)")
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, "-m", "hqjax.cli", "run", "--model", cfg["run_model"], "--out",
+            cmd = [sys.executable, "-m", "hqjax.cli", command, "--model", cfg["run_model"], "--out",
                    out, *cfg["run_flags"], "--no-progress"]
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True,
@@ -361,7 +368,7 @@ def run_section(state, item, cfg, deadline: float):
                     metrics = json.load(fh)
         if p.returncode:
             raise RuntimeError(f"`{' '.join(cmd[2:])}` exited {p.returncode}: {p.stderr[-1500:]}")
-        return {"command": " ".join(["hqjax run --model", cfg["run_model"], *cfg["run_flags"]]),
+        return {"command": " ".join(["hqjax", command, "--model", cfg["run_model"], *cfg["run_flags"]]),
                 "wall_s_job": wall, "stdout_tail": p.stdout[-1500:], "metrics": metrics}
 
-    item(f"hqjax run --model {cfg['run_model']} (short schedule)", job, need_s=10)
+    item(f"hqjax {command} --model {cfg['run_model']} (short schedule)", job, need_s=10)

@@ -48,7 +48,7 @@ def test_smoke_runs_every_section_and_writes_both_files(tmp_path):
     cv = items["curvature encoder"]
     assert "trace" in cv["hqjax"] and "ratios" not in cv
     assert any("skipped" in n for n in secs["curvature"]["notes"])
-    run = next(i for n, i in items.items() if n.startswith("hqjax run"))
+    run = next(i for n, i in items.items() if n.startswith("hqjax run"))  # matplotlib is here
     assert run["wall_s_job"] > 0 and "integer_only" in json.dumps(run["metrics"])
     # interpret-mode timings are never judged against the goals
     assert rep["goals"] and all(g["met"] is None for g in rep["goals"])
