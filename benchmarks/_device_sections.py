@@ -116,8 +116,6 @@ def goal(state, what: str, value, target: float, measured: bool):
 # ---- Pallas integer matmul ----------------------------------------------------------------
 def _pallas():
     """(backend, interpret, blocks class) for this platform; Triton interpreted on the CPU."""
-    import jax
-
     import hqjax.kernels as K
 
     backend = K.default_backend()

@@ -2,8 +2,8 @@
 
 Usage (on the GPU image: JAX with CUDA, PyTorch, Triton, Flax, Optax, Chex; no network)::
 
-    pip install --no-index --find-links wheels/ -r benchmarks/device_wheels.txt
-    pip install --no-deps -e .
+    pip install --no-index --no-deps --find-links wheels/ -r benchmarks/device_wheels.txt
+    pip install --no-index --no-deps --find-links wheels/ -e .
     python benchmarks/device_check.py --out device_check_out
 
     python benchmarks/device_check.py --out /tmp/dc --smoke   # CPU: same code paths, < 2 min
