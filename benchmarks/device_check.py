@@ -142,15 +142,15 @@ def markdown(report: dict) -> str:
             mm, k, n = i["shape"]
             out.append(f"| {i['name'][11:]} | {mm} | {k} | {n} | "
                        + " | ".join(_fmt(i["tops"][lb], ".3f") for lb in labels) + " |")
-    sweep = [i for i in m.get("items", []) if i["name"].startswith("block sweep")]
-    if sweep and sweep[0]["status"] == "ok":
-        out += ["", f"## {sweep[0]['name']}", "", "| block_m | block_n | block_k | warps | stages | ms | TOPS |",
-                "|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in sweep[0]["rows"]:
-            b = r["blocks"]
-            out.append(f"| {b['block_m']} | {b['block_n']} | {b['block_k']} | {b.get('num_warps', '')} | "
-                       f"{b.get('num_stages', '')} | {_fmt(r.get('ms'), '.3f')} | "
-                       f"{_fmt(r.get('tops'), '.3f') if 'tops' in r else r.get('error', '')} |")
+    sweep = [i for i in m.get("items", []) if i["name"].startswith("sweep")]
+    if sweep:
+        out += ["", f"## Triton tile sweep (int8, {sweep[0]['name'].split(' at ')[1].split()[0]}, exact against XLA)", "",
+                "| block_m | block_n | block_k | warps | stages | ms | TOPS |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sweep:
+            cells = r["name"].rsplit(" ", 1)[1].split("/") + ["", ""]
+            out.append("| " + " | ".join(cells[:5]) + f" | {_fmt(r.get('ms'), '.3f')} | "
+                       + (_fmt(r["tops"], ".3f") if "tops" in r else f"{r['status']}: {r.get('error') or r.get('reason', '')}"[:120])
+                       + " |")
         if m.get("proposed_default"):
             pdf = m["proposed_default"]
             out += ["", f"Proposed default for {pdf['device_kind']} ({'measured' if pdf['measured'] else 'interpret mode: not a measurement'}): "

@@ -56,7 +56,8 @@ def test_smoke_runs_every_section_and_writes_both_files(tmp_path):
     # interpret-mode timings are never judged against the goals
     assert rep["goals"] and all(g["met"] is None for g in rep["goals"])
     md = (tmp_path / "device_check.md").read_text()
-    assert "## Integer matmul" in md and "## Fused requant" in md and "## The whole job" in md
+    assert sum(n.startswith("sweep") for n in items) == 2
+    assert "## Integer matmul" in md and "## Triton tile sweep" in md and "## Fused requant" in md and "## The whole job" in md
 
 
 def test_a_section_past_its_limit_is_stopped_and_recorded(tmp_path):
@@ -86,7 +87,10 @@ def test_markdown_reports_failures_goals_and_skips():
             "matmul": {"status": "partial", "wall_s": 100, "limit_s": 130, "notes": [],
                        "items": [{"name": "throughput square 4096", "status": "ok",
                                   "shape": [4096, 4096, 4096], "tops": {"xla int8": 600.0, "triton int8": 500.0}},
-                                 {"name": "block sweep", "status": "error", "error": "lowering failed"}],
+                                 {"name": "sweep triton int8 at 4096^3 128/128/128/8/3", "status": "ok",
+                                  "ms": 0.3, "tops": 450.0},
+                                 {"name": "sweep triton int8 at 4096^3 256/256/64/8/3", "status": "error",
+                                  "error": "lowering failed"}],
                        "goals": [{"goal": "triton int8 / XLA int8", "value": 500 / 600, "target": 0.8, "met": True},
                                  {"goal": "triton int8 / bf16", "value": 1.2, "target": 1.6, "met": False}]},
             "curvature": {"status": "timeout", "error": "stopped", "wall_s": 190, "limit_s": 190,
@@ -98,5 +102,7 @@ def test_markdown_reports_failures_goals_and_skips():
     assert "| square 4096 | 4096 | 4096 | 4096 | 600.000 | 500.000 |" in md
     assert "| triton int8 / XLA int8 | 0.83 | 0.8 | yes |" in md
     assert "| triton int8 / bf16 | 1.20 | 1.6 | NO |" in md
-    assert "matmul / block sweep: error: lowering failed" in md
+    assert "| 128 | 128 | 128 | 8 | 3 | 0.300 | 450.000 |" in md
+    assert "| 256 | 256 | 64 | 8 | 3 |  | error: lowering failed |" in md
+    assert "matmul / sweep triton int8 at 4096^3 256/256/64/8/3: error: lowering failed" in md
     assert "curvature: timeout: stopped" in md and "no torch" in md
