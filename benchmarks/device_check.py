@@ -144,7 +144,8 @@ def markdown(report: dict) -> str:
                        + " | ".join(_fmt(i["tops"][lb], ".3f") for lb in labels) + " |")
     sweep = [i for i in m.get("items", []) if i["name"].startswith("sweep")]
     if sweep:
-        out += ["", f"## Triton tile sweep (int8, {sweep[0]['name'].split(' at ')[1].split()[0]}, exact against XLA)", "",
+        size = sweep[0]["name"].split(" at ")[1].split()[0]
+        out += ["", f"## {m.get('backend', 'triton').capitalize()} tile sweep (int8, {size}, exact against XLA)", "",
                 "| block_m | block_n | block_k | warps | stages | ms | TOPS |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sweep:
             cells = r["name"].rsplit(" ", 1)[1].split("/") + ["", ""]
@@ -186,7 +187,7 @@ def markdown(report: dict) -> str:
     problems = [(n, i) for n, r in secs.items() for i in r.get("items", []) if i["status"] != "ok"]
     notes = [(n, x) for n, r in secs.items() for x in r.get("notes", [])]
     notes += [(n, f"{r['status']}: {r.get('error', '')}") for n, r in secs.items()
-              if r["status"] in ("error", "timeout")]
+              if r["status"] in ("error", "timeout", "skipped")]
     if problems or notes:
         out += ["", "## Failures, skips and notes", ""]
         out += [f"- {n} / {i['name']}: {i['status']}: {i.get('error') or i.get('reason', '')}"
