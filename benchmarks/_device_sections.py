@@ -56,9 +56,10 @@ SMOKE = dict(
     exact_cases=[(17, 40, 24)],
     sweep=[(32, 32, 32, 4, 2), (16, 32, 64, 4, 2)],
     requant_shapes=[("small", 48, 96, 40)],
-    # the encoder only, and of the estimators only the trace: XLA:CPU compiles for minutes
-    # otherwise; every row runs through the same functions as the full check's
-    curvature=dict(models=("encoder",), batch=2, image=8, repeats=1,
+    # the MLP only (the cheapest to compile), and of the estimators only the trace: XLA:CPU
+    # compiles for minutes otherwise; every row runs through the same functions as the
+    # full check's ResNet-20 and encoder
+    curvature=dict(models=("mlp",), batch=2, image=8, repeats=1,
                    estimator_repeats=1, num_probes=2, eig_iters=0, density_steps=0),
     run_model="cnn",
     run_flags=["--epochs", "1", "--qat-epochs", "0", "--probes", "1", "--hessian-examples", "32",

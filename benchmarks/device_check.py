@@ -29,8 +29,8 @@ not lower is recorded and the next section runs):
 Goals (issue 21, H100): Pallas int8 >= 0.8x XLA int8 and >= 1.6x bf16 at 4096^3; packed
 int4 at least as fast as int8 with half the weight bytes; hqjax HVP and trace >= 1.5x
 PyHessian. Writes ``DIR/device_check.json`` (everything, failures and skips included) and
-``DIR/device_check.md`` (the tables). In ``--smoke`` mode Pallas runs in interpret mode and
-no goal is judged.
+``DIR/device_check.md`` (the tables). In ``--smoke`` mode Pallas runs in interpret mode, the
+curvature rows use the MLP (trace only) and the job the small CNN, and no goal is judged.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_smoke_runs_every_section_and_writes_both_files(tmp_path):
     rq = [i for n, i in items.items() if n.startswith("requant")]
     assert rq and all(i["exact"] for i in rq)
     # hqjax's rows always; PyHessian's only where this interpreter has torch (else a note)
-    cv = items["curvature encoder"]
+    cv = items["curvature mlp"]
     assert "trace" in cv["hqjax"]
     if importlib.util.find_spec("torch") and importlib.util.find_spec("pyhessian"):
         assert cv["agreement"]["hvp_rel"] < 1e-4 and "trace" in cv["ratios"]
