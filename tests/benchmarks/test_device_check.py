@@ -106,3 +106,24 @@ def test_markdown_reports_failures_goals_and_skips():
     assert "| 256 | 256 | 64 | 8 | 3 |  | error: lowering failed |" in md
     assert "matmul / sweep triton int8 at 4096^3 256/256/64/8/3: error: lowering failed" in md
     assert "curvature: timeout: stopped" in md and "no torch" in md
+
+
+def test_full_settings_are_valid_before_a_gpu_sees_them():
+    # what only the GPU run uses, checked here: a typo must not cost a device session
+    _load()
+    import _device_sections as S
+
+    import hqjax.kernels as K
+    from hqjax.cli import build_parser, resolve_config
+
+    for cfg in (S.FULL, S.SMOKE):
+        for tile in cfg["sweep"]:
+            K.TritonBlocks(*tile).check()
+        args = build_parser().parse_args(["run", "--model", cfg["run_model"], "--out", "unused",
+                                          *cfg["run_flags"]])
+        config = resolve_config(args)
+        assert config.model == cfg["run_model"] and config.epochs >= 1
+        assert set(cfg["curvature"]["models"]) <= {"resnet20", "mlp", "encoder"}
+    assert S.FULL["square"] == 4096 and S.FULL["curvature"]["models"] == ("resnet20", "encoder")
+    dc = _load()
+    assert sum(dc.BUDGET.values()) <= 450  # sections' limits; with start-up, under 8 minutes
