@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("ortools", "tensorflow_datasets", "sklearn")
 
@@ -32,6 +34,7 @@ def test_library_and_device_check_imports_leave_heavy_packages_out():
     assert lib == [] and bench == []
 
 
+@pytest.mark.slow  # loads scikit-learn and OR-Tools in a fresh interpreter
 def test_the_heavy_packages_load_when_their_feature_is_used():
     # the check above is only meaningful if these imports do pull the packages in
     code = ("import sys\nfrom hqjax.data import load_digits\nload_digits()\n"
