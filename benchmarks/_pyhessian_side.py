@@ -7,7 +7,9 @@ script rebuilds the same network in PyTorch (Flax HWIO kernels -> OIHW, Dense ``
 -> Linear ``[out, in]``, BatchNorm in eval mode), times PyHessian (Yao et al. 2020) on it
 and writes a JSON of timings plus an ``.npz`` of loss, gradient and ``H v`` in Flax layout.
 
-Usage (called by the JAX side): ``/work/torchvenv/bin/python _pyhessian_side.py IN.npz OUT``
+Usage (called by the JAX side): ``/work/torchvenv/bin/python _pyhessian_side.py IN.npz OUT``.
+The settings may name ``"device": "cuda"`` (``device_check.py`` on a GPU): the model, batch
+and probe then live on the GPU and every timed call ends with ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -190,11 +192,14 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, sync=lambda: None):
+    """``sync`` waits for queued GPU work, so each sample covers the whole computation."""
     ts, out = [], None
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         out = fn()
+        sync()
         ts.append(time.perf_counter() - t)
     return out, ts
 
@@ -204,58 +209,71 @@ def main(inp, out_prefix):
     cfg = json.loads(str(z["cfg"]))
     torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(int(cfg.get("seed", 0)))
+    dev = torch.device(cfg.get("device", "cpu"))  # "cuda": device_check.py on a GPU
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timed_ = lambda fn, repeats: timed(fn, repeats, sync)  # noqa: E731
+    if cuda:  # device_check.py compares float32 without TF32 on both sides by default
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.get("tf32", False))
     model = build(cfg).eval()
     names = load(model, z)
+    model = model.to(dev)
     params = [p for p in model.parameters()]
     x = torch.from_numpy(np.ascontiguousarray(z["x"]))
     if cfg["model"] == "resnet20":
         x = x.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-    y = torch.from_numpy(z["y"]).long()
+    x = x.to(dev)
+    y = torch.from_numpy(z["y"]).long().to(dev)
     crit = nn.CrossEntropyLoss()
     R, E = int(cfg["repeats"]), int(cfg["estimator_repeats"])
-    res = {"times": {}, "values": {}, "peak_rss_mb": {}, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    res = {"times": {}, "values": {}, "peak_rss_mb": {}, "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "device": torch.cuda.get_device_name(dev) if cuda else "cpu"}
     T, V, M = res["times"], res["values"], res["peak_rss_mb"]
 
     with torch.no_grad():
-        _, T["forward"] = timed(lambda: crit(model(x), y), R)
+        _, T["forward"] = timed_(lambda: crit(model(x), y), R)
     M["forward"] = peak_rss_mb()
 
     def grad():
         loss = crit(model(x), y)
         return loss, torch.autograd.grad(loss, params)
 
-    (loss, g), T["gradient"] = timed(grad, R)
+    (loss, g), T["gradient"] = timed_(grad, R)
     M["gradient"] = peak_rss_mb()
     V["loss"] = float(loss.detach())
     V["grad_norm"] = float(torch.sqrt(sum((gi * gi).sum() for gi in g)))
 
     # PyHessian caches the graph of the gradient once (forward + backward(create_graph=True));
     # every HVP is then one backward pass through that graph.
+    sync()
     t0 = time.perf_counter()
-    H = PyHessian(model, crit, data=(x, y), cuda=False)
+    H = PyHessian(model, crit, data=(x, y), cuda=cuda)
+    sync()
     T["hvp_setup"] = [time.perf_counter() - t0]
-    v = [torch.from_numpy(np.ascontiguousarray((to_t(z["v:" + path]) if to_t else z["v:" + path]))) for path, to_t, _ in names]
-    hv, T["hvp"] = timed(lambda: hessian_vector_product(H.gradsH, H.params, v), R)
+    v = [torch.from_numpy(np.ascontiguousarray((to_t(z["v:" + path]) if to_t else z["v:" + path]))).to(dev)
+         for path, to_t, _ in names]
+    hv, T["hvp"] = timed_(lambda: hessian_vector_product(H.gradsH, H.params, v), R)
     M["hvp"] = peak_rss_mb()
     V["vHv"] = float(group_product(hv, v))
     arrays = {"loss": np.float32(V["loss"])}
     for (path, _, to_f), gi, hi in zip(names, g, hv):
-        arrays["g:" + path] = to_f(gi.detach().numpy()) if to_f else gi.detach().numpy()
-        arrays["hv:" + path] = to_f(hi.detach().numpy()) if to_f else hi.detach().numpy()
+        gi, hi = gi.detach().cpu().numpy(), hi.detach().cpu().numpy()
+        arrays["g:" + path] = to_f(gi) if to_f else gi
+        arrays["hv:" + path] = to_f(hi) if to_f else hi
     np.savez(out_prefix + ".npz", **arrays)
 
     n_probes, n_iters, n_steps = int(cfg["num_probes"]), int(cfg["eig_iters"]), int(cfg["density_steps"])
     if n_probes:
         # tol=-inf: PyHessian's stopping rule divides by the signed running mean; a fixed count is comparable
-        tr, T["trace"] = timed(lambda: H.trace(maxIter=n_probes, tol=float("-inf")), E)
+        tr, T["trace"] = timed_(lambda: H.trace(maxIter=n_probes, tol=float("-inf")), E)
         V["trace"], V["trace_probes"] = float(np.mean(tr)), len(tr)
         M["trace"] = peak_rss_mb()
     if n_iters:
-        (ev, _), T["top_eigenvalue"] = timed(lambda: H.eigenvalues(maxIter=n_iters, tol=float("-inf"), top_n=1), E)
+        (ev, _), T["top_eigenvalue"] = timed_(lambda: H.eigenvalues(maxIter=n_iters, tol=float("-inf"), top_n=1), E)
         V["top_eigenvalue"] = float(ev[0])
         M["top_eigenvalue"] = peak_rss_mb()
     if n_steps:
-        (nodes, weights), T["density"] = timed(lambda: H.density(iter=n_steps, n_v=1), E)
+        (nodes, weights), T["density"] = timed_(lambda: H.density(iter=n_steps, n_v=1), E)
         V["density_max_node"] = float(np.max(nodes[0]))
         M["density"] = peak_rss_mb()
     with open(out_prefix + ".json", "w") as fh:

@@ -87,18 +87,22 @@ class Encoder(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x.mean(1))
 
 
-def make_problem(name: str, seed: int = 0):
-    """``(cfg, loss(params), params, batch_stats, x, y)`` for one benchmark model."""
+def make_problem(name: str, seed: int = 0, batch: int | None = None, image: int = 32):
+    """``(cfg, loss(params), params, batch_stats, x, y)`` for one benchmark model.
+
+    ``batch`` (default 128, 256, 32 by model) and ``image`` (ResNet-20's side) shrink the
+    problem for smoke runs (``device_check.py --smoke``).
+    """
     k = jax.random.split(jax.random.key(seed), 4)
     if name == "resnet20":
-        model, x = ResNet20(), jax.random.normal(k[0], (128, 32, 32, 3))
+        model, x = ResNet20(), jax.random.normal(k[0], (batch or 128, image, image, 3))
         cfg = {"model": name}
     elif name == "mlp":
-        model, x = MLP(features=(1024, 1024), activation="tanh"), jax.random.normal(k[0], (256, 784))
+        model, x = MLP(features=(1024, 1024), activation="tanh"), jax.random.normal(k[0], (batch or 256, 784))
         cfg = {"model": name, "sizes": [784, 1024, 1024, 10]}
     elif name == "encoder":
         e = {kk: v for kk, v in ENCODER.items() if kk != "batch"}
-        model, x = Encoder(**e), jax.random.randint(k[0], (ENCODER["batch"], e["seq"]), 0, e["vocab"])
+        model, x = Encoder(**e), jax.random.randint(k[0], (batch or ENCODER["batch"], e["seq"]), 0, e["vocab"])
         cfg = {"model": name, "encoder": e}
     else:
         raise ValueError(f"unknown model {name!r}; choose resnet20, mlp or encoder")

@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import mosaic, reference, triton
+from . import mosaic, reference, tiles, triton
 from .packing import unpack_int4
 from .requant import Requant, check_requant
 
@@ -47,7 +47,8 @@ def _resolve(backend: str, interpret: bool | None, blocks):
         return backend, False, None
     if interpret is None:  # a Pallas kernel off its platform can only run interpreted
         interpret = jax.default_backend() != _PLATFORM[backend]
-    blocks = _BLOCKS[backend]() if blocks is None else blocks
+    if blocks is None:  # per device and M from the tiles table, chosen when M is known
+        return backend, bool(interpret), None
     if not isinstance(blocks, _BLOCKS[backend]):
         raise TypeError(f"blocks for backend {backend!r} must be {_BLOCKS[backend].__name__}, "
                         f"got {type(blocks).__name__}")
@@ -81,6 +82,8 @@ def _product(a, b, rq, backend, interpret, blocks, *, int4: bool):
     """2-D ``a`` (M, K) times 2-D ``b`` on the chosen backend."""
     if backend == "xla":
         return (reference.int4_matmul_xla if int4 else reference.matmul_xla)(a, b, rq)
+    if blocks is None:
+        blocks = tiles.default_blocks(backend, a.shape[0])
     fn = {("triton", False): triton.matmul_triton, ("triton", True): triton.int4_matmul_triton,
           ("mosaic", False): mosaic.matmul_mosaic, ("mosaic", True): mosaic.int4_matmul_mosaic}
     return fn[backend, int4](a, b, rq, blocks=blocks, interpret=interpret)
@@ -145,7 +148,8 @@ def int_matmul(a, b, *, out_scale: Requant | None = None, backend: str = "auto",
         Run a Pallas kernel in interpret mode (a correctness tool, 5-100x slower than XLA).
         Default: only when the kernel's platform is not JAX's default backend.
     blocks : TritonBlocks or MosaicBlocks, optional
-        Tile sizes of the Pallas backend; defaults per backend.
+        Tile sizes of the Pallas backend; default: :data:`hqjax.kernels.tiles.TILES` for the
+        device and M.
 
     Returns
     -------
