@@ -234,19 +234,28 @@ def export_qwix(bit_config: Mapping, kinds: Mapping[str, Any], *, provider: str 
 
 
 def qwix_apply(model, variables, export: QwixExport, sample_input, **kwargs) -> Callable:
-    """Serve a Linen model through Qwix with an export: ``fn(x) -> outputs``, jitted.
+    """Serve a model through Qwix with an export: ``fn(x) -> outputs``.
 
-    Under ``'ptq'`` the float params are converted once to Qwix's quantized params
-    (``qwix.quantize_params``: integer weights and their scales), so the served model holds
-    integer weights; under ``'qt'`` the float params are fake-quantized in each call.
-    ``kwargs`` go to ``apply`` (e.g. ``train=False``). Qwix needs jax arrays as params
-    (it finds weights by identity).
+    ``model`` is a Linen module (with its ``variables``) or an NNX module (``variables``
+    ``None`` for the weights it holds, or ``hqjax.from_nnx``-style variables to load into a
+    copy). Under ``'ptq'`` the float weights are converted once to Qwix's quantized params
+    (integer weights and their scales), so the served model holds integer weights; under
+    ``'qt'`` they are fake-quantized in each call. ``kwargs`` go to a Linen ``apply`` (e.g.
+    ``train=False``); an NNX module is called in eval mode.
     """
     import jax
 
+    from hqjax._nnx import from_nnx, is_nnx_module
+
     qwix = _import_qwix()
+    if is_nnx_module(model):
+        nnx_model, own = from_nnx(model)
+        module = nnx_model.merge(own if variables is None else variables)
+        module.eval()
+        served = qwix.quantize_model(module, export.make_provider(), sample_input)
+        return lambda x: served(x)
     qmodel = qwix.quantize_model(model, export.make_provider())
-    variables = jax.tree.map(jax.numpy.asarray, dict(variables))
+    variables = jax.tree.map(jax.numpy.asarray, dict(variables))  # Qwix finds weights by identity
     if export.provider == "ptq":
         abstract = jax.eval_shape(lambda x: qmodel.init(jax.random.key(0), x, **kwargs), sample_input)
         variables = {**variables, "params": qwix.quantize_params(variables["params"], abstract["params"])}

@@ -92,8 +92,9 @@ def test_export_adapts_convolutions_per_provider_and_says_so(caplog):
 @pytest.mark.skipif(importlib.util.find_spec("qwix") is None, reason="Qwix is not installed")
 def test_qwix_serves_a_mixed_allocation_close_to_hqjax_fake_quant(digits):
     """A HAWQ allocation (3-bit conv, 8-bit activations: the case Qwix's providers refused)
-    exported, served through qwix.quantize_model under both providers, and compared with
-    hqjax's calibrated fake-quant model on the digits test set."""
+    exported, served through qwix.quantize_model under both providers (Linen, and the NNX
+    twin with equal outputs), and compared with hqjax's calibrated fake-quant model on the
+    digits test set."""
     import hqjax
     import user_models as um
     from hqjax.quant.qwix_export import export_qwix, qwix_apply
@@ -121,8 +122,12 @@ def test_qwix_serves_a_mixed_allocation_close_to_hqjax_fake_quant(digits):
         ex = export_qwix(cfg, shapes, provider=provider)
         assert any(c.layer == "conv2" for c in ex.changes)
         served = qwix_apply(model, v, ex, x[:1], train=False)
-        acc = float(np.mean(np.asarray(served(digits.x_test)).argmax(-1) == digits.y_test))
+        logits = np.asarray(served(digits.x_test))
+        acc = float(np.mean(logits.argmax(-1) == digits.y_test))
         gaps[provider] = acc - acc_hqjax
+        # the NNX twin with the same weights, served through Qwix's NNX path, gives the same logits
+        twin = qwix_apply(um.twin_nnx_from_linen(v), None, ex, x[:1])
+        np.testing.assert_allclose(np.asarray(twin(digits.x_test)), logits, rtol=1e-5, atol=1e-5)
     print(f"bits {cfg}; accuracy: float {acc_fp:.4f}, hqjax fake-quant {acc_hqjax:.4f}, "
           f"Qwix gap ptq {gaps['ptq']:+.4f}, qt {gaps['qt']:+.4f}")
     assert acc_hqjax > 0.85
