@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import hqjax
 import user_models as um
@@ -31,7 +30,6 @@ SMALL_KW = dict(num_probes=2, hessian_examples=32, hessian_batch=32, top_k=1, ei
 
 PACKAGE = '''
 import flax.linen as nn
-from flax import nnx
 from hqjax.models import CNN
 
 
@@ -99,7 +97,7 @@ def project(tmp_path_factory):
     np.savez(root / "no_labels.npz", x_train=xtr, y_train=ytr, x_test=xte)
     sys.path.insert(0, str(root))
     try:
-        from tests_pkg.nets import Net, cnn_factory
+        from tests_pkg.nets import Net, cnn_factory, nnx_factory
     finally:
         sys.path.remove(str(root))
     v = Net().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
@@ -114,6 +112,9 @@ def project(tmp_path_factory):
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(str(root / "cnn_ckpt"), jax.tree.map(np.asarray, cnn_v))
     ckpt.wait_until_finished()
+    _, nnx_v = hqjax.from_nnx(nnx_factory())
+    ckpt.save(str(root / "nnet_ckpt"), jax.tree.map(np.asarray, nnx_v))
+    ckpt.wait_until_finished()
     (root / "broken_ckpt").mkdir()
     return root
 
@@ -127,19 +128,23 @@ def _hqjax(project, cwd, *args, timeout=600):
 
 
 @pytest.mark.slow
-def test_user_model_variables_and_npz_from_an_unrelated_folder(project, tmp_path):
-    """``hqjax allocate --model tests_pkg.nets:factory --variables net.msgpack --dataset
-    data.npz`` from another folder: pretrained, so nothing is trained; the allocation names
-    the user's layers; a metric from --import is used."""
+@pytest.mark.parametrize("factory, variables, layers", [
+    ("tests_pkg.nets:factory", "net.msgpack", ["features/conv", "head"]),  # Linen, msgpack
+    ("tests_pkg.nets:nnx_factory", "nnet_ckpt", ["conv", "head"]),  # NNX, Orbax checkpoint folder
+])
+def test_user_model_variables_and_npz_from_an_unrelated_folder(project, tmp_path, factory, variables, layers):
+    """``hqjax allocate --model tests_pkg.nets:factory --variables ckpt --dataset data.npz``
+    from another folder: pretrained, so nothing is trained; the allocation names the user's
+    layers; a metric from --import is used."""
     out = tmp_path / "out"
-    r = _hqjax(project, tmp_path, "allocate", "--model", "tests_pkg.nets:factory", "--variables",
-               str(project / "net.msgpack"), "--dataset", str(project / "data.npz"), "--out", str(out),
+    r = _hqjax(project, tmp_path, "allocate", "--model", factory, "--variables",
+               str(project / variables), "--dataset", str(project / "data.npz"), "--out", str(out),
                "--import", "tests_pkg.metrics", "--metric", "size_blind", *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     train = json.loads((out / "train.json").read_text())
     assert train["pretrained"] is True and train["n_train"] == 96 and train["n_test"] == 48
     bits = json.loads((out / "bit_config.json").read_text())
-    assert sorted(bits) == ["features/conv", "head"]
+    assert sorted(bits) == layers
     assert json.loads((out / "pareto.json").read_text())["metric"] == "size_blind"
 
 
