@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 from typing import Any, Callable
 
@@ -72,6 +73,10 @@ def as_flax_model(obj, where: str = "the model") -> tuple[Any, PyTree | None]:
     from hqjax._nnx import NNXApply, from_nnx, is_nnx_module
 
     if isinstance(obj, nn.Module):
+        params = inspect.signature(type(obj).__call__).parameters.values()
+        if not any(p.name == "train" or p.kind is p.VAR_KEYWORD for p in params):
+            raise UserError(f"{where} ({type(obj).__name__}) takes no 'train' argument; hqjax calls Linen models as "
+                            f"model.apply(variables, x, train=...): add 'train: bool = False' to its __call__")
         return obj, None
     if is_nnx_module(obj) or isinstance(obj, NNXApply):
         return from_nnx(obj)

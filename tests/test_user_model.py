@@ -30,6 +30,7 @@ SMALL_KW = dict(num_probes=2, hessian_examples=32, hessian_batch=32, top_k=1, ei
 
 PACKAGE = '''
 import flax.linen as nn
+from flax import nnx
 from hqjax.models import CNN
 
 
@@ -65,6 +66,16 @@ def cnn_factory():  # hqjax's own CNN, built in the user's package
 
 def not_a_model():
     return 3
+
+
+class NoTrain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def no_train():
+    return NoTrain()
 '''
 
 METRIC = '''
@@ -166,6 +177,7 @@ def test_run_from_an_orbax_checkpoint_through_the_integer_model(project, tmp_pat
     (["--model", "nopkg.nets:factory"], r"--model 'nopkg.nets:factory': cannot import module 'nopkg.nets'"),
     (["--model", "tests_pkg.nets:nothing"], r"module 'tests_pkg.nets' has no attribute 'nothing'"),
     (["--model", "tests_pkg.nets:not_a_model"], r"returned is a int, not a Flax module"),
+    (["--model", "tests_pkg.nets:no_train"], r"\(NoTrain\) takes no 'train' argument; .*add 'train: bool = False'"),
     (["--model", "tests_pkg.nets:factory", "--variables", "wrong.msgpack"],
      r"'params/head/kernel' has shape \(64, 7\) but the model expects \(64, 10\)"),
     (["--model", "tests_pkg.nets:factory", "--variables", "missing.msgpack"], r"'missing.msgpack' does not exist"),
