@@ -152,7 +152,14 @@ class Job:
 
     def check_inputs(self) -> None:
         """Load and check the data, the model and pretrained variables (before any work)."""
+        from hqjax.train import init_variables
+        from hqjax.tree import blocks
+
         _ = self.dataset, self.model, self.pretrained
+        shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), self.dataset.input_shape))
+        if not blocks(shapes["params"]).names:
+            raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
+                            f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
 
     @property
     def train_config(self) -> TrainConfig:

@@ -257,3 +257,16 @@ def test_run_api_linen_and_nnx_twins_give_the_same_allocation(tmp_path):
         assert a["perturbation"] == b["perturbation"]
     assert jobs[0].work.read_json("bit_config.json") == jobs[1].work.read_json("bit_config.json")
     assert all(j.work.read_json("train.json")["pretrained"] for j in jobs)
+
+
+def test_a_model_without_quantizable_layers_is_refused_before_writing(tmp_path):
+    import flax.linen as nn
+
+    class Scale(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return x.reshape((x.shape[0], -1))[:, :10] * self.param("s", nn.initializers.ones, (10,))
+
+    with pytest.raises(UserError, match="has no layer with a 'kernel' or 'embedding' parameter"):
+        hqjax.run(Scale(), None, _data(), out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
