@@ -40,10 +40,18 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument("--config", default=S, help="JSON or TOML file of settings (flags override it)")
     g.add_argument("--out", "-o", default=S, help="output folder (default hqjax_out)")
-    g.add_argument("--model", default=S, help="model name (cnn, mlp, resnet20, ...)")
-    g.add_argument("--dataset", default=S, help="digits, mnist_subset, or a tfds name with --data-dir")
+    g.add_argument("--model", default=S,
+                   help="model name (cnn, mlp, resnet20, ...) or your own as package.module:factory")
+    g.add_argument("--variables", default=S,
+                   help="pretrained variables of the model: an Orbax checkpoint folder or a Flax msgpack file "
+                        "(the train stage is then skipped)")
+    g.add_argument("--dataset", default=S,
+                   help="digits, mnist_subset, an .npz with x_train, y_train, x_test, y_test, "
+                        "or a tfds name with --data-dir")
     g.add_argument("--data-dir", dest="data_dir", default=S, help="prepared TensorFlow Datasets folder")
     g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module first (e.g. one registering sensitivity metrics); repeatable")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=S)
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S)
@@ -84,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "config", "progress", "quiet", "force"}
+_NOT_CONFIG = {"command", "config", "progress", "quiet", "force", "imports"}
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -100,7 +108,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def _run_command(args: argparse.Namespace) -> int:
     from hqjax.pipeline import report_only, run_stages
+    from hqjax.user_model import import_modules
 
+    if os.getcwd() not in sys.path and "" not in sys.path:  # `--model pkg.mod:factory` from the current folder
+        sys.path.insert(0, os.getcwd())
+    import_modules(args.imports)
     config = resolve_config(args)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     if args.command == "report":

@@ -46,7 +46,11 @@ class RunConfig:
     Attributes
     ----------
     model, dataset : registered names (``hqjax.models.MODELS``; ``'digits'``,
-        ``'mnist_subset'`` or a tfds name with ``data_dir``).
+        ``'mnist_subset'`` or a tfds name with ``data_dir``), a user model as
+        ``'package.module:factory'``, a data set as an ``.npz`` path (``x_train, y_train,
+        x_test, y_test``); ``hqjax.run`` records in-memory models and arrays by a hash.
+    variables : pretrained variables (an Orbax checkpoint folder or a Flax msgpack file, or
+        a hash for in-memory ones); when set, the train stage only records them.
     data_dir : prepared TensorFlow Datasets folder (only for tfds names).
     out : output folder.
     seed : seeds the data split, initialisation, training order and every probe.
@@ -69,6 +73,7 @@ class RunConfig:
     model: str = "cnn"
     dataset: str = "digits"
     data_dir: str | None = None
+    variables: str | None = None
     out: str = "hqjax_out"
     seed: int = 0
     epochs: int = 30
@@ -134,7 +139,7 @@ class RunConfig:
 
 
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "train": ("model", "dataset", "data_dir", "seed", "epochs", "batch_size", "learning_rate"),
+    "train": ("model", "dataset", "data_dir", "variables", "seed", "epochs", "batch_size", "learning_rate"),
     "analyze": ("hessian_examples", "hessian_batch", "num_probes", "top_k", "eig_iters", "density_steps",
                 "weight_bits"),
     "allocate": ("metric", "budget_kind", "budget", "act_bits"),

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-__all__ = ["Dataset", "load_digits", "load_mnist_subset", "load_tfds", "load_dataset", "stack_batches", "DATASETS"]
+__all__ = ["Dataset", "dataset_from_arrays", "load_npz", "load_digits", "load_mnist_subset", "load_tfds", "load_dataset", "stack_batches", "DATASETS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,58 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def dataset_from_arrays(data, name: str = "arrays", num_classes: int | None = None) -> Dataset:
+    """A :class:`Dataset` from a user's arrays: a ``Dataset``, a mapping with keys
+    ``x_train, y_train, x_test, y_test`` (e.g. an opened ``.npz``) or a 4-tuple in that order.
+
+    Inputs become float32 (batch first, as the model takes them), labels int32; the number of
+    classes is the largest label + 1 unless given. Raises ``ValueError`` naming the missing
+    key or the arrays whose lengths disagree.
+    """
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)):
+        if len(data) != 4:
+            raise ValueError(f"data as a tuple is (x_train, y_train, x_test, y_test); got {len(data)} items")
+        data = dict(zip(NPZ_KEYS, data))
+    keys = set(getattr(data, "files", None) or data.keys())
+    missing = [k for k in NPZ_KEYS if k not in keys]
+    if missing:
+        raise ValueError(f"{name}: missing {', '.join(repr(k) for k in missing)}; data needs arrays "
+                         f"{', '.join(NPZ_KEYS)} (it has {sorted(keys)})")
+    arrays = {k: np.asarray(data[k]) for k in NPZ_KEYS}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"{name}: x_{split} has {len(x)} examples and y_{split} {len(y)}; they must be equal "
+                             f"and non-zero")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{name}: y_{split} must be a 1-D array of integer class labels, got {y.dtype} "
+                             f"of shape {y.shape}")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ValueError(f"{name}: x_train examples have shape {arrays['x_train'].shape[1:]} but x_test "
+                         f"{arrays['x_test'].shape[1:]}")
+    labels = max(int(arrays["y_train"].max()), int(arrays["y_test"].max())) + 1
+    return Dataset(arrays["x_train"].astype(np.float32), arrays["y_train"].astype(np.int32),
+                   arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int32),
+                   int(num_classes or labels), name)
+
+
+def load_npz(path: str) -> Dataset:
+    """A data set from an ``.npz`` file holding ``x_train, y_train, x_test, y_test``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist; give an .npz with arrays {', '.join(NPZ_KEYS)}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - an unreadable file is bad input
+        raise ValueError(f"{path!r} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    with data:
+        return dataset_from_arrays(data, path)
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, name: str, num_classes: int) -> Dataset:
@@ -111,7 +163,10 @@ DATASETS = {"digits": load_digits, "mnist_subset": load_mnist_subset}
 
 
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
-    """Load ``'digits'``, ``'mnist_subset'`` or any tfds name (then ``data_dir`` is required)."""
+    """Load ``'digits'``, ``'mnist_subset'``, an ``.npz`` file (:func:`load_npz`) or any tfds
+    name (then ``data_dir`` is required)."""
+    if name.endswith(".npz"):
+        return load_npz(name)
     if name in DATASETS:
         return DATASETS[name](seed=seed)
     if data_dir is None:

@@ -32,7 +32,7 @@ from hqjax.train import (TrainConfig, accuracy, load_variables, make_loss_fn, pr
                          train_cached)
 from hqjax.workdir import Workdir
 
-__all__ = ["Job", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
+__all__ = ["Job", "run", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
            "sensitivity_from_rows", "layer_costs", "uniform_cost", "resolve_budget"]
 
 # Fault injection for the resume test: SIGKILL this process after this many analysis units
@@ -40,16 +40,20 @@ __all__ = ["Job", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS",
 _KILL_ENV = "HQJAX_TEST_KILL_AFTER_UNITS"
 
 
-def check_names(config: RunConfig) -> None:
-    """Fail before any work when a model, data set or metric name is unknown."""
+def check_names(config: RunConfig, *, model_given: bool = False, data_given: bool = False) -> None:
+    """Fail before any work when a model, data set or metric name is unknown (a user model
+    ``'package.module:factory'`` and an ``.npz`` path are checked when the job loads them)."""
     from hqjax.data import DATASETS
     from hqjax.models import MODELS
 
-    if config.model not in MODELS:
-        raise UserError(f"unknown model {config.model!r}; valid models: {', '.join(sorted(MODELS))}")
-    if config.dataset not in DATASETS and config.data_dir is None:
+    if not model_given and ":" not in config.model and config.model not in MODELS:
+        raise UserError(f"unknown model {config.model!r}; valid models: {', '.join(sorted(MODELS))}, "
+                        f"or your own as 'package.module:factory'")
+    if (not data_given and not config.dataset.endswith(".npz") and config.dataset not in DATASETS
+            and config.data_dir is None):
         raise UserError(
             f"unknown dataset {config.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}, "
+            f"an .npz file with x_train, y_train, x_test, y_test, "
             f"or a TensorFlow Datasets name together with --data-dir (its prepared folder)")
     _check_metric(config.metric)
 
@@ -67,35 +71,95 @@ class Job:
     Parameters
     ----------
     config : the run's configuration.
+    model : a Flax model object (Linen, or NNX) used instead of ``config.model``.
+    variables : its pretrained variables (a Linen variables dict, or an NNX model's
+        ``hqjax.from_nnx`` variables); an NNX ``model`` without them brings its own weights.
+    data : arrays instead of ``config.dataset`` (see ``hqjax.data.dataset_from_arrays``).
     log : where one-line progress messages go (``print`` by default).
     progress : show progress bars (``None``: only when stderr is a terminal).
     """
 
-    def __init__(self, config: RunConfig, *, log: Callable[[str], None] = print, progress: bool | None = None):
+    def __init__(self, config: RunConfig, *, model=None, variables=None, data=None,
+                 log: Callable[[str], None] = print, progress: bool | None = None):
         self.config = config
         self.work = Workdir(config.out)
         self.fingerprints = stage_fingerprints(config)
         self.log = log
         self.progress = progress
         self.units_written = 0
+        self._given = {"model": model, "variables": variables, "data": data}
 
     @functools.cached_property
     def dataset(self):
-        from hqjax.data import load_dataset
+        from hqjax.data import dataset_from_arrays, load_dataset
 
         c = self.config
         try:
+            if self._given["data"] is not None:
+                return dataset_from_arrays(self._given["data"])
             return load_dataset(c.dataset, c.data_dir, seed=c.seed)
         except (FileNotFoundError, ImportError) as e:  # tfds folder not prepared, optional extra missing
             raise UserError(str(e)) from None
-        except ValueError as e:  # an unknown data set name
+        except ValueError as e:  # an unknown data set name, an .npz without a key
             raise UserError(str(e)) from None
 
     @functools.cached_property
-    def model(self):
+    def _model_and_own(self):
+        """``(model in Linen convention, variables it brings or None)``."""
+        from hqjax.user_model import as_flax_model, load_factory
+
+        c = self.config
+        if self._given["model"] is not None:
+            return as_flax_model(self._given["model"], "the model")
+        if c.model.startswith("object:") or (c.variables or "").startswith("object:"):
+            raise UserError(f"{c.out!r} was made by hqjax.run with a model or variables object; run it again "
+                            f"from Python with the same objects, or give --model and --variables")
+        if ":" in c.model:
+            factory = load_factory(c.model)
+            try:
+                obj = factory()
+            except Exception as e:  # noqa: BLE001 - user code failing is bad input, reported in one line
+                raise UserError(f"--model {c.model!r}: calling it failed ({type(e).__name__}: {e})") from None
+            model, _ = as_flax_model(obj, f"what --model {c.model!r} returned")
+            return model, None  # a factory's fresh NNX module is an initialisation, not trained weights
         from hqjax.models import get_model
 
-        return get_model(self.config.model, num_classes=self.dataset.num_classes)
+        return get_model(c.model, num_classes=self.dataset.num_classes), None
+
+    @property
+    def model(self):
+        return self._model_and_own[0]
+
+    @property
+    def user_model(self) -> bool:
+        """True for a model hqjax does not ship (an object or a factory)."""
+        return self._given["model"] is not None or ":" in self.config.model
+
+    @functools.cached_property
+    def pretrained(self):
+        """Pretrained variables, checked against the model, or None (then the job trains)."""
+        from hqjax.user_model import check_variables, load_variables_file
+
+        c, given = self.config, self._given["variables"]
+        where = "the variables"
+        if given is None and c.variables and self._given["model"] is None:
+            given, where = load_variables_file(c.variables), f"--variables {c.variables!r}"
+        if given is None:
+            given = self._model_and_own[1]
+        if given is None:
+            return None
+        return check_variables(self.model, given, self.dataset.input_shape, where)
+
+    def check_inputs(self) -> None:
+        """Load and check the data, the model and pretrained variables (before any work)."""
+        from hqjax.train import init_variables
+        from hqjax.tree import blocks
+
+        _ = self.dataset, self.model, self.pretrained
+        shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), self.dataset.input_shape))
+        if not blocks(shapes["params"]).names:
+            raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
+                            f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
 
     @property
     def train_config(self) -> TrainConfig:
@@ -111,7 +175,7 @@ class Job:
     def blocks(self):
         from hqjax.tree import blocks
 
-        return blocks(self.variables["params"])
+        return blocks(self.variables["params"]).require(f"the params of {self.config.model}")
 
     def unit_written(self) -> None:
         self.units_written += 1
@@ -122,20 +186,34 @@ class Job:
 
 # ----------------------------------------------------------------------------- train
 def stage_train(job: Job) -> None:
-    """Train the full-precision model (or load it from the cache) and record its accuracy."""
+    """Train the full-precision model (or load it from the cache) and record its accuracy.
+
+    Given pretrained variables (``--variables``, ``hqjax.run(model, variables, ...)``, an NNX
+    model's own weights), nothing is trained: HAWQ starts from a trained model, and this
+    stage only records them and their accuracy.
+    """
+    from hqjax.train import train
+
     d, c = job.dataset, job.config
     t0 = time.perf_counter()
-    variables, cached = train_cached(job.model, c.model, d, job.train_config, progress=job.progress)
+    cached, pretrained = False, job.pretrained is not None
+    if pretrained:
+        variables = job.pretrained
+    elif job.user_model:  # no registry name to key a cache by: the model object may change under it
+        variables = train(job.model, d.x_train, d.y_train, job.train_config, progress=job.progress)
+    else:
+        variables, cached = train_cached(job.model, c.model, d, job.train_config, progress=job.progress)
     save_variables(job.work.path("fp_model.msgpack"), variables)
     job.__dict__.pop("variables", None)
     job.__dict__.pop("blocks", None)
     acc = accuracy(job.model.apply, variables, d.x_test, d.y_test)
     n_params = int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
     job.work.write_json("train.json", {"test_accuracy": acc, "n_params": n_params, "from_cache": cached,
+                                       "pretrained": pretrained,
                                        "seconds": round(time.perf_counter() - t0, 3),
                                        "n_train": int(len(d.x_train)), "n_test": int(len(d.x_test))})
-    job.log(f"[train] {c.model} on {d.name}: test accuracy {acc:.4f}, {n_params} parameters"
-            f"{' (loaded from cache)' if cached else ''}")
+    how = " (pretrained, not trained)" if pretrained else " (loaded from cache)" if cached else ""
+    job.log(f"[train] {c.model} on {d.name}: test accuracy {acc:.4f}, {n_params} parameters{how}")
 
 
 # ----------------------------------------------------------------------------- analyze
@@ -526,16 +604,20 @@ def report_only(config: RunConfig, *, log: Callable[[str], None] = print) -> Job
 
 
 def run_stages(config: RunConfig, until: str = "report", *, log: Callable[[str], None] = print,
-               progress: bool | None = None, force: tuple[str, ...] = ()) -> Job:
+               progress: bool | None = None, force: tuple[str, ...] = (), job: Job | None = None) -> Job:
     """Run every stage up to and including ``until``, skipping finished ones.
 
     A stage is skipped when its marker holds the current fingerprint (same relevant config
-    and same upstream); ``force`` names stages to run regardless. Returns the :class:`Job`.
+    and same upstream); ``force`` names stages to run regardless. ``job`` is a :class:`Job`
+    built with model, variables or data objects (``hqjax.run`` makes one). Bad input (names,
+    data, model, variables, budget) raises :class:`UserError` before anything is written.
+    Returns the :class:`Job`.
     """
     if until not in STAGES:
         raise UserError(f"unknown stage {until!r}; stages are {list(STAGES)}")
-    check_names(config)
-    job = Job(config, log=log, progress=progress)
+    job = job or Job(config, log=log, progress=progress)
+    check_names(config, model_given=job._given["model"] is not None, data_given=job._given["data"] is not None)
+    job.check_inputs()
     if STAGES.index(until) >= STAGES.index("allocate"):
         check_budget(job)
     job.work.write_json("config.json", config.to_dict())
@@ -548,3 +630,62 @@ def run_stages(config: RunConfig, until: str = "report", *, log: Callable[[str],
         STAGE_FUNCTIONS[stage](job)
         job.work.mark_done(stage, fp, time.perf_counter() - t0)
     return job
+
+
+def run(model, variables=None, data=None, *, out: str = "hqjax_out", until: str = "report",
+        log: Callable[[str], None] = print, progress: bool | None = None, force: tuple[str, ...] = (),
+        **settings) -> Job:
+    """The ``hqjax run`` job on a user's own model, weights and data.
+
+    Parameters
+    ----------
+    model : a Flax Linen module (called as ``model.apply(variables, x, train=...)``), an NNX
+        module, or a registered model name.
+    variables : pretrained variables (Linen: the variables dict; NNX: ``hqjax.from_nnx``'s
+        variables); then the train stage only records them (HAWQ starts from a trained
+        model). An NNX module without them brings its own weights; a Linen module without
+        them is trained first (``epochs``, ``learning_rate``, ...).
+    data : ``(x_train, y_train, x_test, y_test)``, a mapping with those keys, an
+        ``hqjax.data.Dataset``, or a data set name / ``.npz`` path.
+    out : output folder (stages resume there as with the command).
+    until : last stage to run (``'analyze'``, ``'allocate'``, ..., ``'report'``).
+    settings : any other :class:`hqjax.config.RunConfig` field (``budget``, ``metric``,
+        ``weight_bits``, ``num_probes``, ...).
+
+    Returns
+    -------
+    The :class:`Job`: ``job.work.read_json('bit_config.json')``, ``'metrics.json'``, ...
+
+    Raises
+    ------
+    UserError : bad input (data without a key, variables that do not fit the model, an
+        unknown metric, an infeasible budget), before anything is written.
+    """
+    from hqjax.user_model import as_flax_model, tree_fingerprint
+
+    given = {}
+    if isinstance(model, str):
+        settings["model"] = model
+    else:
+        flax_model, own = as_flax_model(model, "the model")
+        given["model"] = model
+        kind = f"{type(model).__module__}.{type(model).__qualname__}"
+        settings["model"] = f"object:{kind}:{tree_fingerprint(repr(flax_model) if own is None else own)}"
+        if variables is None and own is not None:
+            variables = own
+    if variables is not None:
+        given["variables"] = variables
+        settings["variables"] = f"object:{tree_fingerprint(variables)}"
+    if data is None or isinstance(data, str):
+        if data is not None:
+            settings["dataset"] = data
+    else:
+        from hqjax.data import Dataset
+
+        given["data"] = data
+        arrays = (data.x_train, data.y_train, data.x_test, data.y_test) if isinstance(data, Dataset) else (
+            data if isinstance(data, (tuple, list)) else {k: data[k] for k in data})
+        settings["dataset"] = f"arrays:{tree_fingerprint(arrays)}"
+    config = RunConfig.from_dict({**settings, "out": out})
+    job = Job(config, log=log, progress=progress, **given)
+    return run_stages(config, until, log=log, progress=progress, force=force, job=job)

@@ -42,6 +42,8 @@ PyTree = Any
 OWNER_LEAVES = ("kernel", "embedding")
 # Top-level Flax variable collections that are not part of a module path.
 _COLLECTIONS = ("params",)
+# Attribute under which an NNX Variable's array sits in a flattened ``nnx.State``.
+_VARIABLE_ATTRS = ("value", "raw_value")
 
 
 # ----------------------------------------------------------------------------- algebra
@@ -225,6 +227,12 @@ def check_same_structure(a: PyTree, b: PyTree, what_a: str = "params", what_b: s
 
 
 # ----------------------------------------------------------------------------- blocks
+def _is_nnx_module(obj) -> bool:
+    from hqjax._nnx import is_nnx_module
+
+    return is_nnx_module(obj)
+
+
 def _key_str(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
@@ -233,8 +241,16 @@ def _key_str(k) -> str:
 
 
 def path_name(path: Sequence[Any]) -> str:
-    """``'/'``-joined string of a pytree key path, without the ``params`` collection."""
-    parts = [_key_str(k) for k in path]
+    """``'/'``-joined string of a pytree key path, without the ``params`` collection.
+
+    An NNX ``State`` flattens each ``Variable`` to its array under an attribute key
+    (``['conv1']['kernel'].value``); that trailing attribute is not part of the layer's
+    name, so an NNX model and its Linen twin give the same names (``'conv1/kernel'``).
+    """
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name in _VARIABLE_ATTRS:
+        keys = keys[:-1]
+    parts = [_key_str(k) for k in keys]
     if parts and parts[0] in _COLLECTIONS:
         parts = parts[1:]
     return "/".join(parts)
@@ -305,6 +321,22 @@ class Blocks:
         i = self.index(name)
         return {p: x for p, x, b in zip(self.leaf_paths, jax.tree.leaves(tree), self.leaf_block) if b == i}
 
+    def require(self, what: str = "params") -> "Blocks":
+        """``self``, or a ValueError saying why there are no blocks and what to do instead.
+
+        Per-layer work (sensitivity tables, allocation, the job) needs at least one layer;
+        an empty partition means the tree is not a model's params or its layers are not
+        Flax layers owning a ``kernel``/``embedding``.
+        """
+        if self.names:
+            return self
+        shown = ", ".join(repr(p) for p in self.leaf_paths[:6]) or "no leaves at all"
+        raise ValueError(
+            f"no layer with a 'kernel' or 'embedding' parameter found in {what} (its leaves: {shown}"
+            f"{', ...' if len(self.leaf_paths) > 6 else ''}); pass the model's params (Linen: "
+            f"variables['params']; NNX: nnx.split(model, nnx.Param, ...)[1] or hqjax.from_nnx(model)), "
+            f"or name the layers yourself with blocks=hqjax.blocks(params, rule=...)")
+
     def kernel(self, tree: PyTree, name: str) -> jax.Array:
         """The block's owning weight (its ``kernel`` or ``embedding`` leaf)."""
         for p, x in self.leaves_of(tree, name).items():
@@ -326,8 +358,12 @@ def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None) -> B
 
     Returns
     -------
-    Blocks : the partition, with names in parameter order.
+    Blocks : the partition, with names in parameter order (possibly empty: per-layer
+    consumers call :meth:`Blocks.require`, which says why).
     """
+    if _is_nnx_module(params):
+        raise TypeError(f"blocks takes a params pytree, not the {type(params).__name__} module; for an NNX model "
+                        f"pass nnx.split(model, nnx.Param, ...)[1] (or hqjax.from_nnx(model)[1]['params'])")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_name(p) for p, _ in flat]
     if rule is None:

@@ -3,7 +3,10 @@
 Shapes come from the model itself: the Flax model is traced with ``jax.eval_shape`` under
 ``nn.intercept_methods`` and every Dense / DenseGeneral (attention projections) / Conv /
 Embed call records its input, kernel and output shapes under its module path, the same
-names ``hqjax.blocks(params)`` gives. MACs are per example.
+names ``hqjax.blocks(params)`` gives. An NNX model (an ``nnx.Module``, or the pair from
+``hqjax.from_nnx``) is traced the same way with its Linear / LinearGeneral / Conv / Embed
+layers hooked (NNX has no method interception), so a Linen network and its NNX twin get the
+same table. MACs are per example.
 
 Cost definitions (HAWQ-V3 Sec. 3.4):
 - size (bytes) = ``n_weights * w / 8 + n_bias * bias_bits / 8``,
@@ -74,6 +77,22 @@ def _macs(kind: str, out_shape, kernel_shape, out_features: int) -> int:
     return int(math.prod(out_shape[1:]) * per_output)
 
 
+def _layer_shape(name, kind, x_shape, kernel, bias, out_shape, out_features, strides=None, padding=None,
+                 groups=1) -> LayerShape:
+    """The :class:`LayerShape` of one traced call (shared by the Linen and NNX tracers)."""
+    if kind == "embed":
+        return LayerShape(name, kind, tuple(x_shape), tuple(kernel.shape), tuple(out_shape), 0, int(kernel.size), 0)
+    extra = {}
+    if kind == "conv":
+        nsp = len(kernel.shape) - 2
+        strides = strides if strides is not None else 1
+        extra = dict(strides=tuple(strides) if isinstance(strides, Sequence) else (int(strides),) * nsp,
+                     padding=padding, feature_group_count=int(groups))
+    return LayerShape(name, kind, tuple(x_shape), tuple(kernel.shape), tuple(out_shape),
+                      _macs(kind, out_shape, kernel.shape, out_features), int(kernel.size),
+                      0 if bias is None else int(bias.size), **extra)
+
+
 def _record(module, args, out) -> LayerShape | None:
     kinds = ((nn.Conv, "conv"), (nn.DenseGeneral, "dense_general"), (nn.Dense, "dense"), (nn.Embed, "embed"))
     kind = next((k for cls, k in kinds if isinstance(module, cls)), None)
@@ -81,8 +100,8 @@ def _record(module, args, out) -> LayerShape | None:
         return None
     name = "/".join(module.path)
     if kind == "embed":
-        table = module.get_variable("params", "embedding")
-        return LayerShape(name, kind, tuple(args[0].shape), tuple(table.shape), tuple(out.shape), 0, int(table.size), 0)
+        return _layer_shape(name, kind, args[0].shape, module.get_variable("params", "embedding"), None,
+                            out.shape, 0)
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     if kind == "dense_general":
@@ -90,20 +109,60 @@ def _record(module, args, out) -> LayerShape | None:
         out_features = math.prod(feats)
     else:
         out_features = int(kernel.shape[-1])
-    extra = {}
-    if kind == "conv":
-        nsp = len(kernel.shape) - 2
-        strides = module.strides if module.strides is not None else 1
-        extra = dict(
-            strides=tuple(strides) if isinstance(strides, Sequence) else (int(strides),) * nsp,
-            padding=module.padding,
-            feature_group_count=int(module.feature_group_count),
-        )
-    return LayerShape(
-        name, kind, tuple(args[0].shape), tuple(kernel.shape), tuple(out.shape),
-        _macs(kind, out.shape, kernel.shape, out_features), int(kernel.size),
-        0 if bias is None else int(bias.size), **extra,
-    )
+    if kind != "conv":
+        return _layer_shape(name, kind, args[0].shape, kernel, bias, out.shape, out_features)
+    return _layer_shape(name, kind, args[0].shape, kernel, bias, out.shape, out_features, module.strides,
+                        module.padding, module.feature_group_count)
+
+
+def _record_nnx(name: str, layer, x, out) -> LayerShape | None:
+    """The NNX counterpart of :func:`_record`."""
+    from flax import nnx
+
+    kinds = ((nnx.Conv, "conv"), (nnx.LinearGeneral, "dense_general"), (nnx.Linear, "dense"), (nnx.Embed, "embed"))
+    kind = next((k for cls, k in kinds if isinstance(layer, cls)), None)
+    if kind is None:
+        return None
+    if kind == "embed":
+        return _layer_shape(name, kind, x.shape, layer.embedding.value, None, out.shape, 0)
+    kernel = layer.kernel.value
+    bias = getattr(layer, "bias", None)
+    bias = None if bias is None else getattr(bias, "value", bias)
+    if kind == "dense_general":
+        feats = layer.out_features if isinstance(layer.out_features, Sequence) else (layer.out_features,)
+        out_features = math.prod(feats)
+    else:
+        out_features = int(kernel.shape[-1])
+    if kind != "conv":
+        return _layer_shape(name, kind, x.shape, kernel, bias, out.shape, out_features)
+    return _layer_shape(name, kind, x.shape, kernel, bias, out.shape, out_features, layer.strides, layer.padding,
+                        layer.feature_group_count)
+
+
+def _nnx_layer_shapes(model, variables, args, kwargs) -> dict[str, LayerShape]:
+    from hqjax._nnx import with_layer_hooks
+
+    found: dict[str, LayerShape] = {}
+    train = kwargs.pop("train", False)
+
+    def hook_for(name, layer):
+        def hook(layer, x, *a, **kw):
+            out = layer(x, *a, **kw)
+            rec = _record_nnx(name, layer, x, out)
+            if rec is not None and name not in found:
+                found[name] = rec
+            return out
+
+        return hook
+
+    def run(v, *xs):
+        module = model.merge(v)
+        model.set_mode(module, train)
+        with with_layer_hooks(module, hook_for):
+            return module(*xs, **kwargs)
+
+    jax.eval_shape(run, variables, *args)
+    return found
 
 
 def layer_shapes(model: nn.Module, variables, *args, **kwargs) -> dict[str, LayerShape]:
@@ -111,7 +170,23 @@ def layer_shapes(model: nn.Module, variables, *args, **kwargs) -> dict[str, Laye
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``; nothing is computed. Pass ``train=``
     explicitly as the model expects. A layer called several times keeps its first call.
+
+    ``model`` may be a Linen module, an ``nnx.Module`` (then ``variables`` is left out:
+    ``layer_shapes(nnx_model, x)``; its own state is used) or the pair of ``hqjax.from_nnx``.
     """
+    from hqjax._nnx import NNXApply, from_nnx, is_nnx_module
+
+    if is_nnx_module(model):
+        args = (variables, *args)
+        model, variables = from_nnx(model)
+    if isinstance(model, NNXApply):
+        found = _nnx_layer_shapes(model, variables, args, dict(kwargs))
+        if not found:
+            raise ValueError(f"{model.name} called no nnx.Linear, LinearGeneral, Conv or Embed layer; nothing to "
+                             f"cost (hqjax costs the layers that own a 'kernel' or 'embedding')")
+        return found
+    if not hasattr(model, "apply"):
+        raise TypeError(f"layer_shapes needs a Flax Linen or NNX module, got {type(model).__name__}")
     found: dict[str, LayerShape] = {}
 
     def interceptor(next_fun, a, kw, context):
@@ -175,7 +250,9 @@ class LayerCosts:
 
     @classmethod
     def from_model(cls, model: nn.Module, variables, *args, latency_us=None, **kwargs) -> "LayerCosts":
-        """Costs of every weight layer of ``model`` (see :func:`layer_shapes`)."""
+        """Costs of every weight layer of ``model`` (see :func:`layer_shapes`): a Linen module
+        with its variables (``from_model(model, variables, x, train=False)``) or an NNX module
+        (``from_model(nnx_model, x)``)."""
         return cls.from_shapes(layer_shapes(model, variables, *args, **kwargs), latency_us=latency_us)
 
     def with_latency(self, table: Mapping[str, Mapping[Any, float]] | str) -> "LayerCosts":

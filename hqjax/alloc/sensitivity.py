@@ -160,7 +160,7 @@ def weight_perturbations(
     """
     from hqjax.tree import blocks as make_blocks
 
-    blks = make_blocks(params) if blocks is None else blocks
+    blks = (make_blocks(params) if blocks is None else blocks).require("params")
     if quantizer is None:
         perturb = _default_quantizer_perturbation()
     else:
@@ -222,7 +222,7 @@ def sensitivity_table(
     """
     from hqjax.tree import blocks as make_blocks
 
-    blks = make_blocks(params) if blocks is None else blocks
+    blks = (make_blocks(params) if blocks is None else blocks).require("params")
     pert = weight_perturbations(params, bits, quantizer=quantizer, blocks=blks)
     rows = {}
     for name, size in zip(blks.names, blks.sizes):

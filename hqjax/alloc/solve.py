@@ -201,6 +201,10 @@ def _build_program(table, costs, kinds, candidates, metric, act_candidates, fixe
     scores, metric_name = _scores(table, sorted({w for w, _ in choices}), metric)
     act = _act_scores(table, sorted({a for _, a in choices})) if act_candidates is not None else {}
     layers = list(scores) + [n for n in fixed if n not in scores]
+    if not layers:
+        raise ValueError("the sensitivity table has no layers, so there is nothing to allocate bits to; build it "
+                         "from params with kernel/embedding layers (hqjax.sensitivity_table(params, bits, ...)), "
+                         "for an NNX model from nnx.split(model, nnx.Param, ...)[1]")
     known = set(getattr(costs, "names", layers))
     for n in layers:
         if n not in known:

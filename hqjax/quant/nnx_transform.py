@@ -22,12 +22,14 @@ from typing import Any, Mapping
 
 import jax
 
+from hqjax._nnx import NNXApply, from_nnx, with_layer_hooks
 from hqjax.quant.bitconfig import validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
-from hqjax.quant.transform import WeightSpecFn, _weight_specs, act_spec_for, per_channel_weights, quantize_params
+from hqjax.quant.transform import STATS, WeightSpecFn, _weight_specs, act_spec_for, per_channel_weights, quantize_params
 
-__all__ = ["quantize_nnx_state", "quantize_nnx", "QuantizedNNXModel", "quantize_nnx_model"]
+__all__ = ["quantize_nnx_state", "quantize_nnx", "QuantizedNNXModel", "quantize_nnx_model", "QuantizedNNXApply",
+           "quantize_nnx_apply"]
 
 PyTree = Any
 
@@ -53,48 +55,36 @@ def quantize_nnx(model, bit_config: Mapping, weight_spec: WeightSpecFn = per_cha
     return nnx.merge(graphdef, quantize_nnx_state(params, bit_config, weight_spec), rest, copy=True)
 
 
-def _layer_types():
+def _act_layer_types():
     from flax import nnx
 
-    return (nnx.Linear, nnx.Conv, nnx.LinearGeneral)
+    return (nnx.Linear, nnx.Conv, nnx.LinearGeneral)  # an embedding's input is token ids: never quantized
 
 
-def _quantized_layers(model, bit_config) -> list[tuple[tuple, str]]:
-    """``[(graph_path, layer_name)]`` of the layers whose input gets an activation quantizer."""
-    from flax import nnx
+def _input_hooks(spec_for, calibrator, new_stats: dict, calibrate: bool):
+    """``hook_for(name, layer)`` for :func:`hqjax._nnx.with_layer_hooks`: in calibration mode
+    each quantized layer's input updates its range in ``new_stats``; frozen, it is
+    fake-quantized with that range."""
 
-    out = []
-    for path, node in nnx.iter_graph(model):
-        name = "/".join(str(k) for k in path)
-        if isinstance(node, _layer_types()) and bit_config.get(name, {}).get("act_bits") is not None:
-            out.append((path, name))
-    return out
+    def hook_for(layer_name, _layer):
+        spec = spec_for(layer_name)
+        if spec is None:
+            return None
 
+        def hook(layer, x, *args, **kwargs):
+            if calibrate:
+                old = new_stats.get(layer_name, {}).get("input", calibrator.init())
+                new_stats[layer_name] = {"input": calibrator.update(old, jax.lax.stop_gradient(x), spec)}
+                return layer(x, *args, **kwargs)
+            if layer_name not in new_stats:
+                raise ValueError(f"layer {layer_name!r} has act_bits={spec.bits} but no calibrated input range "
+                                 f"in the stats (which have {sorted(new_stats)}); calibrate on a few batches "
+                                 f"first (or set act_bits=None for this layer)")
+            return layer(fake_quant(x, spec, state_range(new_stats[layer_name]["input"])), *args, **kwargs)
 
-def _get(node, key):
-    return node[key] if isinstance(key, int) else getattr(node, key)
+        return hook
 
-
-def _set(node, key, value):
-    if isinstance(key, int):
-        node[key] = value
-    else:
-        setattr(node, key, value)
-
-
-def _with_input_hook(layer, hook):
-    """An NNX module that calls ``layer(hook(x), ...)`` (built lazily: flax imports on use)."""
-    from flax import nnx
-
-    class _InputHooked(nnx.Module):
-        def __init__(self, layer, hook):
-            self.layer = layer
-            self.hook = hook  # a plain function: static, never part of the split state
-
-        def __call__(self, x, *args, **kwargs):
-            return self.layer(self.hook(x), *args, **kwargs)
-
-    return _InputHooked(layer, hook)
+    return hook_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,35 +123,9 @@ class QuantizedNNXModel:
         model = nnx.merge(self.graphdef, quantize_nnx_state(params, self.bit_config, self.weight_spec), rest,
                           copy=True)
         new_stats = dict(stats or {})
-        swapped = []
-
-        def hook_for(layer):
-            spec = self.act_spec(layer)
-
-            def hook(x):
-                if calibrate:
-                    old = new_stats.get(layer, {}).get("input", self.calibrator.init())
-                    new_stats[layer] = {"input": self.calibrator.update(old, jax.lax.stop_gradient(x), spec)}
-                    return x
-                if layer not in new_stats:
-                    raise ValueError(f"layer {layer!r} has act_bits={spec.bits} but no calibrated input range "
-                                     f"in stats (which has {sorted(new_stats)}); run "
-                                     f"QuantizedNNXModel.calibrate on a few batches first "
-                                     f"(or set act_bits=None for this layer)")
-                return fake_quant(x, spec, state_range(new_stats[layer]["input"]))
-
-            return hook
-
-        for path, layer in _quantized_layers(model, self.bit_config):
-            parent = model
-            for key in path[:-1]:
-                parent = _get(parent, key)
-            original = _get(parent, path[-1])
-            _set(parent, path[-1], _with_input_hook(original, hook_for(layer)))
-            swapped.append((parent, path[-1], original))
-        out = model(*args, **kwargs)
-        for parent, key, original in swapped:  # restore the graph so that split(model) matches `rest`
-            _set(parent, key, original)
+        hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate)
+        with with_layer_hooks(model, hooks, _act_layer_types()):  # restored after, so split(model) matches `rest`
+            out = model(*args, **kwargs)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return out, new_rest, new_stats
 
@@ -212,3 +176,69 @@ def quantize_nnx_model(model, bit_config: Mapping, *, weight_spec: WeightSpecFn 
     graphdef, params, _ = nnx.split(model, nnx.Param, ...)
     _weight_specs(nnx.to_pure_dict(params), cfg, weight_spec)  # unknown layer paths raise now
     return QuantizedNNXModel(graphdef, cfg, weight_spec, act_mode, get_calibrator(calibrator))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedNNXApply:
+    """An NNX model in Linen's convention (``hqjax.from_nnx``) with fake-quantized weights and
+    calibrated activation quantizers: the same interface as :class:`hqjax.QuantizedModel`
+    (``apply``, ``calibrate``, ``float_apply`` over a variables dict with a ``'quant_stats'``
+    collection ``{layer_path: {'input': {'min', 'max', 'count'}}}``), so QAT
+    (:func:`hqjax.make_qat_step`), the job and every other Linen-convention consumer run an
+    NNX model unchanged. Build with :func:`quantize_nnx_apply` or ``hqjax.quantize_model``.
+    """
+
+    model: NNXApply
+    bit_config: dict
+    weight_spec: WeightSpecFn = per_channel_weights
+    act_mode: str = "asymmetric"
+    calibrator: Calibrator = dataclasses.field(default_factory=lambda: get_calibrator("minmax"))
+
+    def act_spec(self, layer: str) -> QuantSpec | None:
+        return act_spec_for(self.bit_config, layer, self.act_mode)
+
+    def _run(self, variables, args, kwargs, *, train: bool, calibrate: bool):
+        qparams = quantize_params(variables["params"], self.bit_config, self.weight_spec)
+        module = self.model.merge({k: v for k, v in variables.items() if k != STATS}, params=qparams)
+        self.model.set_mode(module, train)
+        new_stats = dict(variables.get(STATS) or {})
+        hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate)
+        with with_layer_hooks(module, hooks, _act_layer_types()):
+            out = module(*args, **kwargs)
+        return out, module, new_stats
+
+    def apply(self, variables, *args, train: bool = False, mutable=False, **kwargs):
+        """Frozen mode: fake-quantized weights and activations with the calibrated ranges;
+        ``(out, updated collections)`` when ``mutable`` (``['batch_stats']`` when ``train``)."""
+        out, module, _ = self._run(variables, args, kwargs, train=train, calibrate=False)
+        return (out, self.model.collect(module, mutable)) if mutable else out
+
+    def calibrate(self, variables, *args, train: bool = False, **kwargs) -> dict:
+        """Calibration mode: ``variables`` with every quantized layer's input range updated."""
+        _, _, stats = self._run(variables, args, kwargs, train=train, calibrate=True)
+        return {**variables, STATS: stats}
+
+    def float_apply(self, variables, *args, train: bool = False, mutable=False, **kwargs):
+        """The full-precision model (teacher for distillation, reference for accuracy)."""
+        variables = {k: v for k, v in variables.items() if k != STATS}
+        return self.model.apply(variables, *args, train=train, mutable=mutable, **kwargs)
+
+
+def quantize_nnx_apply(model, bit_config: Mapping, *, weight_spec: WeightSpecFn = per_channel_weights,
+                       act_mode: str = "asymmetric", calibrator: str | Calibrator = "minmax") -> QuantizedNNXApply:
+    """:class:`QuantizedNNXApply` of an NNX module or of ``hqjax.from_nnx``'s model.
+
+    Examples
+    --------
+    >>> model, variables = hqjax.from_nnx(nnx_module)                # doctest: +SKIP
+    >>> qm = hqjax.quantize_model(model, cfg)                       # doctest: +SKIP
+    >>> variables = jax.jit(qm.calibrate)(variables, x)             # doctest: +SKIP
+    >>> logits = jax.jit(qm.apply)(variables, x)                    # doctest: +SKIP
+    """
+    model, variables = from_nnx(model)
+    cfg = validate_bit_config(bit_config)
+    if act_mode not in ("asymmetric", "symmetric", "unsigned"):
+        raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned wherever the calibrated minimum "
+                         f"is 0, e.g. after ReLU), 'symmetric' or 'unsigned'")
+    _weight_specs(variables["params"], cfg, weight_spec)  # unknown layer paths raise now
+    return QuantizedNNXApply(model, cfg, weight_spec, act_mode, get_calibrator(calibrator))

@@ -7,6 +7,11 @@ returns updated running averages, ``'freeze'`` uses the running averages (the us
 late in QAT, and what integer inference folds). Optional knowledge distillation from the
 full-precision model (Hinton et al. 2015; used by Q-BERT and HAWQ-V3) adds
 ``T^2 KL(softmax(t/T) || softmax(s/T))`` with weight ``distill_weight``.
+
+NNX models take the same route: ``hqjax.quantize_model(nnx_module, cfg)`` gives a
+:class:`hqjax.QuantizedNNXApply` with the ``QuantizedModel`` interface over
+``hqjax.from_nnx`` variables (``'params'``, ``'batch_stats'``), so this step trains it
+unchanged and gives the Linen twin's numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from hqjax.quant.transform import STATS, QuantizedModel
+from hqjax.quant.transform import STATS, QuantizedModel  # or QuantizedNNXApply: the same interface
 
 __all__ = ["QATState", "init_qat_state", "qat_loss", "make_qat_step", "state_variables"]
 

@@ -253,7 +253,17 @@ def quantize_model(model: nn.Module, bit_config: Mapping, *, weight_spec: Weight
     calibrator : ``'minmax'``, ``'ema'``, ``'percentile'``, ``'mse'`` or a ``Calibrator``.
     params : optional params to check the config against now (unknown layer paths raise
         here rather than at the first call).
+
+    An NNX model (an ``nnx.Module`` or ``hqjax.from_nnx``'s model) gives a
+    :class:`hqjax.QuantizedNNXApply` with the same interface and the same numbers.
     """
+    from hqjax._nnx import NNXApply, is_nnx_module
+
+    if is_nnx_module(model) or isinstance(model, NNXApply):
+        from hqjax.quant.nnx_transform import quantize_nnx_apply
+
+        return quantize_nnx_apply(model, bit_config, weight_spec=weight_spec, act_mode=act_mode,
+                                  calibrator=calibrator)
     cfg = validate_bit_config(bit_config)
     if act_mode not in ("asymmetric", "symmetric", "unsigned"):
         raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned wherever the calibrated minimum "

@@ -62,3 +62,73 @@ def test_rules_drive_qwix_on_the_cnn(init_np):
     y, stats = qmodel.apply(v, x, mutable=["quant_stats"])
     assert set(stats["quant_stats"]) == {"conv1", "conv2"}  # activation rules matched the conv layers
     assert not np.allclose(np.asarray(y), np.asarray(model.apply(v, x)))
+
+
+def test_export_adapts_convolutions_per_provider_and_says_so(caplog):
+    from hqjax.quant.qwix_export import export_qwix
+
+    cfg = {"conv": {"weight_bits": 3, "act_bits": 8}, "fc": {"weight_bits": 4, "act_bits": 8},
+           "same": {"weight_bits": 8, "act_bits": 8}, "grouped": {"weight_bits": 4, "act_bits": 8}}
+    kinds = {"conv": "conv", "fc": "dense", "same": "conv", "grouped": "dense_general"}
+    with caplog.at_level("WARNING", logger="hqjax"):
+        ptq = export_qwix(cfg, kinds, provider="ptq", grouped_layers=["grouped"])
+    qt = export_qwix(cfg, kinds, provider="qt")
+    rule = lambda ex, layer: next(s for s in ex.specs if s["module_path"] == re.escape(layer))
+    assert (rule(ptq, "conv")["weight_qtype"], rule(ptq, "conv")["act_qtype"]) == ("int8", "int8")
+    assert (rule(qt, "conv")["weight_qtype"], rule(qt, "conv")["act_qtype"]) == ("int4", None)
+    for ex in (ptq, qt):  # dense layers keep mixed types; equal-typed convolutions are untouched
+        assert (rule(ex, "fc")["weight_qtype"], rule(ex, "fc")["act_qtype"]) == ("int4", "int8")
+        assert (rule(ex, "same")["weight_qtype"], rule(ex, "same")["act_qtype"]) == ("int8", "int8")
+    assert {(c.layer, c.action) for c in ptq.changes} == {("conv", "round_up"), ("conv", "widen"),
+                                                          ("grouped", "per_channel")}
+    assert {(c.layer, c.action) for c in qt.changes} == {("conv", "round_up"), ("conv", "weight_only")}
+    assert all(c.exported == ("int8", "int8") for c in ptq.changes if c.layer == "conv")
+    assert "conv: W3A8 -> ('int8', 'int8') (widen)" in caplog.text
+    with pytest.raises(ValueError, match=r"no layer kind for \['fc', 'same', 'grouped'\]"):
+        export_qwix(cfg, {"conv": "conv"})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("qwix") is None, reason="Qwix is not installed")
+def test_qwix_serves_a_mixed_allocation_close_to_hqjax_fake_quant(digits):
+    """A HAWQ allocation (3-bit conv, 8-bit activations: the case Qwix's providers refused)
+    exported, served through qwix.quantize_model under both providers (Linen, and the NNX
+    twin with equal outputs), and compared with hqjax's calibrated fake-quant model on the
+    digits test set."""
+    import hqjax
+    import user_models as um
+    from hqjax.quant.qwix_export import export_qwix, qwix_apply
+    from hqjax.train import TrainConfig, accuracy, cross_entropy, train
+
+    model = um.TwinLinen()
+    v = train(model, digits.x_train, digits.y_train, TrainConfig(epochs=8, batch_size=64))
+    x = jnp.asarray(digits.x_train[:256])
+    loss = lambda p: cross_entropy(model.apply({"params": p}, x), jnp.asarray(digits.y_train[:256]))
+    tr = hqjax.trace(lambda u: hqjax.hvp(loss, v["params"], u), v["params"], jax.random.key(0), num_probes=8)
+    table = hqjax.sensitivity_table(v["params"], [2, 3, 4, 8], traces=tr)
+    shapes = hqjax.layer_shapes(model, v, x[:1], train=False)
+    costs = hqjax.LayerCosts.from_shapes(shapes)
+    budget = {"size": 0.5 * sum(costs.size_bytes(n, 8) for n in costs.names)}
+    alloc = hqjax.allocate(table, costs, budget, candidates=(2, 3, 4, 8), act_candidates=(8,),
+                           fixed={"conv2": (3, 8)})
+    cfg = alloc.bit_config
+    assert len({e["weight_bits"] for e in cfg.values()}) > 1, cfg
+    qm = hqjax.quantize_model(model, cfg)
+    vq = jax.jit(qm.calibrate)(v, x)
+    acc_fp = accuracy(model.apply, v, digits.x_test, digits.y_test)
+    acc_hqjax = accuracy(qm.apply, vq, digits.x_test, digits.y_test)
+    gaps = {}
+    for provider in ("ptq", "qt"):
+        ex = export_qwix(cfg, shapes, provider=provider)
+        assert any(c.layer == "conv2" for c in ex.changes)
+        served = qwix_apply(model, v, ex, x[:1], train=False)
+        logits = np.asarray(served(digits.x_test))
+        acc = float(np.mean(logits.argmax(-1) == digits.y_test))
+        gaps[provider] = acc - acc_hqjax
+        # the NNX twin with the same weights, served through Qwix's NNX path, gives the same logits
+        twin = qwix_apply(um.twin_nnx_from_linen(v), None, ex, x[:1])
+        np.testing.assert_allclose(np.asarray(twin(digits.x_test)), logits, rtol=1e-5, atol=1e-5)
+    print(f"bits {cfg}; accuracy: float {acc_fp:.4f}, hqjax fake-quant {acc_hqjax:.4f}, "
+          f"Qwix gap ptq {gaps['ptq']:+.4f}, qt {gaps['qt']:+.4f}")
+    assert acc_hqjax > 0.85
+    assert all(abs(g) <= 0.03 for g in gaps.values()), gaps

@@ -1,0 +1,30 @@
+"""The README's "Your own model" section runs as written (its Python blocks, in order)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _section_blocks(title: str) -> list[str]:
+    text = README.read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)
+
+
+@pytest.mark.slow
+def test_your_own_model_section_runs(tmp_path, monkeypatch):
+    """The Linen example and its NNX twin: both allocate, the twin's allocation equals the
+    Linen one (asserted in the README itself), and the fake-quant models run."""
+    blocks = _section_blocks("Your own model")
+    assert len(blocks) == 2  # the Linen example and its NNX twin
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["nnx_bits"] == namespace["bit_config"]
+    assert set(namespace["bit_config"]) == {"conv1", "conv2", "head"}
+    assert (tmp_path / "runs" / "nnx" / "bit_config.json").exists()

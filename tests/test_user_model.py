@@ -1,0 +1,272 @@
+"""A user's model, weights and data in the job (hqjax/user_model.py, hqjax.run, the command's
+--model package.module:factory, --variables, --dataset file.npz and --import).
+
+The command-line tests write a small package into a temporary folder, as a user's project
+would be, and run ``hqjax`` from another folder with only PYTHONPATH pointing at it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hqjax
+import user_models as um
+from hqjax.cli import main
+from hqjax.config import UserError
+
+# The smallest settings that still run every stage.
+SMALL = ["--probes", "2", "--hessian-examples", "32", "--hessian-batch", "32", "--top-k", "1", "--eig-iters", "2",
+         "--density-steps", "3", "--calib-examples", "32", "--qat-epochs", "0", "--no-progress"]
+SMALL_KW = dict(num_probes=2, hessian_examples=32, hessian_batch=32, top_k=1, eig_iters=2, density_steps=3,
+                calib_examples=32, qat_epochs=0)
+
+PACKAGE = '''
+import flax.linen as nn
+from flax import nnx
+from hqjax.models import CNN
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="features/conv")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return nn.Dense(10, name="head")(x.reshape((x.shape[0], -1)))
+
+
+class NNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), padding="SAME", rngs=rngs)
+        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(nnx.relu(self.conv(x)), (2, 2), strides=(2, 2))
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
+def factory():
+    return Net()
+
+
+def nnx_factory():
+    return NNet(nnx.Rngs(0))
+
+
+def cnn_factory():  # hqjax's own CNN, built in the user's package
+    return CNN(num_classes=10)
+
+
+def not_a_model():
+    return 3
+
+
+class NoTrain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def no_train():
+    return NoTrain()
+'''
+
+METRIC = '''
+import hqjax
+
+@hqjax.register_metric("size_blind", overwrite=True)
+def size_blind(row, bits):
+    return row.perturbation[bits]
+'''
+
+
+def _data(n_train=96, n_test=48, seed=0):
+    r = np.random.default_rng(seed)
+    x = r.uniform(size=(n_train + n_test, 8, 8, 1)).astype(np.float32)
+    y = (x[:, :4].mean(axis=(1, 2, 3)) * 40).astype(np.int64) % 10  # learnable, 10 classes
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A user's project: package ``tests_pkg`` (models, a metric), a checkpoint and data."""
+    root = tmp_path_factory.mktemp("project")
+    pkg = root / "tests_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(textwrap.dedent(PACKAGE))
+    (pkg / "metrics.py").write_text(textwrap.dedent(METRIC))
+    xtr, ytr, xte, yte = _data()
+    np.savez(root / "data.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    np.savez(root / "no_labels.npz", x_train=xtr, y_train=ytr, x_test=xte)
+    sys.path.insert(0, str(root))
+    try:
+        from tests_pkg.nets import Net, cnn_factory, nnx_factory
+    finally:
+        sys.path.remove(str(root))
+    v = Net().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    (root / "net.msgpack").write_bytes(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, v)))
+    wrong = jax.tree.map(np.asarray, v)
+    wrong["params"]["head"]["kernel"] = np.zeros((64, 7), np.float32)
+    (root / "wrong.msgpack").write_bytes(flax.serialization.msgpack_serialize(wrong))
+    (root / "corrupt.msgpack").write_bytes(b"\x93not msgpack at all")
+    import orbax.checkpoint as ocp
+
+    cnn_v = cnn_factory().init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(str(root / "cnn_ckpt"), jax.tree.map(np.asarray, cnn_v))
+    ckpt.wait_until_finished()
+    _, nnx_v = hqjax.from_nnx(nnx_factory())
+    ckpt.save(str(root / "nnet_ckpt"), jax.tree.map(np.asarray, nnx_v))
+    ckpt.wait_until_finished()
+    (root / "broken_ckpt").mkdir()
+    return root
+
+
+def _hqjax(project, cwd, *args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(project), "JAX_PLATFORMS": "cpu", "HQJAX_CACHE": str(cwd / "cache")}
+    env.pop("XLA_FLAGS", None)
+    script = os.path.join(os.path.dirname(sys.executable), "hqjax")  # the installed console script
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "hqjax.cli"]
+    return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory, variables, layers", [
+    ("tests_pkg.nets:factory", "net.msgpack", ["features/conv", "head"]),  # Linen, msgpack
+    ("tests_pkg.nets:nnx_factory", "nnet_ckpt", ["conv", "head"]),  # NNX, Orbax checkpoint folder
+])
+def test_user_model_variables_and_npz_from_an_unrelated_folder(project, tmp_path, factory, variables, layers):
+    """``hqjax allocate --model tests_pkg.nets:factory --variables ckpt --dataset data.npz``
+    from another folder: pretrained, so nothing is trained; the allocation names the user's
+    layers; a metric from --import is used."""
+    out = tmp_path / "out"
+    r = _hqjax(project, tmp_path, "allocate", "--model", factory, "--variables",
+               str(project / variables), "--dataset", str(project / "data.npz"), "--out", str(out),
+               "--import", "tests_pkg.metrics", "--metric", "size_blind", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads((out / "train.json").read_text())
+    assert train["pretrained"] is True and train["n_train"] == 96 and train["n_test"] == 48
+    bits = json.loads((out / "bit_config.json").read_text())
+    assert sorted(bits) == layers
+    assert json.loads((out / "pareto.json").read_text())["metric"] == "size_blind"
+
+
+@pytest.mark.slow
+def test_run_from_an_orbax_checkpoint_through_the_integer_model(project, tmp_path):
+    """``hqjax run`` end to end (to the integer-only model and the report) from a user
+    package's factory and an Orbax checkpoint folder."""
+    out = tmp_path / "out"
+    r = _hqjax(project, tmp_path, "run", "--model", "tests_pkg.nets:cnn_factory", "--variables",
+               str(project / "cnn_ckpt"), "--dataset", str(project / "data.npz"), "--out", str(out), *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "train.json").read_text())["pretrained"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["stages"]) >= {"full_precision", "qat_fake_quant", "integer_only"}
+    assert (out / "report.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nopkg.nets:factory"], r"--model 'nopkg.nets:factory': cannot import module 'nopkg.nets'"),
+    (["--model", "tests_pkg.nets:nothing"], r"module 'tests_pkg.nets' has no attribute 'nothing'"),
+    (["--model", "tests_pkg.nets:not_a_model"], r"returned is a int, not a Flax module"),
+    (["--model", "tests_pkg.nets:no_train"], r"\(NoTrain\) takes no 'train' argument; .*add 'train: bool = False'"),
+    (["--model", "tests_pkg.nets:factory", "--variables", "wrong.msgpack"],
+     r"'params/head/kernel' has shape \(64, 7\) but the model expects \(64, 10\)"),
+    (["--model", "tests_pkg.nets:factory", "--variables", "missing.msgpack"], r"'missing.msgpack' does not exist"),
+    (["--model", "tests_pkg.nets:factory", "--variables", "corrupt.msgpack"], r"is not a Flax msgpack file"),
+    (["--model", "tests_pkg.nets:factory", "--variables", "broken_ckpt"], r"is not a readable Orbax checkpoint"),
+    (["--model", "tests_pkg.nets:factory", "--dataset", "no_labels.npz"], r"missing 'y_test'"),
+    (["--model", "tests_pkg.nets:factory", "--dataset", "missing.npz"], r"'missing.npz' does not exist"),
+    (["--import", "no_such_metrics_module"], r"--import 'no_such_metrics_module': cannot import it"),
+])
+def test_bad_user_input_is_one_line_and_exit_code_2(project, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "path", [str(project), *sys.path])
+    out = tmp_path / "out"
+    argv = ["run", "--dataset", "data.npz", *args, "--out", str(out), *SMALL]
+    # the last --dataset wins, so a bad one given in args overrides data.npz
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hqjax: error: "), err
+    import re
+    assert re.search(message, err), err
+    assert not out.exists()  # nothing half-written
+
+
+def test_dataset_from_arrays_checks_keys_and_lengths():
+    from hqjax.data import dataset_from_arrays
+
+    xtr, ytr, xte, yte = _data()
+    d = dataset_from_arrays((xtr, ytr, xte, yte))
+    assert d.input_shape == (8, 8, 1) and d.num_classes == int(max(ytr.max(), yte.max())) + 1
+    with pytest.raises(ValueError, match="missing 'y_test'"):
+        dataset_from_arrays({"x_train": xtr, "y_train": ytr, "x_test": xte})
+    with pytest.raises(ValueError, match="x_train has 96 examples and y_train 95"):
+        dataset_from_arrays((xtr, ytr[:-1], xte, yte))
+
+
+def test_check_variables_names_the_first_mismatch():
+    from hqjax.user_model import check_variables
+
+    model = um.TwinLinen()
+    v = um.init_linen(model)
+    assert jax.tree.structure(check_variables(model, v["params"], (8, 8, 1))) == jax.tree.structure(v)
+    bad = jax.tree.map(np.asarray, v)
+    bad["params"]["conv2"]["kernel"] = np.zeros((3, 3, 6, 11), np.float32)
+    with pytest.raises(UserError, match=r"'params/conv2/kernel' has shape \(3, 3, 6, 11\) but the model expects "
+                                        r"\(3, 3, 6, 12\)"):
+        check_variables(model, bad, (8, 8, 1))
+    bad["params"]["conv2"]["kernel"] = np.asarray(v["params"]["conv2"]["kernel"])
+    del bad["params"]["dense"]
+    with pytest.raises(UserError, match=r"'params/dense/bias' \(shape \(10,\)\) is missing"):
+        check_variables(model, bad, (8, 8, 1))
+
+
+def test_run_rejects_bad_arrays_before_writing(tmp_path):
+    xtr, ytr, xte, _ = _data()
+    with pytest.raises(UserError, match=r"\(x_train, y_train, x_test, y_test\); got 3 items"):
+        hqjax.run(um.TwinLinen(), None, (xtr, ytr, xte), out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="missing 'y_test'; data needs arrays"):
+        hqjax.run(um.TwinLinen(), None, {"x_train": xtr, "y_train": ytr, "x_test": xte}, out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_run_api_linen_and_nnx_twins_give_the_same_allocation(tmp_path):
+    """``hqjax.run(model, variables, arrays)``: pretrained Linen variables and the NNX twin
+    holding the same weights give the same sensitivity rows and bit configuration."""
+    linen = um.TwinLinen()
+    v = um.init_linen(linen, seed=2)
+    data = _data()
+    jobs = [hqjax.run(linen, v, data, out=str(tmp_path / "linen"), until="allocate", log=lambda s: None,
+                      **SMALL_KW),
+            hqjax.run(um.twin_nnx_from_linen(v), None, data, out=str(tmp_path / "nnx"), until="allocate",
+                      log=lambda s: None, **SMALL_KW)]
+    rows = [j.work.read_json("sensitivity.json")["layers"] for j in jobs]
+    assert [r["layer"] for r in rows[0]] == [r["layer"] for r in rows[1]] == ["conv1", "conv2", "dense"]
+    for a, b in zip(*rows):
+        np.testing.assert_allclose(a["trace"], b["trace"], rtol=1e-4)
+        assert a["perturbation"] == b["perturbation"]
+    assert jobs[0].work.read_json("bit_config.json") == jobs[1].work.read_json("bit_config.json")
+    assert all(j.work.read_json("train.json")["pretrained"] for j in jobs)
+
+
+def test_a_model_without_quantizable_layers_is_refused_before_writing(tmp_path):
+    import flax.linen as nn
+
+    class Scale(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return x.reshape((x.shape[0], -1))[:, :10] * self.param("s", nn.initializers.ones, (10,))
+
+    with pytest.raises(UserError, match="has no layer with a 'kernel' or 'embedding' parameter"):
+        hqjax.run(Scale(), None, _data(), out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
