@@ -90,26 +90,32 @@ class EigenResult(_Serializable):
 
     Attributes
     ----------
-    eigenvalues : ``[k]``, ordered by decreasing magnitude (what power iteration finds).
+    eigenvalues : ``[k]``, sorted by decreasing magnitude.
     eigenvectors : pytree shaped like the params with a leading axis ``k``; unit norm.
     num_iters : ``[k]`` matvecs spent on each eigenpair (power) or the Lanczos steps taken,
         repeated.
     method : ``'power'`` or ``'lanczos'``.
+    converged : ``[k]`` booleans: the eigenvalue met the tolerance before the iteration limit
+        (``None`` in results written before this field existed).
     """
 
     eigenvalues: Any
     eigenvectors: Any
     num_iters: Any
     method: str = struct.field(pytree_node=False, default="power")
+    converged: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         # Eigenvectors are as large as the model: JSON keeps the values, not the vectors.
         return {"type": "EigenResult", "eigenvalues": _to_plain(self.eigenvalues),
-                "num_iters": _to_plain(self.num_iters), "method": self.method}
+                "num_iters": _to_plain(self.num_iters), "method": self.method,
+                "converged": _to_plain(self.converged)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
-        return cls(np.asarray(d["eigenvalues"]), None, np.asarray(d["num_iters"]), d.get("method", "power"))
+        conv = d.get("converged")
+        return cls(np.asarray(d["eigenvalues"]), None, np.asarray(d["num_iters"]), d.get("method", "power"),
+                   None if conv is None else np.asarray(conv, bool))
 
 
 @struct.dataclass
