@@ -81,6 +81,19 @@ def add_logging_flags(parser) -> None:
                         help="more library messages (-v: debug, including solver output)")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is emitted (not the stream of
+    the moment it was attached), so a replaced or captured stderr is always the target."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns one; the property ignores it
+        pass
+
+
 def configure_logging(quiet: bool = False, verbose: int = 0) -> logging.Handler:
     """Attach (or replace) the commands' stderr handler on the ``hqjax`` logger.
 
@@ -91,7 +104,7 @@ def configure_logging(quiet: bool = False, verbose: int = 0) -> logging.Handler:
     for h in list(logger.handlers):
         if getattr(h, "_hqjax_cli", False):
             logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._hqjax_cli = True  # marks the handler this function owns
     handler.setFormatter(logging.Formatter("hqjax: %(levelname)s: %(message)s"))
     logger.addHandler(handler)

@@ -95,9 +95,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
-def _read(path: str, what: str, build):
-    """``build(document)`` of the JSON file at ``path``; any failure names the file."""
-    doc = read_json(path)
+def _read(path: str, what: str, build, kind: str | None = None):
+    """``build(document)`` of the JSON file at ``path`` (a ``kind`` document, if given);
+    any failure names the file."""
+    doc = read_json(path, kind)
     try:
         return build(doc)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -171,7 +172,7 @@ def _main(argv) -> int:
         return 0
     if not args.table or not args.costs:
         raise UserError("--table and --costs are required (or --list-metrics)")
-    table = _read(args.table, "sensitivity table", SensitivityTable.from_dict)
+    table = _read(args.table, "sensitivity table", SensitivityTable.from_dict, "sensitivity")
     costs = _read(args.costs, "costs table", LayerCosts.from_dict)
     if args.latency:
         costs = _read(args.latency, "latency table", costs.with_latency)

@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
 _RUN_ONLY = ("out", "coordinator", "num_processes", "process_id", "auto_cluster", "compile_cache", "quiet", "verbose")
 
 
+def _check_msgpack(path: str) -> None:
+    """A readable msgpack file (whether it fits the model is known only after initialization)."""
+    from flax import serialization
+
+    if not os.path.isfile(path):
+        raise UserError(f"--params {path!r} does not exist; pass a flax.serialization msgpack file")
+    try:
+        with open(path, "rb") as f:
+            serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types for a file that is not msgpack
+        raise UserError(f"--params {path!r} does not hold model variables: it is not a flax.serialization msgpack "
+                        f"file ({type(e).__name__})") from None
+
+
 def check_args(args: argparse.Namespace) -> list[str]:
     """Every setting checked before JAX starts or data loads; returns the metric names.
 
@@ -126,8 +140,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.dataset not in DATASETS and args.data_dir is None:
         raise UserError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}, "
                         f"or a TensorFlow Datasets name together with --data-dir")
-    if args.params and not os.path.isfile(args.params):
-        raise UserError(f"--params {args.params!r} does not exist; pass a flax.serialization msgpack file")
+    if args.params:
+        _check_msgpack(args.params)
     check_writable(args.out)
     return metrics
 
@@ -157,7 +171,12 @@ def sweep_problem(args: argparse.Namespace):
         raise UserError(f"{args.subsets} subsets of {args.subset_size} need {need} examples but {args.dataset!r} "
                          f"has {len(data.x_train)} training examples; lower --subsets or --subset-size")
     model = get_model(args.model, num_classes=data.num_classes)
-    variables = model.init(jax.random.key(args.seed), jnp.asarray(data.x_train[:1]), train=False)
+    init = lambda: model.init(jax.random.key(args.seed), jnp.asarray(data.x_train[:1]), train=False)
+    names = hqjax.blocks(jax.eval_shape(init)["params"]).names  # layer names before any compute
+    unknown = [name for name in (args.layers.split(",") if args.layers else []) if name not in names]
+    if unknown:
+        raise UserError(f"--layers names {unknown}, not layers of {args.model!r}; its layers are {list(names)}")
+    variables = init()
     if args.params:
         from flax import serialization
 
@@ -172,9 +191,6 @@ def sweep_problem(args: argparse.Namespace):
     state = {k: v for k, v in variables.items() if k != "params"}
     blk = hqjax.blocks(params)
     layers = list(blk.names) if not args.layers else args.layers.split(",")
-    unknown = [name for name in layers if name not in blk.names]
-    if unknown:
-        raise UserError(f"--layers names {unknown}, not layers of {args.model!r}; its layers are {list(blk.names)}")
     jobs = make_jobs(layers, metrics, args.subsets)
     opts = {k: getattr(args, k) for k in ("num_probes", "max_iters", "tol", "eigen_method", "num_steps", "loop")}
     base_key = jax.random.key(args.seed)
