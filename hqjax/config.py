@@ -134,8 +134,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """Build from a mapping; unknown keys raise :class:`UserError` listing the valid ones."""
-        d = {k.replace("-", "_"): v for k, v in d.items()}
+        """Build from a mapping (a saved ``config.json``'s schema stamp is checked and dropped);
+        unknown keys raise :class:`UserError` listing the valid ones."""
+        d = {k.replace("-", "_"): v for k, v in unstamp(d, "config", "the configuration").items()}
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - valid)
         if unknown:
