@@ -7,9 +7,11 @@ runs the stages up to that one, skipping those already finished with the same se
 
 Settings are read, lowest precedence first, from the defaults, the ``config.json`` of an
 existing output folder (so a folder remembers how it was made), a ``--config`` file (JSON
-or TOML) and the flags. Exit codes: 0 success, 2 bad input (unknown names, infeasible
-budget, missing data; argparse's own code for bad flags), 1 an internal failure, 130
-interrupted (re-run the same command to resume).
+or TOML) and the flags. Exit codes (the policy of every hqjax command, ``hqjax._errors``):
+0 success, 2 bad input (unknown names, impossible bit widths, infeasible budget, missing
+data, bad flags) as one line on stderr, 1 an internal failure with its traceback, 130
+interrupted (re-run the same command to resume). ``--quiet`` / ``--verbose`` set the level
+of the ``hqjax`` logger's messages on stderr.
 """
 
 from __future__ import annotations
@@ -127,7 +129,6 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def _run_command(args: argparse.Namespace) -> int:
     from hqjax.pipeline import report_only, run_stages
-
     from hqjax.workdir import check_writable
 
     configure_logging(args.quiet, args.verbose)
