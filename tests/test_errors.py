@@ -8,6 +8,7 @@ real subprocess runs check the console entry points, and the public API raises c
 exceptions for the same mistakes.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -93,8 +94,8 @@ CASES = [
     ("sweep", "--dataset nosuch", "unknown dataset 'nosuch'"),
     ("sweep", "--params {d}/missing.msgpack", "does not exist"),
     ("sweep", "--params {d}/corrupt.json", "not a flax.serialization msgpack file"),
-    ("sweep", "--layers nosuch", "not layers of 'cnn'"),
-    ("sweep", "--subsets 100 --subset-size 128", "need 12800 examples"),
+    pytest.param("sweep", "--layers nosuch", "not layers of 'cnn'", marks=pytest.mark.slow),  # loads the data
+    pytest.param("sweep", "--subsets 100 --subset-size 128", "need 12800 examples", marks=pytest.mark.slow),
     ("sweep", "--tol 0", "--tol must be positive"),
     ("sweep", "--eigen-method qr", "invalid choice: 'qr'"),
     # python -m hqjax.alloc (good table and costs unless overridden; --out {t}/bits.json)
@@ -143,7 +144,12 @@ def _check_one_line(err, prog, expected):
     assert expected in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("entry,text,expected", CASES, ids=[f"{e}:{a or 'no-args'}" for e, a, _ in CASES])
+def _id(case):
+    entry, text, _ = case.values if hasattr(case, "values") else case
+    return f"{entry}:{text or 'no-args'}"
+
+
+@pytest.mark.parametrize("entry,text,expected", CASES, ids=[_id(c) for c in CASES])
 def test_bad_input_is_one_line_exit_2_in_seconds_writing_nothing(entry, text, expected, d, tmp_path, capsys):
     fn, prog, argv = _argv(entry, text, d, tmp_path)
     before = _listing(d)
@@ -318,6 +324,7 @@ def test_table_round_trip_and_version_0_files_migrate(tmp_path):
     np.testing.assert_equal(json.loads(json.dumps(doc))["versions"]["jax"], __import__("jax").__version__)
 
 
+@pytest.mark.slow
 def test_an_unwritable_weights_cache_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
     from hqjax.data import load_dataset
     from hqjax.models import get_model
@@ -327,8 +334,7 @@ def test_an_unwritable_weights_cache_warns_and_training_goes_on(tmp_path, monkey
     blocker.write_text("")
     monkeypatch.setenv("HQJAX_CACHE", str(blocker / "cache"))  # under a file: nothing can be created there
     data = load_dataset("digits", None, seed=0)
-    data = data.__class__(**{**data.__dict__, "x_train": data.x_train[:64], "y_train": data.y_train[:64]}) \
-        if hasattr(data, "__dict__") else data
+    data = dataclasses.replace(data, x_train=data.x_train[:64], y_train=data.y_train[:64])
     with caplog.at_level("WARNING", logger="hqjax"):
         variables, cached = train_cached(get_model("mlp", num_classes=data.num_classes), "mlp", data,
                                          TrainConfig(epochs=1, batch_size=32), progress=False)
