@@ -42,8 +42,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows every default and keeps the description's line breaks."""
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default as a user would type it (``2,3,4,8``), and
+    keeps the description's line breaks; options without a value (off, empty) show none."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        empty = default is None or default is False or default == argparse.SUPPRESS or default == []
+        if "(default" in text or empty or default == () or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def one_line(message: object) -> str:
@@ -78,7 +87,7 @@ def add_logging_flags(parser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="print only the result and errors (library messages: warnings only)")
     parser.add_argument("--verbose", "-v", action="count", default=0,
-                        help="more library messages (-v: debug, including solver output)")
+                        help="more library messages: -v adds debug ones, solver output among them (default: off)")
 
 
 class _StderrHandler(logging.StreamHandler):
