@@ -12,6 +12,7 @@ This is host-side code: it runs after the curvature estimates, outside any ``jit
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,7 @@ __all__ = ["Alpha", "alpha", "Allocation", "InfeasibleBudgetError", "allocate", 
 FOLLOW_WEIGHTS = "weights"  # act_candidates value: activation bits equal to weight bits
 
 _REL_TOL = 1e-9  # float64 slack when checking a solution against a budget
+logger = logging.getLogger("hqjax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +302,9 @@ def allocate(
         if out.status == "INFEASIBLE":
             raise InfeasibleBudgetError(limits, minimal, _minimal_with_others(cost_g, allowed, limits, backend))
         raise TimeoutError(f"{backend} found no feasible assignment within time_limit={time_limit} s; allow more time")
+    if out.status != "OPTIMAL":
+        logger.warning("%s stopped at time_limit=%s s with a feasible assignment not proven optimal; "
+                       "allow more time for a proof", backend, time_limit)
     pick = {n: prog.choices[c] for g, c in zip(prog.groups, out.choice) for n in g}
     bit_config = {n: {"weight_bits": pick[n][0], "act_bits": pick[n][1]} for n in prog.layers}
     rows = np.arange(len(prog.groups))
@@ -349,6 +354,7 @@ def _solve_checked(score, allowed, cost_g, limits, backend, time_limit, reduce=T
         bad = {k: v for k, v in over.items() if v > _REL_TOL * max(abs(limits[k]), 1.0)}
         if not bad:
             return out
+        logger.debug("%s answer over the budgets by %s (solver tolerance); tightening and solving again", backend, bad)
         for k, v in bad.items():
             eff[k] = eff[k] - 2 * v
     raise RuntimeError(f"{backend} kept returning assignments over the budgets {bad}; try backend='CP-SAT'")
