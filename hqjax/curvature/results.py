@@ -38,7 +38,10 @@ class _Serializable:
         return out
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        """``to_dict()`` as JSON text with the schema stamp (``hqjax._schema``)."""
+        from hqjax._schema import stamp
+
+        return json.dumps(stamp("curvature_result", self.to_dict()), **kwargs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
@@ -149,7 +152,11 @@ _TYPES = {c.__name__: c for c in (TraceResult, EigenResult, DensityResult)}
 
 
 def result_from_dict(d: dict[str, Any]):
-    """Rebuild any curvature result from its ``to_dict()`` (or parsed ``to_json()``)."""
+    """Rebuild any curvature result from its ``to_dict()`` (or parsed ``to_json()``, whose
+    schema stamp is checked)."""
+    from hqjax._schema import unstamp
+
+    d = unstamp(d, "curvature_result", "the curvature result")
     try:
         return _TYPES[d["type"]].from_dict(d)
     except KeyError:

@@ -8,7 +8,6 @@ It is saved as JSON that a person can read and edit.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Mapping
 
@@ -73,10 +72,10 @@ def save_bit_config(bit_config: Mapping, path: str | os.PathLike) -> None:
     """Write a validated BitConfig as indented JSON, stamped with its schema version
     (``hqjax._schema``: the keys ``schema``, ``schema_version`` and ``versions`` sit next to
     the layer entries)."""
+    from hqjax.workdir import atomic_write_json
+
     cfg = validate_bit_config(unstamp(bit_config, "bit_config"))
-    with open(path, "w") as f:
-        json.dump(stamp("bit_config", cfg), f, indent=2, sort_keys=False)
-        f.write("\n")
+    atomic_write_json(os.fspath(path), stamp("bit_config", cfg))  # never half-written
 
 
 def load_bit_config(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict:
