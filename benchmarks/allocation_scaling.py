@@ -74,7 +74,7 @@ def main():
             solve, total, cpu = [], [], []
             for _ in range(args.repeats):
                 t0, c0 = time.perf_counter(), time.process_time()
-                res = hqjax.allocate(scores, costs, BUDGET, BITS, backend=backend, reduce=reduce)
+                res = hqjax.allocate(scores, costs, BUDGET, BITS, act_candidates="weights", backend=backend, reduce=reduce)
                 total.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
                 solve.append(res.solve_time_s)

@@ -19,8 +19,12 @@ import os
 import re
 from typing import Any
 
+from hqjax._bits import ACT_BITS, DEFAULT_ACT_BITS, WEIGHT_BITS, bad_act_bits, bad_weight_bits
+from hqjax._errors import UserError
+from hqjax._schema import unstamp
+
 __all__ = [
-    "UserError",
+    "UserError",  # defined in hqjax._errors, re-exported here where it was first public
     "RunConfig",
     "STAGES",
     "STAGE_FIELDS",
@@ -29,10 +33,6 @@ __all__ = [
     "load_config_file",
     "parse_budget",
 ]
-
-
-class UserError(Exception):
-    """Bad input from the user (unknown name, infeasible budget, missing data): exit code 2."""
 
 
 STAGES = ("train", "analyze", "allocate", "quantize", "evaluate", "report")
@@ -65,7 +65,8 @@ class RunConfig:
         of the INT8 model's cost (``0.5``, ``'50%'``) or an absolute cost with an optional
         k/M/G multiplier (``'12k'``: bytes for size, BOPs for bops, the latency table's unit).
     weight_bits : candidate weight bit-widths per layer.
-    act_bits : activation bit-width.
+    act_bits : activation bit-width of every layer (8 by default, the policy of
+        ``hqjax.allocate`` too; see ``hqjax._bits``).
     qat_epochs, qat_learning_rate : quantization-aware fine-tuning (HAWQ-V3 Sec. 4).
     calib_examples : examples used to calibrate activation ranges.
     """
@@ -89,7 +90,7 @@ class RunConfig:
     budget_kind: str = "size"
     budget: Any = 0.5
     weight_bits: tuple[int, ...] = (2, 3, 4, 8)
-    act_bits: int = 8
+    act_bits: int = DEFAULT_ACT_BITS
     qat_epochs: int = 5
     qat_learning_rate: float = 5e-4
     calib_examples: int = 256
@@ -99,7 +100,10 @@ class RunConfig:
             bits = self.weight_bits
             if isinstance(bits, str):
                 bits = [b for b in re.split(r"[,\s]+", bits) if b]
-            object.__setattr__(self, "weight_bits", tuple(int(b) for b in bits))
+            try:
+                object.__setattr__(self, "weight_bits", tuple(int(b) for b in bits))
+            except (TypeError, ValueError):
+                raise UserError(f"weight_bits must be comma-separated integers, e.g. 2,3,4,8; got {self.weight_bits!r}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -109,11 +113,20 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("learning_rate", "qat_learning_rate"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise UserError(f"{name} must be a positive number, e.g. 1e-3; got {v!r}")
         for name in ("qat_epochs", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise UserError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not self.weight_bits or any(b < 1 or b > 16 for b in self.weight_bits):
-            raise UserError(f"weight_bits must be bit-widths between 1 and 16, e.g. 2,3,4,8; got {self.weight_bits!r}")
+        bits = self.weight_bits if isinstance(self.weight_bits, tuple) else ()
+        if not bits or bad_weight_bits(bits):
+            raise UserError(f"weight_bits {list(bits) or self.weight_bits!r}: {bad_weight_bits(bits) or 'none'} "
+                            f"cannot be quantized; choose weight widths from {list(WEIGHT_BITS)}, e.g. --bits 2,3,4,8")
+        if bad_act_bits([self.act_bits]):
+            raise UserError(f"act_bits={self.act_bits!r} is not a supported activation width; choose one of "
+                            f"{list(ACT_BITS)} (e.g. --act-bits 8)")
         if self.budget_kind not in BUDGET_KINDS:
             raise UserError(f"unknown budget kind {self.budget_kind!r}; choose one of {list(BUDGET_KINDS)}")
         parse_budget(self.budget)
@@ -126,8 +139,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """Build from a mapping; unknown keys raise :class:`UserError` listing the valid ones."""
-        d = {k.replace("-", "_"): v for k, v in d.items()}
+        """Build from a mapping (a saved ``config.json``'s schema stamp is checked and dropped);
+        unknown keys raise :class:`UserError` listing the valid ones."""
+        d = {k.replace("-", "_"): v for k, v in unstamp(d, "config", "the configuration").items()}
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - valid)
         if unknown:
@@ -212,4 +226,4 @@ def load_config_file(path: str) -> dict:
         raise UserError(f"cannot read config file {path!r}: {e} (JSON, or TOML with a .toml extension)") from None
     if not isinstance(d, dict):
         raise UserError(f"config file {path!r} must hold a mapping of option names to values")
-    return d
+    return unstamp(d, "config", f"config file {path!r}")

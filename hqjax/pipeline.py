@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hqjax._schema import sensitivity_document
 from hqjax.config import STAGES, RunConfig, UserError, stage_fingerprints
 from hqjax.train import (TrainConfig, accuracy, load_variables, make_loss_fn, progress_bar, save_variables,
                          train_cached)
@@ -332,9 +333,9 @@ def stage_analyze(job: Job) -> None:
     bar.update(1)
     bar.close()
     c = job.config
-    work.write_json("sensitivity.json", {
-        "model": c.model, "dataset": c.dataset, "seed": c.seed, "num_probes": c.num_probes,
-        "hessian_examples": c.hessian_examples, "weight_bits": list(c.weight_bits), "layers": rows})
+    work.write_json("sensitivity.json", sensitivity_document(  # the one schema (hqjax._schema)
+        rows, model=c.model, dataset=c.dataset, seed=c.seed, num_probes=c.num_probes,
+        hessian_examples=c.hessian_examples, weight_bits=list(c.weight_bits)))
     work.write_json("density.json", density)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 from typing import Any, Callable
@@ -220,7 +221,15 @@ def train_cached(model, model_name: str, dataset, config: TrainConfig = TrainCon
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, "fp", cache_key(model_name, dataset.name, dataset.input_shape, config) + ".msgpack")
     if os.path.exists(path):
-        return load_variables(path), True
+        try:
+            return load_variables(path), True
+        except (OSError, ValueError) as e:  # a truncated or unreadable cache entry: train again
+            logging.getLogger("hqjax").warning("ignoring unreadable cache entry %s (%s); training again", path, e)
     variables = train(model, dataset.x_train, dataset.y_train, config, progress=progress)
-    save_variables(path, variables)
+    try:  # the cache is best-effort: a read-only home must not lose the training just done
+        save_variables(path, variables)
+    except OSError as e:
+        logging.getLogger("hqjax").warning(
+            "could not write the trained-weights cache %s (%s); going on without it "
+            "(set HQJAX_CACHE to a writable folder to keep trained weights)", path, e)
     return variables, False

@@ -15,7 +15,9 @@ import os
 import time
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "read_json", "Workdir"]
+from hqjax._schema import stamp, unstamp
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "read_json", "check_writable", "Workdir"]
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -35,9 +37,31 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
+def check_writable(folder: str) -> None:
+    """Raise ``UserError`` now, before any work, when ``folder`` could not be written
+    (it, or the nearest existing folder above it, is not writable). Creates nothing."""
+    from hqjax._errors import UserError
+
+    folder = existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot use {folder!r} as the output folder: {existing!r} is a file; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to the output folder {folder!r} ({existing!r} is not writable); "
+                        f"choose a writable folder with --out")
+
+
 def read_json(path: str) -> Any:
+    """Parse a JSON file and drop its schema stamp (checking the version, ``hqjax._schema``)."""
     with open(path) as f:
-        return json.load(f)
+        return unstamp(json.load(f), source=repr(path))
+
+
+def _kind(name: str) -> str:
+    """Schema kind of a file in the folder: its stem, or its sub-folder for per-unit files."""
+    head, tail = os.path.split(name)
+    return os.path.basename(head) if head else os.path.splitext(tail)[0]
 
 
 class Workdir:
@@ -58,7 +82,11 @@ class Workdir:
         return os.path.exists(self.path(*parts))
 
     def write_json(self, name: str, obj: Any) -> str:
+        """Write ``obj`` atomically; a mapping gets the schema stamp (``hqjax._schema``)
+        unless it already carries one."""
         p = self.path(name)
+        if isinstance(obj, dict) and "schema_version" not in obj:
+            obj = stamp(_kind(name), obj)
         atomic_write_json(p, obj)
         return p
 

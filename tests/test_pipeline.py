@@ -41,8 +41,10 @@ def job(tmp_path_factory, cache_dir):
 
 
 def _json(out, name):
-    with open(os.path.join(out, name)) as f:
-        return json.load(f)
+    """A job's JSON output without its schema stamp (checked by read_json)."""
+    from hqjax.workdir import read_json
+
+    return read_json(os.path.join(out, name))
 
 
 def test_every_output_exists_and_parses(job):
@@ -125,3 +127,27 @@ def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir):
     assert main(["report", "--out", out]) == 0
     made = set(os.listdir(out))
     assert {"density.png", "traces.png", "report.md"} <= made and not {"bits.png", "metrics.json"} & made
+
+
+def test_sensitivity_json_of_the_job_is_read_by_the_alloc_command(job, tmp_path, capsys):
+    """Round trip: hqjax run -> sensitivity.json -> python -m hqjax.alloc --table gives the job's bits."""
+    from hqjax.alloc.cli import main as alloc_main
+    from hqjax.quant import load_bit_config
+
+    alloc = _json(job, "allocation.json")
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(alloc["costs_table"]))
+    out = tmp_path / "bits.json"
+    assert alloc_main(["--table", os.path.join(job, "sensitivity.json"), "--costs", str(costs), "--bits", "2,4,8",
+                       "--budget", f"size={alloc['budget']!r}", "--metric", "hawq_v3", "--out", str(out)]) == 0
+    assert load_bit_config(out) == load_bit_config(os.path.join(job, "bit_config.json"))
+
+
+def test_every_json_output_carries_its_schema_and_versions(job):
+    for root, _, files in os.walk(job):
+        for name in files:
+            if name.endswith(".json") and "int_model" not in root:
+                with open(os.path.join(root, name)) as f:
+                    doc = json.load(f)
+                assert doc["schema_version"] == 1 and doc["schema"].startswith("hqjax."), (root, name)
+                assert set(doc["versions"]) == {"hqjax", "jax", "flax"}

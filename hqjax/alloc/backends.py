@@ -17,7 +17,13 @@ The caller checks every returned assignment against the unscaled budgets in floa
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import logging
+import os
+import sys
+import tempfile
 import time
 from typing import Sequence
 
@@ -30,6 +36,7 @@ BACKENDS = (*MIP_BACKENDS, "CP-SAT")
 _INT_RESOLUTION = 2**30
 _OBJ_RESOLUTION = 2**40
 _OBJ_RANGE = 1e9
+logger = logging.getLogger("hqjax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,44 @@ def _objective(score: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     delta, _ = _shift(score, allowed)
     span = float(delta.max(axis=1).sum()) if delta.size else 0.0
     return delta * (_OBJ_RANGE / span) if span > 0 else delta
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)  # the C library's buffered stdout, where printf waits
+    except (OSError, AttributeError):  # no C library to reach (not POSIX): nothing buffered there
+        pass
+
+
+@contextlib.contextmanager
+def _native_output_to_log(backend: str):
+    """Send what the solver's native code prints to the process's stdout to the ``hqjax``
+    logger (DEBUG, visible with ``-v``) instead.
+
+    Every backend is asked to be quiet (``SuppressOutput``, ``enable_output=False``,
+    CP-SAT's silent default), but HiGHS's MIP solver still ``printf``s lines such as
+    ``HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();`` regardless
+    of its ``output_flag``; only redirecting file descriptor 1 for the duration of the
+    solve keeps them out of a command's output. Python-level ``sys.stdout`` is untouched.
+    """
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no usable fd 1 (embedded interpreters): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            _flush_c_stdio()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    logger.debug("%s: %s", backend, line.rstrip())
 
 
 def solve_choice_program(
@@ -104,15 +149,16 @@ def solve_choice_program(
             if (keep.sum(axis=1) == 1).all():  # the bound proves the rounded LP optimum optimal
                 return SolveOutcome(incumbent, "OPTIMAL", time.perf_counter() - t0)
             allowed = keep
-    if backend == "CP-SAT":
-        exact = [_exact_integer_row(np.asarray(c, np.float64), allowed, float(l)) for c, l in zip(costs, limits)]
-        rows = [e if e is not None else _rounded_row(a, r) for e, (a, r) in zip(exact, rows)]
-        obj_int = np.rint(obj / max(float(obj.max(initial=0.0)), 1e-300) * _OBJ_RESOLUTION).astype(np.int64)
-        out = _solve_cpsat(obj_int, allowed, rows, time_limit)
-    elif backend == "HIGHS":
-        out = _solve_highs(obj, allowed, rows, time_limit)
-    else:
-        out = _solve_mip(backend, obj, allowed, rows, time_limit)
+    with _native_output_to_log(backend):
+        if backend == "CP-SAT":
+            exact = [_exact_integer_row(np.asarray(c, np.float64), allowed, float(l)) for c, l in zip(costs, limits)]
+            rows = [e if e is not None else _rounded_row(a, r) for e, (a, r) in zip(exact, rows)]
+            obj_int = np.rint(obj / max(float(obj.max(initial=0.0)), 1e-300) * _OBJ_RESOLUTION).astype(np.int64)
+            out = _solve_cpsat(obj_int, allowed, rows, time_limit)
+        elif backend == "HIGHS":
+            out = _solve_highs(obj, allowed, rows, time_limit)
+        else:
+            out = _solve_mip(backend, obj, allowed, rows, time_limit)
     if incumbent is not None and out.status != "OPTIMAL":
         # Time ran out: the LP rounding is a feasible answer too; return the better one.
         rowsel = np.arange(len(incumbent))

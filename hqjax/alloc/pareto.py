@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import flax.struct
 import numpy as np
 
+from hqjax._bits import DEFAULT_ACT_BITS
 from hqjax.alloc._json import dump_json
 from hqjax.alloc.solve import Alpha, allocate, alpha
 
@@ -54,7 +55,7 @@ class ParetoFrontier:
         return d
 
     def to_json(self, path: str | None = None) -> str:
-        return dump_json(self.to_dict(), path)
+        return dump_json(self.to_dict(), path, kind="pareto")
 
 
 def pareto_frontier(
@@ -69,7 +70,7 @@ def pareto_frontier(
     metric="hawq_v2",
     fixed: Mapping[str, Any] | None = None,
     ties: Sequence[Sequence[str]] = (),
-    act_candidates: Sequence[int] | None = None,
+    act_candidates: Sequence[int] | str = (DEFAULT_ACT_BITS,),
     backend: str = "CBC",
 ) -> ParetoFrontier:
     """Sweep the ``kind`` budget over ``num_points`` fractions α in [0, 1] and keep the optimal points.

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hqjax._schema import sensitivity_document, sensitivity_rows
 from hqjax.alloc._json import dump_json, load_json
 
 __all__ = [
@@ -115,12 +116,22 @@ class SensitivityTable:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: row.to_dict() for name, row in self.rows.items()}
+    def to_dict(self, **settings: Any) -> dict[str, Any]:
+        """The versioned sensitivity document (``hqjax._schema``), the same schema as the
+        ``sensitivity.json`` of ``hqjax run``; ``settings`` (model, dataset, ...) go along."""
+        rows = [{"layer": name, **_schema_row(row.to_dict())} for name, row in self.rows.items()]
+        return sensitivity_document(rows, **settings)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SensitivityTable":
-        return cls({name: LayerSensitivity.from_dict(row) for name, row in d.items()})
+        """Read a sensitivity document (any layout ``hqjax._schema.sensitivity_rows`` accepts);
+        row fields that are not :class:`LayerSensitivity` fields are ignored."""
+        known = {f.name for f in dataclasses.fields(LayerSensitivity)}
+        out = {}
+        for r in sensitivity_rows(d):
+            fields = {("eigenvalues" if k == "top_eigenvalues" else k): v for k, v in r.items()}
+            out[str(r["layer"])] = LayerSensitivity.from_dict({k: v for k, v in fields.items() if k in known})
+        return cls(out)
 
     def to_json(self, path: str | None = None) -> str:
         return dump_json(self.to_dict(), path)
@@ -128,6 +139,11 @@ class SensitivityTable:
     @classmethod
     def from_json(cls, text_or_path: str) -> "SensitivityTable":
         return cls.from_dict(load_json(text_or_path))
+
+
+def _schema_row(d: dict[str, Any]) -> dict[str, Any]:
+    # the schema stores LayerSensitivity.eigenvalues as top_eigenvalues (hqjax._schema)
+    return {("top_eigenvalues" if k == "eigenvalues" else k): v for k, v in d.items()}
 
 
 def _default_quantizer_perturbation():

@@ -12,19 +12,25 @@ This is host-side code: it runs after the curvature estimates, outside any ``jit
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
 import flax.struct
 import numpy as np
 
+from hqjax._schema import unstamp
+from hqjax._bits import DEFAULT_ACT_BITS
 from hqjax.alloc._json import dump_json
 from hqjax.alloc.backends import solve_choice_program
 from hqjax.alloc.sensitivity import SensitivityTable, get_metric, sensitivity_scores
 
-__all__ = ["Alpha", "alpha", "Allocation", "InfeasibleBudgetError", "allocate"]
+__all__ = ["Alpha", "alpha", "Allocation", "InfeasibleBudgetError", "allocate", "FOLLOW_WEIGHTS"]
+
+FOLLOW_WEIGHTS = "weights"  # act_candidates value: activation bits equal to weight bits
 
 _REL_TOL = 1e-9  # float64 slack when checking a solution against a budget
+logger = logging.getLogger("hqjax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +84,12 @@ class Allocation:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def to_json(self, path: str | None = None) -> str:
-        return dump_json(self.to_dict(), path)
+        return dump_json(self.to_dict(), path, kind="allocation")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Allocation":
-        return cls(**d)
+        """From :meth:`to_dict` or the parsed :meth:`to_json` (whose schema stamp is checked)."""
+        return cls(**unstamp(d, "allocation", "the allocation"))
 
 
 class InfeasibleBudgetError(ValueError):
@@ -112,8 +119,14 @@ def _choice_pairs(candidates, act_candidates) -> list[tuple[int, int]]:
     if not candidates:
         raise ValueError("candidates is empty; pass the allowed weight bit widths, e.g. (2, 3, 4, 8)")
     cands = sorted({int(b) for b in candidates})
-    if act_candidates is None:  # activations follow the weights (W4A4, W8A8 as in HAWQ-V3)
-        return [(b, b) for b in cands]
+    if isinstance(act_candidates, str):
+        if act_candidates != FOLLOW_WEIGHTS:
+            raise ValueError(f"act_candidates={act_candidates!r}: pass activation bit widths, e.g. (8,), "
+                             f"or {FOLLOW_WEIGHTS!r} for activations that follow the weights")
+        return [(b, b) for b in cands]  # W4A4, W8A8 as in HAWQ-V3's ILP
+    if act_candidates is None or not len(act_candidates):
+        raise ValueError(f"act_candidates={act_candidates!r}: pass activation bit widths, e.g. (8,) (the default), "
+                         f"or {FOLLOW_WEIGHTS!r} for activations that follow the weights")
     return [(w, a) for w in cands for a in sorted({int(b) for b in act_candidates})]
 
 
@@ -199,7 +212,7 @@ def _build_program(table, costs, kinds, candidates, metric, act_candidates, fixe
     fixed_pairs = {n: _as_pair(n, v) for n, v in fixed.items()}
     choices += sorted({p for p in fixed_pairs.values() if p not in free})
     scores, metric_name = _scores(table, sorted({w for w, _ in choices}), metric)
-    act = _act_scores(table, sorted({a for _, a in choices})) if act_candidates is not None else {}
+    act = _act_scores(table, sorted({a for _, a in choices})) if not isinstance(act_candidates, str) else {}
     layers = list(scores) + [n for n in fixed if n not in scores]
     if not layers:
         raise ValueError("the sensitivity table has no layers, so there is nothing to allocate bits to; build it "
@@ -240,7 +253,7 @@ def allocate(
     candidates: Sequence[int] = (2, 3, 4, 8),
     *,
     metric="hawq_v3",
-    act_candidates: Sequence[int] | None = None,
+    act_candidates: Sequence[int] | str = (DEFAULT_ACT_BITS,),
     fixed: Mapping[str, Any] | None = None,
     ties: Sequence[Sequence[str]] = (),
     backend: str = "CBC",
@@ -260,9 +273,12 @@ def allocate(
         between all-lowest and all-highest bits). An empty budget gives all-highest bits.
     candidates : weight bit widths each free layer may take.
     metric : registered metric name or ``fn(row, bits)``; used when ``table`` is a table.
-    act_candidates : None: activation bits follow weight bits (W4A4, W8A8); a sequence:
-        activation bits are chosen per layer too (a single value fixes them), scored by the
-        table's ``act_trace * act_perturbation[a]`` where present (HAWQ-V2 Sec. 3.3), else 0.
+    act_candidates : activation bit widths each free layer may take. The default ``(8,)``
+        keeps every activation at 8 bits (the policy of ``hqjax run`` and
+        ``python -m hqjax.alloc`` too); several values choose activation bits per layer,
+        scored by the table's ``act_trace * act_perturbation[a]`` where present (HAWQ-V2
+        Sec. 3.3), else 0; ``'weights'`` makes activation bits follow the weight bits (W4A4,
+        W8A8, as in HAWQ-V3's ILP).
     fixed : ``{layer: bits | (w, a)}`` (an int ``b`` means W=b and A=b); a fixed layer not in ``table`` joins the program
         with zero sensitivity (its cost still counts).
     ties : groups of layers that must take the same choice.
@@ -275,6 +291,9 @@ def allocate(
     ------
     InfeasibleBudgetError : with the smallest feasible value of each budget.
     """
+    if len(table) == 0 and not fixed:
+        raise ValueError("the sensitivity table is empty, so there is no layer to allocate bits to; build it "
+                         "with hqjax.sensitivity_table (or hqjax analyze) for a model with quantizable layers")
     prog = _build_program(table, costs, list(budget), candidates, metric, act_candidates, fixed, ties)
     cost_g, allowed, kinds = prog.costs, prog.allowed, list(budget)
     limits = {k: _resolve_limit(budget[k], cost_g[k], allowed, prog.choices) for k in kinds}
@@ -287,6 +306,9 @@ def allocate(
         if out.status == "INFEASIBLE":
             raise InfeasibleBudgetError(limits, minimal, _minimal_with_others(cost_g, allowed, limits, backend))
         raise TimeoutError(f"{backend} found no feasible assignment within time_limit={time_limit} s; allow more time")
+    if out.status != "OPTIMAL":
+        logger.warning("%s stopped at time_limit=%s s with a feasible assignment not proven optimal; "
+                       "allow more time for a proof", backend, time_limit)
     pick = {n: prog.choices[c] for g, c in zip(prog.groups, out.choice) for n in g}
     bit_config = {n: {"weight_bits": pick[n][0], "act_bits": pick[n][1]} for n in prog.layers}
     rows = np.arange(len(prog.groups))
@@ -336,6 +358,7 @@ def _solve_checked(score, allowed, cost_g, limits, backend, time_limit, reduce=T
         bad = {k: v for k, v in over.items() if v > _REL_TOL * max(abs(limits[k]), 1.0)}
         if not bad:
             return out
+        logger.debug("%s answer over the budgets by %s (solver tolerance); tightening and solving again", backend, bad)
         for k, v in bad.items():
             eff[k] = eff[k] - 2 * v
     raise RuntimeError(f"{backend} kept returning assignments over the budgets {bad}; try backend='CP-SAT'")

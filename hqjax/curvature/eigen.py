@@ -12,6 +12,7 @@ accuracy (Saad 2011, Ch. 6); here it stops once the top-k Ritz residual bounds
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
@@ -26,6 +27,7 @@ from hqjax.tree import Blocks, flat_operator, tree_size
 __all__ = ["top_eigenvalues", "block_top_eigenvalues"]
 
 PyTree = Any
+logger = logging.getLogger("hqjax")
 
 
 def _unit(v):
@@ -39,13 +41,16 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
         v = jax.random.normal(jax.random.fold_in(key, i), (n,), dtype)
         return v / jnp.linalg.norm(v)
 
-    def record(i, it, lam, v_new, vals, vecs, iters):
+    def record(i, it, lam, v_new, conv, vals, vecs, iters, convs):
         u = v_new - (vecs @ v_new) @ vecs
         u = u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(dtype).tiny)
-        return vals.at[i].set(lam), vecs.at[i].set(u), iters.at[i].set(it), start(i + 1)
+        return vals.at[i].set(lam), vecs.at[i].set(u), iters.at[i].set(it), convs.at[i].set(conv), start(i + 1)
+
+    def keep(i, it, lam, v_new, conv, vals, vecs, iters, convs):
+        return vals, vecs, iters, convs, v_new
 
     def body(s):
-        i, it, v, prev, vals, vecs, iters, (max_iters, tol) = s
+        i, it, v, prev, vals, vecs, iters, convs, (max_iters, tol) = s
         # PyHessian's orthnormal(v, eigenvectors): deflation. Skipped (v is already a unit
         # vector) while no eigenvector is known: four passes over n, ~5 ms per iteration at
         # 1.86 M parameters, more than the rest of the step's own work.
@@ -54,21 +59,25 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
         lam = jnp.vdot(w, v)
         v_new = w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
         it = it + 1
-        done = ((it > 1) & (jnp.abs(lam - prev) / (jnp.abs(prev) + 1e-6) < tol)) | (it >= max_iters)
+        conv = (it > 1) & (jnp.abs(lam - prev) / (jnp.abs(prev) + 1e-6) < tol)
+        done = conv | (it >= max_iters)
         # The reported vector is the normalized last iterate, as in PyHessian. cond, not
         # where: selecting between whole [k, n] eigenvector arrays every iteration cost more
         # than a small model's matvec.
-        vals, vecs, iters, v_next = jax.lax.cond(
-            done, record, lambda i, it, lam, v_new, vals, vecs, iters: (vals, vecs, iters, v_new),
-            i, it, lam, v_new, vals, vecs, iters)
+        vals, vecs, iters, convs, v_next = jax.lax.cond(done, record, keep, i, it, lam, v_new, conv, vals, vecs,
+                                                        iters, convs)
         return (jnp.where(done, i + 1, i), jnp.where(done, 0, it), v_next, jnp.where(done, 0.0, lam), vals, vecs,
-                iters, (max_iters, tol))
+                iters, convs, (max_iters, tol))
 
     # max_iters and tol travel in the state so one compiled step serves every setting.
     init = (jnp.int32(0), jnp.int32(0), start(0), jnp.zeros((), dtype), jnp.zeros((k,), dtype),
-            jnp.zeros((k, n), dtype), jnp.zeros((k,), jnp.int32), (jnp.int32(max_iters), jnp.asarray(tol, dtype)))
-    _, _, _, _, vals, vecs, iters, _ = make_while(lambda s: s[0] < k, body, init, loop)(init)
-    return vals, vecs, iters
+            jnp.zeros((k, n), dtype), jnp.zeros((k,), jnp.int32), jnp.zeros((k,), bool),
+            (jnp.int32(max_iters), jnp.asarray(tol, dtype)))
+    _, _, _, _, vals, vecs, iters, convs, _ = make_while(lambda s: s[0] < k, body, init, loop)(init)
+    # Deflation finds the eigenvalues in the order the iteration reaches them, which is not
+    # always decreasing magnitude (a slowly converging pair can swap): sort, as promised.
+    order = jnp.argsort(-jnp.abs(vals), stable=True)
+    return vals[order], vecs[order], iters[order], convs[order]
 
 
 def _top_ritz(alphas, betas, j, k):
@@ -95,9 +104,9 @@ def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
     kv, kb = jax.random.split(key)
     v0 = jax.random.normal(kv, (n,), dtype)
     alphas, betas, V, j = lanczos_runner(flat_mv, m, v0, loop, kb, stop, reorth_passes)(v0)
-    theta, S, _ = _top_ritz(alphas, betas, j, k)
+    theta, S, bounds = _top_ritz(alphas, betas, j, k)
     vecs = S.T @ stack_basis(V, m)  # Ritz vectors [k, n]
-    return theta, vecs, jnp.full((k,), j, jnp.int32)
+    return theta, vecs, jnp.full((k,), j, jnp.int32), bounds <= tol * jnp.abs(theta)
 
 
 def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, k: int = 1,
@@ -122,8 +131,10 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
 
     Returns
     -------
-    EigenResult with ``eigenvalues [k]`` (decreasing magnitude), ``eigenvectors`` (params
-    pytree with leading axis ``k``) and ``num_iters``.
+    EigenResult with ``eigenvalues [k]`` sorted by decreasing magnitude, ``eigenvectors``
+    (params pytree with leading axis ``k``), ``num_iters`` and ``converged [k]`` (power: the
+    Rayleigh quotient met ``tol`` before ``max_iters``; Lanczos: the Ritz residual bound met
+    it). Outside ``jit``, unconverged eigenvalues are also reported on the ``hqjax`` logger.
     """
     if method not in ("power", "lanczos"):
         raise ValueError(f"method must be 'power' or 'lanczos', got {method!r}")
@@ -138,11 +149,15 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
     flat_mv, _, unravel = flat_operator(matvec, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     if method == "power":
-        vals, vecs, iters = _power(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop)
+        vals, vecs, iters, conv = _power(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop)
     else:
-        vals, vecs, iters = _lanczos(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop, passes)
-    res = EigenResult(vals, jax.vmap(unravel)(vecs), iters, method)
+        vals, vecs, iters, conv = _lanczos(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop, passes)
+    res = EigenResult(vals, jax.vmap(unravel)(vecs), iters, method, conv)
     raise_if_not_finite(res.eigenvalues, what="top eigenvalue estimate")
+    if not isinstance(conv, jax.core.Tracer) and not bool(jnp.all(conv)):  # under jit the flag says it
+        logger.warning("top_eigenvalues (%s): %d of %d eigenvalues did not reach tol=%g within max_iters=%d; "
+                       "raise max_iters or tol (EigenResult.converged says which)", method,
+                       int(k) - int(jnp.sum(conv)), int(k), tol, int(max_iters))
     return res
 
 

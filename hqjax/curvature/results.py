@@ -38,7 +38,10 @@ class _Serializable:
         return out
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        """``to_dict()`` as JSON text with the schema stamp (``hqjax._schema``)."""
+        from hqjax._schema import stamp
+
+        return json.dumps(stamp("curvature_result", self.to_dict()), **kwargs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
@@ -90,26 +93,32 @@ class EigenResult(_Serializable):
 
     Attributes
     ----------
-    eigenvalues : ``[k]``, ordered by decreasing magnitude (what power iteration finds).
+    eigenvalues : ``[k]``, sorted by decreasing magnitude.
     eigenvectors : pytree shaped like the params with a leading axis ``k``; unit norm.
     num_iters : ``[k]`` matvecs spent on each eigenpair (power) or the Lanczos steps taken,
         repeated.
     method : ``'power'`` or ``'lanczos'``.
+    converged : ``[k]`` booleans: the eigenvalue met the tolerance before the iteration limit
+        (``None`` in results written before this field existed).
     """
 
     eigenvalues: Any
     eigenvectors: Any
     num_iters: Any
     method: str = struct.field(pytree_node=False, default="power")
+    converged: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         # Eigenvectors are as large as the model: JSON keeps the values, not the vectors.
         return {"type": "EigenResult", "eigenvalues": _to_plain(self.eigenvalues),
-                "num_iters": _to_plain(self.num_iters), "method": self.method}
+                "num_iters": _to_plain(self.num_iters), "method": self.method,
+                "converged": _to_plain(self.converged)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
-        return cls(np.asarray(d["eigenvalues"]), None, np.asarray(d["num_iters"]), d.get("method", "power"))
+        conv = d.get("converged")
+        return cls(np.asarray(d["eigenvalues"]), None, np.asarray(d["num_iters"]), d.get("method", "power"),
+                   None if conv is None else np.asarray(conv, bool))
 
 
 @struct.dataclass
@@ -143,7 +152,11 @@ _TYPES = {c.__name__: c for c in (TraceResult, EigenResult, DensityResult)}
 
 
 def result_from_dict(d: dict[str, Any]):
-    """Rebuild any curvature result from its ``to_dict()`` (or parsed ``to_json()``)."""
+    """Rebuild any curvature result from its ``to_dict()`` (or parsed ``to_json()``, whose
+    schema stamp is checked)."""
+    from hqjax._schema import unstamp
+
+    d = unstamp(d, "curvature_result", "the curvature result")
     try:
         return _TYPES[d["type"]].from_dict(d)
     except KeyError:

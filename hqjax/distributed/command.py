@@ -16,8 +16,12 @@ Re-running the same command after an interruption resumes it. Also runnable as
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
+
+from hqjax._errors import (ArgumentParser, DefaultsHelpFormatter, UserError, add_logging_flags, configure_logging,
+                           run_main)
 
 __all__ = ["METRICS", "build_parser", "sweep_problem", "sweep_main"]
 
@@ -51,29 +55,35 @@ def _density(matvec, params, key, opts) -> dict:
 METRICS: dict[str, Callable[..., dict]] = {"top_eigenvalue": _top_eigenvalue, "trace": _trace, "density": _density}
 
 
+_DESCRIPTION = """Per-layer curvature jobs over every device of every host (one invocation per host;
+process 0 writes the merged results.json). Re-running the same command resumes it.
+
+  hqjax sweep --out sweep_out --model cnn --metrics top_eigenvalue,trace --subsets 4"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hqjax sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="hqjax sweep", description=_DESCRIPTION, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (shared by all hosts); resumes if it exists")
-    p.add_argument("--model", default="cnn", help="hqjax.models name (default: cnn)")
+    p.add_argument("--model", default="cnn", help="hqjax.models name")
     p.add_argument("--dataset", default="digits", help="'digits', 'mnist_subset' or a tfds name with --data-dir")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="prepared TensorFlow Datasets folder")
     p.add_argument("--params", default=None, help="flax.serialization msgpack of the model variables "
-                   "(default: the model initialized from --seed)")
+                   "(none: the model initialized from --seed)")
     p.add_argument("--metrics", default="top_eigenvalue,trace", help=f"comma-separated, from {sorted(METRICS)}")
-    p.add_argument("--layers", default=None, help="comma-separated block names (default: every layer)")
+    p.add_argument("--layers", default=None, help="comma-separated block names (none: every layer)")
     p.add_argument("--subsets", type=int, default=1, help="disjoint data subsets (Q-BERT's spread over data)")
     p.add_argument("--subset-size", type=int, default=128, help="examples per subset")
     p.add_argument("--num-probes", type=int, default=32, help="Hutchinson probes per trace")
     p.add_argument("--max-iters", type=int, default=100, help="power iterations per eigenvalue")
     p.add_argument("--tol", type=float, default=1e-3, help="power iteration relative tolerance")
-    p.add_argument("--eigen-method", default="power", choices=("power", "lanczos"))
+    p.add_argument("--eigen-method", default="power", choices=("power", "lanczos"), help="eigenvalue estimator")
     p.add_argument("--num-steps", type=int, default=30, help="Lanczos steps per density")
     p.add_argument("--loop", default="auto", choices=("auto", "host", "device"),
                    help="where estimator loops run (see hqjax.trace); 'device' compiles faster for dense models")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds initialization, probes and start vectors")
     p.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache directory: a resumed "
                    "sweep, other processes and other data subsets reuse compiled estimators from it")
+    add_logging_flags(p)
     g = p.add_argument_group("multi-process (one process per host; see README)")
     g.add_argument("--coordinator", default=None, help="process 0's host:port")
     g.add_argument("--num-processes", type=int, default=None)
@@ -83,7 +93,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_RUN_ONLY = ("out", "coordinator", "num_processes", "process_id", "auto_cluster", "compile_cache")
+_RUN_ONLY = ("out", "coordinator", "num_processes", "process_id", "auto_cluster", "compile_cache", "quiet", "verbose")
+
+
+def _check_msgpack(path: str) -> None:
+    """A readable msgpack file (whether it fits the model is known only after initialization)."""
+    from flax import serialization
+
+    if not os.path.isfile(path):
+        raise UserError(f"--params {path!r} does not exist; pass a flax.serialization msgpack file")
+    try:
+        with open(path, "rb") as f:
+            serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types for a file that is not msgpack
+        raise UserError(f"--params {path!r} does not hold model variables: it is not a flax.serialization msgpack "
+                        f"file ({type(e).__name__})") from None
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every setting checked before JAX starts or data loads; returns the metric names.
+
+    Raises
+    ------
+    UserError : naming the bad setting and what would work.
+    """
+    from hqjax.data import DATASETS
+    from hqjax.models import MODELS
+    from hqjax.workdir import check_writable
+
+    metrics = [m for m in args.metrics.split(",") if m]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise UserError(f"unknown metric(s) {unknown or args.metrics!r}; choose from {sorted(METRICS)}, "
+                        f"e.g. --metrics top_eigenvalue,trace")
+    for flag, value in (("--subsets", args.subsets), ("--subset-size", args.subset_size),
+                        ("--num-probes", args.num_probes), ("--max-iters", args.max_iters),
+                        ("--num-steps", args.num_steps)):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    if not args.tol > 0:
+        raise UserError(f"--tol must be positive, e.g. 1e-3; got {args.tol}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.model not in MODELS:
+        raise UserError(f"unknown model {args.model!r}; valid models: {', '.join(sorted(MODELS))}")
+    if args.dataset not in DATASETS and args.data_dir is None:
+        raise UserError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}, "
+                        f"or a TensorFlow Datasets name together with --data-dir")
+    if args.params:
+        _check_msgpack(args.params)
+    check_writable(args.out)
+    return metrics
 
 
 def sweep_problem(args: argparse.Namespace):
@@ -101,29 +161,36 @@ def sweep_problem(args: argparse.Namespace):
     from hqjax.distributed.sweep import job_key, make_jobs
     from hqjax.models import get_model
 
-    metrics = [m for m in args.metrics.split(",") if m]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")
-    data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    metrics = check_args(args)
+    try:
+        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    except (FileNotFoundError, ImportError, ValueError) as e:  # folder not prepared, extra missing, bad name
+        raise UserError(str(e)) from None
     need = args.subsets * args.subset_size
     if need > len(data.x_train):
-        raise ValueError(f"{args.subsets} subsets of {args.subset_size} need {need} examples but {args.dataset!r} "
+        raise UserError(f"{args.subsets} subsets of {args.subset_size} need {need} examples but {args.dataset!r} "
                          f"has {len(data.x_train)} training examples; lower --subsets or --subset-size")
     model = get_model(args.model, num_classes=data.num_classes)
-    variables = model.init(jax.random.key(args.seed), jnp.asarray(data.x_train[:1]), train=False)
+    init = lambda: model.init(jax.random.key(args.seed), jnp.asarray(data.x_train[:1]), train=False)
+    names = hqjax.blocks(jax.eval_shape(init)["params"]).names  # layer names before any compute
+    unknown = [name for name in (args.layers.split(",") if args.layers else []) if name not in names]
+    if unknown:
+        raise UserError(f"--layers names {unknown}, not layers of {args.model!r}; its layers are {list(names)}")
+    variables = init()
     if args.params:
         from flax import serialization
 
-        with open(args.params, "rb") as f:
-            variables = serialization.from_bytes(variables, f.read())
+        try:
+            with open(args.params, "rb") as f:
+                variables = serialization.from_bytes(variables, f.read())
+        except Exception as e:  # noqa: BLE001 - msgpack and Flax raise many types for a wrong file
+            raise UserError(f"--params {args.params!r} does not hold {args.model!r} variables ({e}); pass the "
+                            f"msgpack of this model's variables") from None
     variables = jax.tree.map(np.asarray, variables)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     blk = hqjax.blocks(params)
     layers = list(blk.names) if not args.layers else args.layers.split(",")
-    for name in layers:
-        blk.index(name)  # raises, listing the model's layers
     jobs = make_jobs(layers, metrics, args.subsets)
     opts = {k: getattr(args, k) for k in ("num_probes", "max_iters", "tol", "eigen_method", "num_steps", "loop")}
     base_key = jax.random.key(args.seed)
@@ -143,9 +210,32 @@ def sweep_problem(args: argparse.Namespace):
     return jobs, compute, config
 
 
+def _check_resume(out: str, config: Mapping[str, Any]) -> None:
+    """A resumed sweep must have the settings of the first run (checked before any job)."""
+    import json
+
+    from hqjax._schema import read_json
+
+    path = os.path.join(out, "config.json")
+    if os.path.isfile(path):
+        old = read_json(path, "sweep_config")
+        new = json.loads(json.dumps(dict(config)))
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise UserError(f"{out!r} holds a sweep with other settings (they differ in {diff}); resume with the "
+                            f"same settings or choose a new --out")
+
+
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hqjax sweep`` (``argv`` without the program name); returns the exit code."""
+    """Entry point of ``hqjax sweep`` (``argv`` without the program name); returns the exit code
+    (the error policy of ``hqjax._errors``)."""
+    return run_main("hqjax sweep", _sweep, sys.argv[1:] if argv is None else list(argv))
+
+
+def _sweep(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
+    check_args(args)  # before jax.distributed starts and the data loads
     from hqjax.distributed.sweep import initialize, run_sweep
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.auto_cluster)
@@ -156,6 +246,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jobs, compute, config = sweep_problem(args)
+    _check_resume(args.out, config)
     me = jax.process_index()
     log = lambda line: print(f"[process {me}] {line}", flush=True)
     log(f"{len(jobs)} jobs over {jax.device_count()} devices in {jax.process_count()} process(es)")

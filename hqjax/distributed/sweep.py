@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from hqjax._schema import stamp, unstamp
+
 __all__ = ["Job", "make_jobs", "job_key", "SweepReport", "run_sweep", "load_results", "initialize"]
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -66,6 +68,9 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     # Write to a temporary file in the same directory, then rename: readers (and a resumed
     # sweep) see either no file or the whole file, never a half-written one.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
+    if isinstance(obj, dict):  # versioned output (hqjax._schema)
+        in_jobs = os.path.basename(os.path.dirname(path)) == "jobs"
+        obj = stamp("sweep_job" if in_jobs else "sweep_" + os.path.splitext(os.path.basename(path))[0], obj)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
@@ -133,7 +138,7 @@ def _check_config(out_dir: str, config: Mapping[str, Any]) -> None:
     path = os.path.join(out_dir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f)
+            old = unstamp(json.load(f), "sweep_config", repr(path))
         if old != json.loads(json.dumps(config)):
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise ValueError(

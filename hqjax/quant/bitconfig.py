@@ -8,14 +8,14 @@ It is saved as JSON that a person can read and edit.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Mapping
 
+from hqjax._bits import ACT_BITS, WEIGHT_BITS
+from hqjax._schema import read_json, stamp, unstamp
+
 __all__ = ["validate_bit_config", "uniform_bit_config", "save_bit_config", "load_bit_config"]
 
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
-ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 _KEYS = ("weight_bits", "act_bits")
 
 
@@ -69,14 +69,25 @@ def uniform_bit_config(names: Iterable[str], weight_bits: int, act_bits: int | N
 
 
 def save_bit_config(bit_config: Mapping, path: str | os.PathLike) -> None:
-    """Write a validated BitConfig as indented JSON."""
-    cfg = validate_bit_config(bit_config)
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=False)
-        f.write("\n")
+    """Write a validated BitConfig as indented JSON, stamped with its schema version
+    (``hqjax._schema``: the keys ``schema``, ``schema_version`` and ``versions`` sit next to
+    the layer entries)."""
+    from hqjax.workdir import atomic_write_json
+
+    cfg = validate_bit_config(unstamp(bit_config, "bit_config"))
+    atomic_write_json(os.fspath(path), stamp("bit_config", cfg))  # never half-written
 
 
 def load_bit_config(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict:
-    """Read and validate a BitConfig written by :func:`save_bit_config` (or by hand)."""
-    with open(path) as f:
-        return validate_bit_config(json.load(f), names)
+    """Read and validate a BitConfig written by :func:`save_bit_config` (or by hand).
+
+    Raises
+    ------
+    ValueError : naming the file when it is missing, not JSON, of another schema, or an
+        invalid BitConfig.
+    """
+    cfg = read_json(path, "bit_config")
+    try:
+        return validate_bit_config(cfg, names)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{os.fspath(path)!r}: {e}") from None

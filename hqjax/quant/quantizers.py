@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from hqjax._bits import ACT_BITS, WEIGHT_BITS
+
 __all__ = [
     "QuantSpec",
     "QArray",
@@ -37,7 +39,8 @@ __all__ = [
     "weight_perturbation",
 ]
 
-_VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+# hqjax._bits is the policy for layers; 16 and 32 also hold residual paths and biases
+_VALID_BITS = tuple(sorted({*WEIGHT_BITS, *ACT_BITS, 16, 32}))
 
 
 @struct.dataclass

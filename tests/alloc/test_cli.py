@@ -30,11 +30,12 @@ def test_cli_allocates_with_a_user_metric_imported_by_module(tmp_path, monkeypat
     try:
         # hawq_v3: b is the most sensitive (trace 2); one layer fits at 8 bits (sizes 5/10 B each).
         assert main(args + ["--budget", "size=20", "--out", out]) == 0
-        assert json.load(open(out))["b"]["weight_bits"] == 8
+        assert hqjax.load_bit_config(out)["b"]["weight_bits"] == 8
         # The user metric divides by ||W||^2 = 100 for b, so a (trace 1) wins the 8 bits instead.
         assert main(args + ["--budget", "size=20", "--metric", "cli_trace_per_norm", "--import", "my_metrics", "--out", out]) == 0
-        cfg = json.load(open(out))
-        assert cfg == {"a": {"weight_bits": 8, "act_bits": 8}, "b": {"weight_bits": 4, "act_bits": 4}, "c": {"weight_bits": 4, "act_bits": 4}}
+        cfg = hqjax.load_bit_config(out)  # activations at 8 bits: the default policy (hqjax._bits)
+        assert cfg == {"a": {"weight_bits": 8, "act_bits": 8}, "b": {"weight_bits": 4, "act_bits": 8}, "c": {"weight_bits": 4, "act_bits": 8}}
+        assert json.load(open(out))["schema"] == "hqjax.bit_config"
         assert main(["--list-metrics"]) == 0
         assert "cli_trace_per_norm" in capsys.readouterr().out
     finally:
@@ -44,5 +45,5 @@ def test_cli_allocates_with_a_user_metric_imported_by_module(tmp_path, monkeypat
 
 def test_cli_reports_an_infeasible_budget(tmp_path, capsys):
     args = _write_inputs(tmp_path)
-    assert main(args + ["--budget", "size=alpha:0.5", "--fix", "a=8", "--fix", "b=8", "--budget", "bops=100"]) == 1
+    assert main(args + ["--budget", "size=alpha:0.5", "--fix", "a=8", "--fix", "b=8", "--budget", "bops=100"]) == 2
     assert "smallest feasible" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The allocator against brute force, across OR-Tools backends, and against HAWQ-V3's published configs."""
 
+import functools
 import itertools
 import json
 import os
@@ -11,6 +12,10 @@ import hqjax
 from hqjax.alloc.solve import InfeasibleBudgetError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
+
+# The brute-force references enumerate W=A pairs (HAWQ-V3's ILP), so activations follow the
+# weights here; the default, 8-bit activations, has its own test below.
+_allocate = functools.partial(hqjax.allocate, act_candidates="weights")
 
 
 # ----------------------------------------------------------------------------- brute force
@@ -80,10 +85,10 @@ def run_random_against_brute_force(seed, backend, n_instances, reduce=True):
         feasible = [c for c in configs if all(c[1][k] <= limits[k] for k in kinds)]
         if not feasible:
             with pytest.raises(InfeasibleBudgetError):
-                hqjax.allocate(scores, costs, limits, cands, fixed=fixed, ties=ties, backend=backend, reduce=reduce)
+                _allocate(scores, costs, limits, cands, fixed=fixed, ties=ties, backend=backend, reduce=reduce)
             continue
         best = min(c[0] for c in feasible)
-        res = hqjax.allocate(scores, costs, limits, cands, fixed=fixed, ties=ties, backend=backend, reduce=reduce)
+        res = _allocate(scores, costs, limits, cands, fixed=fixed, ties=ties, backend=backend, reduce=reduce)
         assert res.proven_optimal and res.status == "OPTIMAL"
         check_solution(res, layers, costs, scores, fixed, ties, limits)
         assert res.objective == pytest.approx(best, rel=1e-9), (backend, res.objective, best)
@@ -107,9 +112,9 @@ def test_two_backends_give_the_same_answer():
     for _ in range(15):
         layers, cands, costs, scores, fixed, ties = random_instance(rng, max_layers=30)
         budget = {"size": hqjax.alpha(rng.uniform(0.1, 0.9)), "bops": hqjax.alpha(rng.uniform(0.1, 0.9))}
-        a = hqjax.allocate(scores, costs, budget, cands, fixed=fixed, ties=ties, backend="CBC", reduce=False)
-        b = hqjax.allocate(scores, costs, budget, cands, fixed=fixed, ties=ties, backend="CP-SAT", reduce=False)
-        c = hqjax.allocate(scores, costs, budget, cands, fixed=fixed, ties=ties, backend="HIGHS")
+        a = _allocate(scores, costs, budget, cands, fixed=fixed, ties=ties, backend="CBC", reduce=False)
+        b = _allocate(scores, costs, budget, cands, fixed=fixed, ties=ties, backend="CP-SAT", reduce=False)
+        c = _allocate(scores, costs, budget, cands, fixed=fixed, ties=ties, backend="HIGHS")
         assert a.objective == pytest.approx(c.objective, rel=1e-7)
         assert a.objective == pytest.approx(b.objective, rel=1e-7)
         assert a.limits == b.limits
@@ -129,7 +134,7 @@ def test_activation_bits_chosen_per_layer_equal_brute_force():
     })
     costs = hqjax.LayerCosts({n: int(rng.integers(100, 1000)) for n in layers}, {n: int(rng.integers(10**6, 10**8)) for n in layers})
     limit = {"bops": 0.4 * sum(costs.bops(n, 8, 8) for n in layers), "size": 0.6 * sum(costs.size_bytes(n, 8) for n in layers)}
-    res = hqjax.allocate(table, costs, limit, w_c, act_candidates=a_c, metric="hawq_v3")
+    res = _allocate(table, costs, limit, w_c, act_candidates=a_c, metric="hawq_v3")
     best = np.inf
     for pairs in itertools.product(itertools.product(w_c, a_c), repeat=len(layers)):
         if sum(costs.bops(n, w, a) for n, (w, a) in zip(layers, pairs)) > limit["bops"]:
@@ -154,12 +159,12 @@ def test_infeasible_budget_reports_the_smallest_feasible_values():
         bops_limit = float(np.median([c[1]["bops"] for c in configs]))
         min_size_given_bops = min(c[1]["size"] for c in configs if c[1]["bops"] <= bops_limit)
         with pytest.raises(InfeasibleBudgetError) as err:
-            hqjax.allocate(scores, costs, {"size": min_size * 0.999, "bops": bops_limit}, cands, fixed=fixed, ties=ties)
+            _allocate(scores, costs, {"size": min_size * 0.999, "bops": bops_limit}, cands, fixed=fixed, ties=ties)
         assert err.value.minimal["size"] == pytest.approx(min_size, rel=1e-12)
         assert err.value.minimal_with_others["size"] == pytest.approx(min_size_given_bops, rel=1e-12)
         assert f"{min_size:.6g}" in str(err.value)
         # Asking exactly for the reported minimum works.
-        res = hqjax.allocate(scores, costs, {"size": err.value.minimal_with_others["size"], "bops": bops_limit},
+        res = _allocate(scores, costs, {"size": err.value.minimal_with_others["size"], "bops": bops_limit},
                              cands, fixed=fixed, ties=ties)
         assert res.costs["size"] <= err.value.minimal_with_others["size"] * (1 + 1e-12)
 
@@ -170,9 +175,9 @@ def test_jointly_infeasible_budgets_are_reported_with_the_others_held():
                              latency_us={"a": {4: 10.0, 8: 1.0}, "b": {4: 1.0, 8: 1.0}})
     scores = {"a": {4: 1.0, 8: 0.0}, "b": {4: 1.0, 8: 0.0}}
     for budget in ({"size": 60.0}, {"latency": 5.0}):
-        hqjax.allocate(scores, costs, budget, (4, 8))  # each alone is feasible
+        _allocate(scores, costs, budget, (4, 8))  # each alone is feasible
     with pytest.raises(InfeasibleBudgetError) as err:
-        hqjax.allocate(scores, costs, {"size": 60.0, "latency": 5.0}, (4, 8))
+        _allocate(scores, costs, {"size": 60.0, "latency": 5.0}, (4, 8))
     # sizes: a 50 / 100 B, b 0.5 / 1 B; latencies: a 10 / 1 us, b 1 / 1 us.
     assert err.value.minimal == {"size": 50.5, "latency": 2.0}
     assert err.value.minimal_with_others == {"size": 100.5, "latency": 11.0}
@@ -182,8 +187,8 @@ def test_jointly_infeasible_budgets_are_reported_with_the_others_held():
 def test_alpha_zero_and_one_give_all_lowest_and_all_highest():
     rng = np.random.default_rng(5)
     layers, cands, costs, scores, _, _ = random_instance(rng)
-    lo = hqjax.allocate(scores, costs, {"size": hqjax.alpha(0.0)}, cands)
-    hi = hqjax.allocate(scores, costs, {"bops": hqjax.alpha(1.0)}, cands)
+    lo = _allocate(scores, costs, {"size": hqjax.alpha(0.0)}, cands)
+    hi = _allocate(scores, costs, {"bops": hqjax.alpha(1.0)}, cands)
     assert set(lo.weight_bits.values()) == {min(cands)}
     assert set(hi.weight_bits.values()) == {max(cands)}  # scores fall with bits
     with pytest.raises(ValueError, match="alpha"):
@@ -198,35 +203,35 @@ def test_time_limit_returns_a_feasible_solution_flagged_by_status():
     scores = {n: {b: float(rng.lognormal()) * 4.0 ** -b for b in (2, 3, 4, 8)} for n in layers}
     budget = {"size": hqjax.alpha(0.37), "bops": hqjax.alpha(0.41), "latency": hqjax.alpha(0.3)}
     # 1 ms is too short for CP-SAT to find anything; the LP rounding is returned instead.
-    res = hqjax.allocate(scores, costs, budget, (2, 3, 4, 8), backend="CP-SAT", time_limit=0.001)
+    res = _allocate(scores, costs, budget, (2, 3, 4, 8), backend="CP-SAT", time_limit=0.001)
     assert res.status == "FEASIBLE" and not res.proven_optimal
-    best = hqjax.allocate(scores, costs, budget, (2, 3, 4, 8), backend="CBC")
+    best = _allocate(scores, costs, budget, (2, 3, 4, 8), backend="CBC")
     assert best.proven_optimal and best.objective <= res.objective
     for r in (res, best):
         for k in budget:
             assert r.costs[k] <= r.limits[k] * (1 + 1e-12)
     with pytest.raises(TimeoutError, match="time_limit"):  # without the LP rounding: nothing found
-        hqjax.allocate(scores, costs, budget, (2, 3, 4, 8), backend="CP-SAT", time_limit=0.001, reduce=False)
+        _allocate(scores, costs, budget, (2, 3, 4, 8), backend="CP-SAT", time_limit=0.001, reduce=False)
 
 
 def test_bad_inputs_raise_naming_the_problem():
     costs = hqjax.LayerCosts({"a": 10, "b": 10}, {"a": 1, "b": 1})
     scores = {"a": {4: 1.0, 8: 0.0}, "b": {4: 1.0, 8: 0.0}}
     with pytest.raises(ValueError, match="flops"):
-        hqjax.allocate(scores, costs, {"flops": 1.0}, (4, 8))
+        _allocate(scores, costs, {"flops": 1.0}, (4, 8))
     with pytest.raises(ValueError, match="fixed to different bits"):
-        hqjax.allocate(scores, costs, {}, (4, 8), fixed={"a": 4, "b": 8}, ties=[["a", "b"]])
+        _allocate(scores, costs, {}, (4, 8), fixed={"a": 4, "b": 8}, ties=[["a", "b"]])
     with pytest.raises(KeyError, match="'c'"):
-        hqjax.allocate(scores, costs, {}, (4, 8), fixed={"c": 8})
+        _allocate(scores, costs, {}, (4, 8), fixed={"c": 8})
     with pytest.raises(KeyError, match="bits \\[2\\]"):
-        hqjax.allocate(scores, costs, {}, (2, 4))
+        _allocate(scores, costs, {}, (2, 4))
     with pytest.raises(ValueError, match="backend"):
-        hqjax.allocate(scores, costs, {}, (4, 8), backend="GUROBI")
+        _allocate(scores, costs, {}, (4, 8), backend="GUROBI")
 
 
 def test_allocation_round_trips_through_json():
     costs = hqjax.LayerCosts({"a": 10, "b": 20}, {"a": 1, "b": 1})
-    res = hqjax.allocate({"a": {4: 1.0, 8: 0.0}, "b": {4: 3.0, 8: 0.0}}, costs, {"size": hqjax.alpha(0.5)}, (4, 8))
+    res = _allocate({"a": {4: 1.0, 8: 0.0}, "b": {4: 3.0, 8: 0.0}}, costs, {"size": hqjax.alpha(0.5)}, (4, 8))
     back = hqjax.Allocation.from_dict(json.loads(res.to_json()))
     assert back == res
     # Sizes a: 5 / 10 B, b: 10 / 20 B; alpha 0.5 -> 22.5 B, so only one layer fits at 8 bits.
@@ -266,12 +271,12 @@ def test_reproduces_hawq_v3_resnet18_configs(backend):
     kinds = {"model_size": "size", "bops": "bops", "latency": "latency"}
     for key, expected in d["expected"].items():
         kind, a = key.split("@")
-        res = hqjax.allocate(table, costs, {kinds[kind]: hqjax.alpha(float(a))}, d["candidate_bits"],
+        res = _allocate(table, costs, {kinds[kind]: hqjax.alpha(float(a))}, d["candidate_bits"],
                              metric="hawq_v3", ties=d["ties"], backend=backend)
         assert res.weight_bits == expected, key
         assert res.proven_optimal
     missed = [key for key, expected in d["expected"].items()
-              if hqjax.allocate(table, costs, {kinds[key.split("@")[0]]: hqjax.alpha(float(key.split("@")[1]))},
+              if _allocate(table, costs, {kinds[key.split("@")[0]]: hqjax.alpha(float(key.split("@")[1]))},
                                 d["candidate_bits"], metric="total_trace", ties=d["ties"], backend=backend).weight_bits
               != expected]
     assert missed, "the total-trace metric should not reproduce HAWQ-V3's configurations"
@@ -294,8 +299,31 @@ def test_backends_agree_exactly_on_a_few_hundred_layers():
     t = rng.lognormal(0, 2, size=L)
     scores = {names[i]: {b: float(t[i] * n[i] * rng.uniform(0.8, 1.2) * 4.0 ** -b) for b in bits} for i in range(L)}
     budget = {"size": hqjax.alpha(0.37), "bops": hqjax.alpha(0.41), "latency": hqjax.alpha(0.45)}
-    ref = hqjax.allocate(scores, costs, budget, bits, backend="CP-SAT", reduce=False)  # integer objective
+    ref = _allocate(scores, costs, budget, bits, backend="CP-SAT", reduce=False)  # integer objective
     for backend, reduce in (("CBC", False), ("HIGHS", False), ("CBC", True), ("SCIP", True)):
-        res = hqjax.allocate(scores, costs, budget, bits, backend=backend, reduce=reduce)
+        res = _allocate(scores, costs, budget, bits, backend=backend, reduce=reduce)
         assert res.proven_optimal
         assert res.objective == pytest.approx(ref.objective, rel=1e-10), (backend, reduce)
+
+
+def test_activations_default_to_8_bits_and_follow_weights_only_when_asked():
+    costs = hqjax.LayerCosts(n_weights={"a": 10, "b": 10}, macs={"a": 100, "b": 100})
+    scores = {"a": {4: 1.0, 8: 0.0}, "b": {4: 3.0, 8: 0.0}}
+    budget = {"size": hqjax.alpha(0.5)}
+    default = hqjax.allocate(scores, costs, budget, (4, 8))
+    assert {c["act_bits"] for c in default.bit_config.values()} == {8}
+    follow = hqjax.allocate(scores, costs, budget, (4, 8), act_candidates="weights")
+    assert all(c["act_bits"] == c["weight_bits"] for c in follow.bit_config.values())
+    # BOPs see the difference: W4A8 costs twice W4A4
+    assert default.costs["size"] == follow.costs["size"]
+    assert costs.bops("a", 4, 8) == 2 * costs.bops("a", 4, 4)
+    with pytest.raises(ValueError, match="'weights'"):
+        hqjax.allocate(scores, costs, budget, (4, 8), act_candidates="follow")
+
+
+def test_empty_table_is_a_clear_value_error():
+    costs = hqjax.LayerCosts({"a": 10}, {"a": 1})
+    with pytest.raises(ValueError, match="sensitivity table is empty"):
+        hqjax.allocate(hqjax.SensitivityTable({}), costs, {"size": hqjax.alpha(0.5)}, (4, 8))
+    with pytest.raises(ValueError, match="sensitivity table is empty"):
+        hqjax.allocate({}, costs, {"size": 100.0}, (4, 8))

@@ -1,3 +1,4 @@
+import json
 import jax
 import numpy as np
 import optax
@@ -91,3 +92,29 @@ def test_bad_arguments_raise(ex):
         hqjax.top_eigenvalues(lambda v: v, ex.PARAMS, jax.random.key(0), k=40)
     with pytest.raises(ValueError, match="method must be 'power' or 'lanczos'"):
         hqjax.top_eigenvalues(lambda v: v, ex.PARAMS, jax.random.key(0), method="arnoldi")
+
+
+def _diag_operator(d):
+    d = jax.numpy.asarray(d, jax.numpy.float32)
+    return (lambda v: {"w": d * v["w"]}), {"w": jax.numpy.zeros_like(d)}
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_eigenvalues_sorted_by_magnitude_with_a_converged_flag(method, caplog):
+    # A negative eigenvalue of the largest magnitude and a close pair below it.
+    spectrum = np.array([-9.0, 8.5, 8.4, 1.0, 0.5, -0.2, 0.1, 0.05])
+    mv, params = _diag_operator(spectrum)
+    exact = spectrum[np.argsort(-np.abs(spectrum))][:3]
+    good = hqjax.top_eigenvalues(mv, params, jax.random.key(1), k=3, method=method, tol=1e-9, max_iters=3000)
+    np.testing.assert_allclose(good.eigenvalues, exact, rtol=1e-3)
+    assert np.asarray(good.converged).tolist() == [True, True, True]
+    for seed in range(6):  # stopped early, the estimates are poor but still reported in order
+        with caplog.at_level("WARNING", logger="hqjax"):
+            r = hqjax.top_eigenvalues(mv, params, jax.random.key(seed), k=3, method=method, tol=1e-12, max_iters=3)
+        mags = np.abs(np.asarray(r.eigenvalues))
+        assert np.all(np.diff(mags) <= 0), mags
+        assert not np.asarray(r.converged).all()
+    assert "did not reach tol" in caplog.text
+    back = hqjax.result_from_dict(json.loads(r.to_json()))
+    np.testing.assert_array_equal(back.converged, np.asarray(r.converged))
+    np.testing.assert_array_equal(back.eigenvalues, np.asarray(r.eigenvalues))
