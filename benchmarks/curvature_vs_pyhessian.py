@@ -188,7 +188,7 @@ def temp_mb(jitted, *args):
 def run_jax(name, loss, params, args):
     R, E = args.repeats, args.estimator_repeats
     T, C, M, V = {}, {}, {}, {}
-    probe = hqjax.tree_random_like(jax.random.key(7), params, "rademacher")
+    probe = hqjax.tree.tree_random_like(jax.random.key(7), params, "rademacher")
     # forward and gradient through the same convolution rewrite the curvature operators use
     conv = lambda fn: apply_convolutions(fn, args.convolutions)
     fwd, grad = jax.jit(conv(loss)), jax.jit(conv(jax.value_and_grad(loss)))
@@ -210,8 +210,8 @@ def run_jax(name, loss, params, args):
     C["hvp_setup"] = c[0]
     M["hvp_linearized"] = temp_mb(run, consts, jax.tree.leaves(probe))
     M["residuals"] = sum(np.asarray(a).nbytes for a in consts) / 2**20
-    V.update(loss=float(lval), grad_norm=float(hqjax.tree_norm(g)), vHv=float(hqjax.tree_dot(hv, probe)),
-             hvp_lin_vs_hvp=float(hqjax.tree_norm(jax.tree.map(jnp.subtract, hv_lin, hv)) / hqjax.tree_norm(hv)))
+    V.update(loss=float(lval), grad_norm=float(hqjax.tree.tree_norm(g)), vHv=float(hqjax.tree.tree_dot(hv, probe)),
+             hvp_lin_vs_hvp=float(hqjax.tree.tree_norm(jax.tree.map(jnp.subtract, hv_lin, hv)) / hqjax.tree.tree_norm(hv)))
     M["process_after_ops"] = peak_rss_mb()
 
     # estimators over the faster operator of the two, as a user would pick it
@@ -334,13 +334,13 @@ def main(argv=None):
                     help="alternate the hqjax and PyHessian sides this many times per model; medians pool all rounds")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--fresh-host-memory", action="store_true",
-                    help="skip hqjax.reuse_host_memory(), so XLA faults its scratch memory in on every call")
+                    help="skip hqjax.kernels.cpu.reuse_host_memory(), so XLA faults its scratch memory in on every call")
     args = ap.parse_args(argv)
-    host = None if args.fresh_host_memory else hqjax.reuse_host_memory()
+    host = None if args.fresh_host_memory else hqjax.kernels.cpu.reuse_host_memory()
     if not os.path.exists(args.torch_python):
         sys.exit(f"no PyTorch interpreter at {args.torch_python}; create it as the module docstring says, or pass --torch-python")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), load average {os.getloadavg()}; "
-          f"hqjax.reuse_host_memory: {'not called' if host is None else host.applied or host.reason}")
+          f"hqjax.kernels.cpu.reuse_host_memory: {'not called' if host is None else host.applied or host.reason}")
     results, key_ratios = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

@@ -92,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
     batch_loss, params, data = problem()
-    probe = hqjax.tree_random_like(jax.random.key(7), params, "rademacher")
+    probe = hqjax.tree.tree_random_like(jax.random.key(7), params, "rademacher")
     print(f"jax {jax.__version__}, {os.cpu_count()} cores, load average {os.getloadavg()}")
     thunks, comp, ref = {}, {}, None
     for v in args.variants.split(","):

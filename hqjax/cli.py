@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hqjax`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # before JAX starts (changes nothing when main() runs in a process already using JAX)
-    from hqjax.host import reuse_host_memory
+    from hqjax.kernels.cpu import reuse_host_memory
     reuse_host_memory(warn=False)
     if argv and argv[0] == "sweep":
         try:

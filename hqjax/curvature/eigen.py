@@ -84,7 +84,7 @@ def _top_ritz(alphas, betas, j, k):
     return theta[order], S[:, order], bounds[order]
 
 
-def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
+def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes, orthogonalize):
     m = min(int(max_iters), n)
     m = max(m, k)
 
@@ -94,7 +94,7 @@ def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
 
     kv, kb = jax.random.split(key)
     v0 = jax.random.normal(kv, (n,), dtype)
-    alphas, betas, V, j = lanczos_runner(flat_mv, m, v0, loop, kb, stop, reorth_passes)(v0)
+    alphas, betas, V, j = lanczos_runner(flat_mv, m, v0, loop, kb, stop, reorth_passes, orthogonalize)(v0)
     theta, S, _ = _top_ritz(alphas, betas, j, k)
     vecs = S.T @ stack_basis(V, m)  # Ritz vectors [k, n]
     return theta, vecs, jnp.full((k,), j, jnp.int32)
@@ -102,7 +102,7 @@ def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
 
 def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, k: int = 1,
                     method: str = "power", max_iters: int = 100, tol: float = 1e-3,
-                    loop: str = "auto", reorth_passes: int = 2) -> EigenResult:
+                    loop: str = "auto", reorth_passes: int = 2, orthogonalize=None) -> EigenResult:
     """The ``k`` eigenvalues of largest magnitude of a symmetric operator, with eigenvectors.
 
     Parameters
@@ -119,6 +119,8 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
     max_iters, tol : see ``method``; defaults are PyHessian's.
     loop : ``'auto'``, ``'device'`` or ``'host'`` (see ``hqjax.trace``).
     reorth_passes : Gram-Schmidt passes per Lanczos step (1 or 2; ``method='lanczos'`` only).
+    orthogonalize : ``(w, V, j, passes) -> w``, the reorthogonalization of a Lanczos step
+        (``method='lanczos'`` only); default :func:`hqjax.curvature.lanczos.gram_schmidt`.
 
     Returns
     -------
@@ -140,7 +142,7 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
     if method == "power":
         vals, vecs, iters = _power(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop)
     else:
-        vals, vecs, iters = _lanczos(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop, passes)
+        vals, vecs, iters = _lanczos(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop, passes, orthogonalize)
     res = EigenResult(vals, jax.vmap(unravel)(vecs), iters, method)
     raise_if_not_finite(res.eigenvalues, what="top eigenvalue estimate")
     return res

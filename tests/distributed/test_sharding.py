@@ -26,7 +26,7 @@ def problem():
     x = rng.normal(size=(32, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 10, size=32).astype(np.int32)
     params = model.init(jax.random.key(0), x[:1])["params"]
-    v = hqjax.tree_random_like(jax.random.key(1), params)
+    v = hqjax.tree.tree_random_like(jax.random.key(1), params)
     loss_fn = _loss_fn(model)
     f = lambda p: loss_fn(p, (x, y))
     ref = jax.jit(lambda v: jax.jvp(jax.grad(f), (params,), (v,))[1])(v)
@@ -34,8 +34,8 @@ def problem():
 
 
 def _assert_tree_close(a, b, rtol=1e-5):
-    scale = float(hqjax.tree_norm(b))
-    assert float(hqjax.tree_norm(hqjax.tree_sub(a, b))) <= rtol * scale, (float(hqjax.tree_norm(hqjax.tree_sub(a, b))), scale)
+    scale = float(hqjax.tree.tree_norm(b))
+    assert float(hqjax.tree.tree_norm(hqjax.tree.tree_sub(a, b))) <= rtol * scale, (float(hqjax.tree.tree_norm(hqjax.tree.tree_sub(a, b))), scale)
 
 
 def test_make_mesh_shapes_and_errors():

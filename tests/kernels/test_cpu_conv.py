@@ -76,7 +76,7 @@ def test_jvp_vjp_vmap_of_rewritten_convolution(case):
 @needs_onednn
 def test_resnet_gradient_and_hvps_match_xla(resnet_loss):
     loss, params = resnet_loss(4)
-    v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
+    v = hqjax.tree.tree_random_like(jax.random.key(1), params, "rademacher")
     g0 = jax.grad(loss)(params)
     g1 = jax.jit(cpu_convolutions(jax.grad(loss)))(params)
     want = hqjax.hvp(loss, params, v, convolutions="xla")
@@ -85,7 +85,7 @@ def test_resnet_gradient_and_hvps_match_xla(resnet_loss):
         "linearized": hqjax.hessian(loss, params, linearize=True, convolutions="onednn")(v),
         "hessian auto": hqjax.hessian(loss, params, convolutions="auto")(v),
     }
-    scale = lambda t: float(hqjax.tree_norm(t))
+    scale = lambda t: float(hqjax.tree.tree_norm(t))
     assert scale(jax.tree.map(jnp.subtract, g1, g0)) <= 1e-5 * scale(g0)
     for name, got in variants.items():
         assert scale(jax.tree.map(jnp.subtract, got, want)) <= 1e-4 * scale(want), name
@@ -95,7 +95,7 @@ def test_resnet_gradient_and_hvps_match_xla(resnet_loss):
 def test_linearized_operator_keeps_weight_gradient_operands_pretransposed(resnet_loss):
     """The layouts XLA wants for weight-gradient convolutions are residuals, not per-product work."""
     loss, params = resnet_loss(batch=2)
-    v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
+    v = hqjax.tree.tree_random_like(jax.random.key(1), params, "rademacher")
     lin = hqjax.hessian(loss, params, linearize=True, convolutions="onednn", check_finite=False)
     closed = jax.make_jaxpr(lin)(v)
     consts = set(closed.jaxpr.constvars)
@@ -120,7 +120,7 @@ def test_ggn_with_and_without_rewrite_agree():
     params = Tiny().init(jax.random.key(1), x)["params"]
     model_fn = lambda p: Tiny().apply({"params": p}, x)
     loss_fn = lambda out: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-    v = hqjax.tree_random_like(jax.random.key(2), params, "normal")
+    v = hqjax.tree.tree_random_like(jax.random.key(2), params, "normal")
     want = hqjax.ggn(model_fn, loss_fn, params, convolutions="xla")(v)
     got = hqjax.ggn(model_fn, loss_fn, params, convolutions="auto")(v)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):

@@ -131,7 +131,7 @@ def test_rewrite_runs_weight_gradients_natively(case):
 def test_resnet_gradient_matches_xla(resnet_loss):
     """(test_cpu_conv's ResNet test covers its HVPs with convolutions='auto', i.e. native.)"""
     loss, params = resnet_loss()
-    scale = lambda t: float(hqjax.tree_norm(t))
+    scale = lambda t: float(hqjax.tree.tree_norm(t))
     grad = cpu_conv.apply_convolutions(jax.grad(loss), "auto")
     assert "conv2d_weight_grad" in {e.primitive.name for e in jax.make_jaxpr(grad)(params).jaxpr.eqns}
     want = jax.jit(jax.grad(loss))(params)
