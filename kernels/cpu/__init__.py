@@ -30,6 +30,7 @@ once and leaves XLA's operations in place. Importing this package imports no JAX
 :func:`accelerate` does, on first use.
 """
 
+from . import _library
 from .accelerate import MODES, TESTED_JAX, accelerate, supported
 from .host_memory import HostMemory, reuse_host_memory
 
@@ -44,10 +45,7 @@ def orthogonalize(w, V, j, passes: int):
     if not ok:
         from hqjax.curvature.lanczos import gram_schmidt
 
-        from ._library import warn_once
-
-        warn_once(why)
-
+        _library.warn_once(why)
         return gram_schmidt(w, V, j, passes)
     from .gram_schmidt import orthogonalize as native
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import jax
 
-from ._library import warn_once
+from . import _library
 
 __all__ = ["MODES", "TESTED_JAX", "accelerate", "supported"]
 
@@ -71,7 +71,7 @@ def accelerate(fn: Callable, *, mode: str = "auto", native_forward: bool = True,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ok, why = supported()
     if not ok:
-        warn_once(why)
+        _library.warn_once(why)
         return fn
     if mode == "auto" and jax.default_backend() != "cpu":
         return fn

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._library import FORWARD_TARGET, self_check
+from . import _library
 
 __all__ = ["forward_ffi_call", "forward_lowering", "native_forward_status"]
 
@@ -22,7 +22,7 @@ __all__ = ["forward_ffi_call", "forward_lowering", "native_forward_status"]
 def forward_lowering(ctx, x, w, *, window_strides, padding):
     """MLIR lowering of the native forward convolution ``[B,H,W,CI] x [KH,KW,CI,CO] -> [B,OH,OW,CO]``
     (output shape from ``ctx.avals_out``; high padding is implied by it). Needs :func:`._library.register`."""
-    return jax.ffi.ffi_lowering(FORWARD_TARGET)(ctx, x, w, stride_h=np.int64(window_strides[0]),
+    return jax.ffi.ffi_lowering(_library.FORWARD_TARGET)(ctx, x, w, stride_h=np.int64(window_strides[0]),
                                                stride_w=np.int64(window_strides[1]), pad_h=np.int64(padding[0][0]),
                                                pad_w=np.int64(padding[1][0]))
 
@@ -30,7 +30,7 @@ def forward_lowering(ctx, x, w, *, window_strides, padding):
 def forward_ffi_call(x, w, *, window_strides, padding):
     """The native forward convolution called directly (NHWC x HWIO -> NHWC; no autodiff, CPU only)."""
     out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(x.shape[1:3], w.shape[:2], window_strides, padding)]
-    return jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], *out, w.shape[3]), jnp.float32))(
+    return jax.ffi.ffi_call(_library.FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], *out, w.shape[3]), jnp.float32))(
         x, w, stride_h=np.int64(window_strides[0]), stride_w=np.int64(window_strides[1]),
         pad_h=np.int64(padding[0][0]), pad_w=np.int64(padding[1][0]))
 
@@ -60,4 +60,4 @@ def native_forward_status() -> tuple[bool, str]:
     Once per process, like :func:`native_wgrad_status` (same library), on cases with strides,
     asymmetric padding, 1x1 kernels, batch 1 and channel counts that are not multiples of 8.
     """
-    return self_check("forward convolution", _forward_cases)
+    return _library.self_check("forward convolution", _forward_cases)

@@ -32,7 +32,7 @@ from jax._src.interpreters import ad, batching, mlir
 from jax._src.lax import convolution as _conv
 from jax.extend import core as jcore
 
-from ._library import register, warn_once
+from . import _library
 from .conv_forward import forward_lowering
 
 __all__ = ["MAX_NATIVE_KERNEL", "MAX_ONEDNN_WINDOW", "NHWC_HWIO", "conv_with_xla_layouts", "native_conv_p",
@@ -123,7 +123,7 @@ mlir.register_lowering(onednn_conv_native_wgrad_p, _onednn_lowering, platform="c
 
 def _native_lowering(ctx, lhs, rhs, **params):
     lhs_aval, rhs_aval = ctx.avals_in
-    if (register()[0] and tuple(params["dimension_numbers"]) == tuple(NHWC_HWIO)
+    if (_library.register()[0] and tuple(params["dimension_numbers"]) == tuple(NHWC_HWIO)
             and native_forward_eligible(lhs_aval, rhs_aval, ctx.avals_out[0], params)):
         return forward_lowering(ctx, lhs, rhs, window_strides=params["window_strides"],
                                           padding=params["padding"])
@@ -247,5 +247,5 @@ def onednn_status() -> tuple[bool, str]:
 
 
 def _failed(reason: str) -> tuple[bool, str]:
-    warn_once(f"hqjax.kernels.cpu: {reason}; XLA's convolutions run instead")
+    _library.warn_once(f"hqjax.kernels.cpu: {reason}; XLA's convolutions run instead")
     return False, reason

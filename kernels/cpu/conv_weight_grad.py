@@ -27,7 +27,7 @@ from jax._src import dispatch
 from jax._src.interpreters import ad, batching, mlir
 from jax.extend import core as jcore
 
-from ._library import WEIGHT_GRAD_TARGET, register, self_check
+from . import _library
 
 __all__ = ["conv2d_weight_grad", "conv2d_weight_grad_p", "native_wgrad_status", "reference_weight_grad",
            "weight_grad_form"]
@@ -113,10 +113,10 @@ mlir.register_lowering(conv2d_weight_grad_p, _reference_lowering)
 
 
 def _cpu_lowering(ctx, x, dy, *, kernel_size, window_strides, padding):
-    if not register()[0]:  # no library: still correct, through XLA
+    if not _library.register()[0]:  # no library: still correct, through XLA
         return _reference_lowering(ctx, x, dy, kernel_size=kernel_size, window_strides=window_strides,
                                    padding=padding)
-    return jax.ffi.ffi_lowering(WEIGHT_GRAD_TARGET)(ctx, x, dy, stride_h=np.int64(window_strides[0]),
+    return jax.ffi.ffi_lowering(_library.WEIGHT_GRAD_TARGET)(ctx, x, dy, stride_h=np.int64(window_strides[0]),
                                            stride_w=np.int64(window_strides[1]), pad_h=np.int64(padding[0][0]),
                                            pad_w=np.int64(padding[1][0]))
 
@@ -205,4 +205,4 @@ def native_wgrad_status() -> tuple[bool, str]:
     compare it with :func:`reference_weight_grad` on cases with strides, asymmetric padding,
     1x1 kernels, batch 1 and channel counts that are not multiples of 8.
     """
-    return self_check("weight-gradient kernel", _wgrad_cases)
+    return _library.self_check("weight-gradient kernel", _wgrad_cases)

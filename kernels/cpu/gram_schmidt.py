@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._library import GRAM_SCHMIDT_TARGET, register, self_check
+from . import _library
 
 __all__ = ["gram_schmidt", "native_gram_schmidt_status", "orthogonalize", "reference_gram_schmidt"]
 
@@ -39,10 +39,10 @@ def gram_schmidt(w, basis, count):
     ``w [n]`` minus its projections on rows ``0..count-1`` of ``basis [rows, n]``, one row at
     a time, each basis row read from memory once; ``w``'s buffer is updated in place.
     """
-    ok, lib = register()
+    ok, lib = _library.register()
     if not ok:
         raise RuntimeError(f"the native Gram-Schmidt kernel is unavailable: {lib}")
-    return jax.ffi.ffi_call(GRAM_SCHMIDT_TARGET, jax.ShapeDtypeStruct(w.shape, w.dtype), input_output_aliases={0: 0},
+    return jax.ffi.ffi_call(_library.GRAM_SCHMIDT_TARGET, jax.ShapeDtypeStruct(w.shape, w.dtype), input_output_aliases={0: 0},
                             vmap_method="sequential")(w, basis, jnp.asarray(count, jnp.int32))
 
 
@@ -61,7 +61,7 @@ def native_gram_schmidt_status() -> tuple[bool, str]:
     Once per process, like :func:`native_wgrad_status` (same library), on blocks that are one
     row, shorter than a chunk, many chunks with a remainder, and counts of 0 and past the end.
     """
-    return self_check("Gram-Schmidt kernel", _gram_schmidt_cases)
+    return _library.self_check("Gram-Schmidt kernel", _gram_schmidt_cases)
 
 
 def orthogonalize(w, V, j, passes: int):

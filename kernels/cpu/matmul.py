@@ -35,7 +35,7 @@ from jax._src import dispatch
 from jax._src.interpreters import ad, batching, mlir
 from jax.extend import core as jcore
 
-from ._library import MATMUL_TARGET, register, self_check
+from . import _library
 
 __all__ = ["MatmulForm", "matmul_form", "native_matmul_status", "strided_matmul", "strided_matmul_p"]
 
@@ -164,9 +164,9 @@ mlir.register_lowering(strided_matmul_p, _reference_lowering)
 
 def _cpu_lowering(ctx, lhs, rhs, *, dimension_numbers):
     form = strided_form(ctx.avals_in[0].shape, ctx.avals_in[1].shape, dimension_numbers)
-    if form is None or not register()[0]:  # still correct, through XLA
+    if form is None or not _library.register()[0]:  # still correct, through XLA
         return _reference_lowering(ctx, lhs, rhs, dimension_numbers=dimension_numbers)
-    return jax.ffi.ffi_lowering(MATMUL_TARGET)(ctx, lhs, rhs, **{k: np.int64(v) for k, v in form._asdict().items()})
+    return jax.ffi.ffi_lowering(_library.MATMUL_TARGET)(ctx, lhs, rhs, **{k: np.int64(v) for k, v in form._asdict().items()})
 
 
 mlir.register_lowering(strided_matmul_p, _cpu_lowering, platform="cpu")
@@ -211,4 +211,4 @@ def native_matmul_status() -> tuple[bool, str]:
     products with edge tiles in every direction, several token axes, batched NN/NT/TN
     layouts, more than one reduction block and an empty contraction.
     """
-    return self_check("matrix product", _matmul_cases)
+    return _library.self_check("matrix product", _matmul_cases)
