@@ -14,7 +14,7 @@ or :func:`hqjax.spectral_density`; :func:`reuse_host_memory` tunes glibc's alloc
 XLA:CPU (the ``hqjax`` command calls it). Whether any of it is faster depends on the
 processor: ``benchmarks/RESULTS.md`` says where it won and where it lost.
 
-Files: ``accelerate.py`` (the entry point, version check), ``rewrite.py`` (the jaxpr
+Files: ``_accelerate.py`` (the entry point, version check), ``rewrite.py`` (the jaxpr
 rewrite), ``conv_primitives.py`` (oneDNN and native convolution primitives),
 ``conv_weight_grad.py``, ``conv_forward.py``, ``matmul.py``, ``gram_schmidt.py`` (one
 native kernel each), ``native_kernels.cc`` (their C++), ``_library.py`` (build, cache,
@@ -31,7 +31,7 @@ once and leaves XLA's operations in place. Importing this package imports no JAX
 """
 
 from . import _library
-from .accelerate import MODES, TESTED_JAX, accelerate, supported
+from ._accelerate import MODES, TESTED_JAX, accelerate, supported
 from .host_memory import HostMemory, reuse_host_memory
 
 __all__ = ["HostMemory", "MODES", "TESTED_JAX", "accelerate", "orthogonalize", "reuse_host_memory", "supported"]

@@ -74,7 +74,9 @@ def _transpose_lhs_native(g, lhs, rhs, **params):
     from .rewrite import Rewrites, rewrite
 
     rule = lambda g, rhs: _conv._conv_general_dilated_transpose_lhs(g, lhs, rhs, **params)
-    return rewrite(rule, Rewrites(onednn=onednn_status()[0], native_wgrad=True, native_forward=True))(g, rhs)
+    # no width gate: the forward convolution passed it, and a stride-1 input gradient is as wide
+    return rewrite(rule, Rewrites(onednn=onednn_status()[0], native_wgrad=True, native_forward=True,
+                                  min_native_width=0))(g, rhs)
 
 
 onednn_conv_p = _conv_primitive("onednn_conv_general_dilated", _conv._conv_general_dilated_transpose_lhs,

@@ -129,6 +129,7 @@ def test_rewrite_runs_weight_gradients_natively(case, assert_close):
 
 
 @pytest.mark.usefixtures("native")
+@pytest.mark.slow
 def test_resnet_gradient_matches_xla(resnet_loss):
     """(test_rewrite's ResNet test covers its HVPs with accelerate's 'auto', i.e. native.)"""
     loss, params = resnet_loss()

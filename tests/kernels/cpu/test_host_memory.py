@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 
-import hqjax
+import hqjax.kernels.cpu
 
 # A jitted function whose scratch buffer (cumsum's 80 MB intermediate) is larger than the
 # 64 MiB a non-main malloc arena can hold; prints the fewest minor page faults of one call
 # (the heap takes a few calls to settle where its blocks go).
 _SCRIPT = textwrap.dedent("""
     import resource, sys
-    import hqjax
+    import hqjax.kernels.cpu
     if sys.argv[1] == "reuse":
         status = hqjax.kernels.cpu.reuse_host_memory()
         assert status.applied, status
