@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
 import time
 from typing import Callable
 
@@ -34,10 +33,6 @@ from hqjax.workdir import Workdir
 
 __all__ = ["Job", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
            "sensitivity_from_rows", "layer_costs", "uniform_cost", "resolve_budget"]
-
-# Fault injection for the resume test: SIGKILL this process after this many analysis units
-# were written in it (a real, uncatchable kill at a deterministic point).
-_KILL_ENV = "HQJAX_TEST_KILL_AFTER_UNITS"
 
 
 def check_names(config: RunConfig) -> None:
@@ -115,9 +110,6 @@ class Job:
 
     def unit_written(self) -> None:
         self.units_written += 1
-        limit = os.environ.get(_KILL_ENV)
-        if limit and self.units_written >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- train
