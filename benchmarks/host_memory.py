@@ -22,13 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {here!r})
-import hqjax
+import hqjax.kernels.cpu
 status = hqjax.kernels.cpu.reuse_host_memory() if {reuse} else None
 import jax
 from curvature_vs_pyhessian import make_problem
-from hqjax.kernels.cpu_conv import apply_convolutions
 _, loss, params, _, _, _ = make_problem({model!r})
-g = jax.jit(apply_convolutions(jax.value_and_grad(loss), "auto"))
+g = jax.jit(hqjax.kernels.cpu.accelerate(jax.value_and_grad(loss)))
 temp = g.lower(params).compile().memory_analysis().temp_size_in_bytes
 for _ in range(5):  # the heap takes a few calls to settle where its blocks go
     jax.block_until_ready(g(params))

@@ -10,7 +10,7 @@ and compile time is reported apart. Variants:
 - ``mbK``: the batch split into K micro-batches, ``hqjax.dataset_loss(..., unroll=True)``
   (equal weights, so the same loss and the same Hessian, exactly).
 - ``mbK-scan``: the same with ``lax.scan`` not unrolled (a convolution gradient inside a loop
-  body; PERF_NOTES measured it 17-50x slower).
+  body; much slower on XLA:CPU, jax-ml/jax#12868).
 - ``rr``: reverse-over-reverse with the first backward cached, as PyHessian does
   (``jax.vjp(jax.grad(f), params)`` once, then each product is the pullback; ``H`` is
   symmetric, so the pullback of ``v`` is ``H v``).

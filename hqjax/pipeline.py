@@ -147,8 +147,8 @@ def _analysis_operator(job: Job):
     from hqjax.curvature import dataset_loss, hvp
 
     batches, counts = _hessian_batches(job)
-    # Convolution gradients inside a scan body are slow on XLA:CPU (PERF_NOTES); a few
-    # batches are unrolled instead (6 ms against 37 ms per HVP for the digits CNN).
+    # Convolution gradients inside a scan body are slow on XLA:CPU; a few batches are
+    # unrolled instead.
     unroll = True if counts.shape[0] <= 8 else 1
     f = dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=unroll)
     return jax.jit(_on_cpu_backend(lambda p, v: hvp(f, p, v)))
@@ -169,7 +169,7 @@ def _layer_estimator(job: Job, hvp_fn):
 
     The layer is a 0/1 mask argument (the diagonal block ``P_l H P_l``), not a closure, so
     the estimators compile once for the whole model instead of once per layer (compilation
-    dominated the analysis of small models: 13-20 s per layer against about 1 s).
+    dominated the analysis of small models).
     """
     from hqjax.curvature import top_eigenvalues, trace
 

@@ -1,4 +1,4 @@
-"""Single-threaded speed of the native GEMM (``kernels/cpu_wgrad.cc``) on the shapes that matter.
+"""Single-threaded speed of the native GEMM (``kernels/cpu/native_kernels.cc``) on the shapes that matter.
 
 Compiles each given version of the source (default: the repository's) with a direct entry
 point to its ``gemm_run`` appended, checks every product against numpy, and times the
@@ -6,7 +6,7 @@ versions in turn on each shape (medians; GFLOP/s). One thread, no XLA: the kerne
 rate, for tuning it. Compare with an older version by passing both, e.g.
 
     git show 3de80eb^:kernels/cpu_wgrad.cc > /tmp/before.cc
-    python benchmarks/investigation/gemm_kernel.py /tmp/before.cc kernels/cpu_wgrad.cc
+    python benchmarks/investigation/gemm_kernel.py /tmp/before.cc kernels/cpu/native_kernels.cc
 
 Set OPENBLAS_NUM_THREADS=1: numpy's reference product must not leave threads spinning.
 """
@@ -59,7 +59,7 @@ def operands(m, n, k, layout, rng):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sources", nargs="*", default=[os.path.join(HERE, "..", "..", "kernels", "cpu_wgrad.cc")])
+    ap.add_argument("sources", nargs="*", default=[os.path.join(HERE, "..", "..", "kernels", "cpu", "native_kernels.cc")])
     ap.add_argument("--repeats", type=int, default=11)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

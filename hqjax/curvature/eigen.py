@@ -47,8 +47,8 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
     def body(s):
         i, it, v, prev, vals, vecs, iters, (max_iters, tol) = s
         # PyHessian's orthnormal(v, eigenvectors): deflation. Skipped (v is already a unit
-        # vector) while no eigenvector is known: four passes over n, ~5 ms per iteration at
-        # 1.86 M parameters, more than the rest of the step's own work.
+        # vector) while no eigenvector is known: four passes over n, more than the rest of
+        # the step's own work on large models.
         v = jax.lax.cond(i > 0, lambda v: _unit(v - (vecs @ v) @ vecs), lambda v: v, v)
         w = flat_mv(v)
         lam = jnp.vdot(w, v)
