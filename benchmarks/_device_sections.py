@@ -329,7 +329,7 @@ def curvature_section(state, item, cfg, torch_python: str):
     args = SimpleNamespace(repeats=c["repeats"], estimator_repeats=c["estimator_repeats"],
                            num_probes=c["num_probes"], eig_iters=c["eig_iters"],
                            density_steps=c["density_steps"], chunk_size=1, reorth_passes=1,
-                           convolutions="auto", threads=os.cpu_count(), torch_python=torch_python)
+                           threads=os.cpu_count(), torch_python=torch_python)
 
     def one(name):
         cfg_m, loss, params, stats, x, y = cvp.make_problem(name, batch=c["batch"], image=c["image"])

@@ -65,8 +65,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     params, loss = _problem(a.model, a.batch)
-    v = hqjax.tree_random_like(jax.random.key(3), params)
-    print(f"model {a.model}, {hqjax.tree_size(params):,} parameters, batch {a.batch}, "
+    v = hqjax.tree.tree_random_like(jax.random.key(3), params)
+    print(f"model {a.model}, {hqjax.tree.tree_size(params):,} parameters, batch {a.batch}, "
           f"backend {jax.default_backend()}, {jax.device_count()} device(s)")
     rows = []
 

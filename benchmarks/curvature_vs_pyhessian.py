@@ -8,6 +8,12 @@ and a small BERT-like encoder. Medians of repeated runs; JAX compile time is rep
 separately (from ``jax.monitoring``'s compile events); ratios are PyHessian/hqjax measured in
 the same run; the two sides must agree on loss, gradient and one HVP with a shared probe.
 
+hqjax runs twice per model (``--backend both``, the default): as plain XLA (``xla``, what
+``import hqjax`` does) and through the opt-in CPU backend (``cpu``:
+``hqjax.kernels.cpu.accelerate`` around the forward pass, the gradient and the operators,
+and its native Lanczos reorthogonalization), so the table shows where each wins on the
+processor it ran on (printed first).
+
 How to run (PyTorch lives outside the project, in its own venv; not part of CI)::
 
     python3 -m venv /work/torchvenv
@@ -15,6 +21,8 @@ How to run (PyTorch lives outside the project, in its own venv; not part of CI):
     python benchmarks/curvature_vs_pyhessian.py                        # all models, full size
     python benchmarks/curvature_vs_pyhessian.py --models mlp --num-probes 10 --eig-iters 10 \\
         --density-steps 10 --repeats 3 --estimator-repeats 1             # a quick smoke run
+    python benchmarks/curvature_vs_pyhessian.py --small --models resnet20,mlp,encoder \\
+        --num-probes 2 --eig-iters 2 --density-steps 2 --repeats 1 --estimator-repeats 1   # tiny, end to end
 
 The PyTorch side (``_pyhessian_side.py``) runs as a subprocess after the JAX side has
 finished each model, so the two never compete for the CPU. On a shared machine whose speed
@@ -42,7 +50,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import hqjax
-from hqjax.kernels.cpu_conv import CONVOLUTIONS, apply_convolutions
+import hqjax.kernels.cpu
 from hqjax.models import MLP, ResNet20
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,6 +93,9 @@ class Encoder(nn.Module):
         for i in range(self.layers):
             x = EncoderLayer(self.d, self.heads, self.ffn, name=f"layer{i}")(x)
         return nn.Dense(self.num_classes, name="head")(x.mean(1))
+
+
+_SMALL_BATCH = {"resnet20": 4, "mlp": 8, "encoder": 2}  # --small
 
 
 def make_problem(name: str, seed: int = 0, batch: int | None = None, image: int = 32):
@@ -189,14 +200,46 @@ def temp_mb(jitted, *args):
     return None if m is None else (m.temp_size_in_bytes + m.output_size_in_bytes) / 2**20
 
 
-def run_jax(name, loss, params, args):
+BACKENDS = {"xla": "hqjax (plain XLA)", "cpu": "hqjax + CPU backend"}
+
+
+def processor() -> str:
+    """The processor model, as the kernel reports it (Linux), else what Python knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def warm_cpu_backend() -> dict:
+    """Build the native library and run every self-check now, so no timed call (and no
+    compile-time accounting) includes them; returns which kernels passed."""
+    from hqjax.kernels.cpu.conv_forward import native_forward_status
+    from hqjax.kernels.cpu.conv_primitives import onednn_status
+    from hqjax.kernels.cpu.conv_weight_grad import native_wgrad_status
+    from hqjax.kernels.cpu.gram_schmidt import native_gram_schmidt_status
+    from hqjax.kernels.cpu.matmul import native_matmul_status
+
+    checks = {"weight gradient": native_wgrad_status, "forward conv": native_forward_status,
+              "gram-schmidt": native_gram_schmidt_status, "gemm": native_matmul_status, "oneDNN": onednn_status}
+    return {name: check()[0] for name, check in checks.items()}
+
+
+def run_jax(name, loss, params, args, backend="xla"):
     R, E = args.repeats, args.estimator_repeats
     T, C, M, V = {}, {}, {}, {}
-    probe = hqjax.tree_random_like(jax.random.key(7), params, "rademacher")
-    # forward and gradient through the same convolution rewrite the curvature operators use
-    conv = lambda fn: apply_convolutions(fn, args.convolutions)
+    probe = hqjax.tree.tree_random_like(jax.random.key(7), params, "rademacher")
+    # the same functions, as is (plain XLA) or through the opt-in CPU backend
+    conv = (lambda fn: fn) if backend == "xla" else hqjax.kernels.cpu.accelerate
+    orthogonalize = None if backend == "xla" else hqjax.kernels.cpu.orthogonalize
     fwd, grad = jax.jit(conv(loss)), jax.jit(conv(jax.value_and_grad(loss)))
-    hvp = jax.jit(lambda p, v: hqjax.hvp(loss, p, v, convolutions=args.convolutions))
+    hvp = jax.jit(conv(lambda p, v: hqjax.hvp(loss, p, v)))
     _, T["forward"], C["forward"] = time_op(lambda: fwd(params), R)
     (lval, g), T["gradient"], C["gradient"] = time_op(lambda: grad(params), R)
     hv, T["hvp"], C["hvp"] = time_op(lambda: hvp(params, probe), R)
@@ -205,7 +248,11 @@ def run_jax(name, loss, params, args):
     # linearize once (residuals kept), then each product is the linear map only
     with compile_clock() as c:
         t = time.perf_counter()
-        lin_mv = hqjax.hessian(loss, params, linearize=True, check_finite=False, convolutions=args.convolutions)
+        if backend == "xla":
+            lin_mv = hqjax.hessian(loss, params, linearize=True, check_finite=False)
+        else:  # the rewrite inside linearize, so the explicit layouts become residuals
+            lin = jax.linearize(conv(jax.grad(loss)), params)[1]
+            lin_mv = lambda v: lin(v)
         apply, run, consts = hoisted(lin_mv, probe)
         block(consts)
         setup = time.perf_counter() - t
@@ -214,13 +261,13 @@ def run_jax(name, loss, params, args):
     C["hvp_setup"] = c[0]
     M["hvp_linearized"] = temp_mb(run, consts, jax.tree.leaves(probe))
     M["residuals"] = sum(np.asarray(a).nbytes for a in consts) / 2**20
-    V.update(loss=float(lval), grad_norm=float(hqjax.tree_norm(g)), vHv=float(hqjax.tree_dot(hv, probe)),
-             hvp_lin_vs_hvp=float(hqjax.tree_norm(jax.tree.map(jnp.subtract, hv_lin, hv)) / hqjax.tree_norm(hv)))
+    V.update(loss=float(lval), grad_norm=float(hqjax.tree.tree_norm(g)), vHv=float(hqjax.tree.tree_dot(hv, probe)),
+             hvp_lin_vs_hvp=float(hqjax.tree.tree_norm(jax.tree.map(jnp.subtract, hv_lin, hv)) / hqjax.tree.tree_norm(hv)))
     M["process_after_ops"] = peak_rss_mb()
 
     # estimators over the faster operator of the two, as a user would pick it
     lin_faster = np.median(T["hvp_linearized"]) < np.median(T["hvp"])
-    mv = lin_mv if lin_faster else hqjax.hessian(loss, params, check_finite=False, convolutions=args.convolutions)
+    mv = lin_mv if lin_faster else conv(hqjax.hessian(loss, params, check_finite=False))
     V["estimator_operator"] = "linearized" if lin_faster else "jvp(grad)"
     key = jax.random.key(1)
     estimators = {
@@ -229,7 +276,8 @@ def run_jax(name, loss, params, args):
         "top_eigenvalue": (args.eig_iters, lambda: hqjax.top_eigenvalues(mv, params, key, k=1, max_iters=args.eig_iters, tol=-1.0),
                            lambda r: {"top_eigenvalue": float(r.eigenvalues[0])}),
         "density": (args.density_steps, lambda: hqjax.spectral_density(mv, params, key, num_steps=args.density_steps,
-                                                                              reorth_passes=args.reorth_passes),
+                                                                              reorth_passes=args.reorth_passes,
+                                                                              orthogonalize=orthogonalize),
                     lambda r: {"density_max_node": float(jnp.max(r.nodes))}),
     }
     for row, (count, call, summary) in estimators.items():
@@ -295,27 +343,28 @@ ROWS = [("forward", "forward", "forward"), ("gradient", "gradient", "gradient"),
         ("trace", "trace", "trace"), ("top_eigenvalue", "top_eigenvalue", "top_eigenvalue"), ("density", "density", "density")]
 
 
-def table(name, jres, tres):
-    jt, tt = jres["times"], dict(tres["times"])
+def table(name, jres_by_backend, tres):
+    tt = dict(tres["times"])
     tt["hvp_scratch"] = [tt["hvp_setup"][0] + float(np.median(tt["hvp"]))]
-    lines = [f"### {name}", "", "| row | PyHessian (ms) | hqjax (ms) | PyHessian / hqjax | hqjax compile (s) | hqjax mem (MB)* | torch peak RSS (MB)* |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    head = "| row | PyHessian (ms) |" + "".join(f" {BACKENDS[b]} (ms) | PyHessian / it |" for b in jres_by_backend)
+    head += " hqjax compile (s) |"
+    lines = [f"### {name}", "", head, "|---|---:|" + "---:|---:|" * len(jres_by_backend) + "---:|"]
     ratios = {}
     for jk, tk, label in ROWS:
-        if jk not in jt or tk not in tt:
+        if tk not in tt or not any(jk in j["times"] for j in jres_by_backend.values()):
             continue
-        a, b = 1e3 * np.median(tt[tk]), 1e3 * np.median(jt[jk])
-        ratios[jk] = a / b
-        mem = jres["mem_mb"].get(jk)
-        lines.append(f"| {label} | {a:,.1f} | {b:,.1f} | {a / b:.2f}x | "
-                     f"{jres['compile'].get(jk, 0):.2f} | {'' if mem is None else f'{mem:,.0f}'} | {tres['peak_rss_mb'].get(tk, 0):,.0f} |")
-    hj = min(np.median(jt["hvp"]), np.median(jt["hvp_linearized"])) / np.median(jt["gradient"])
-    ht = np.median(tt["hvp"]) / np.median(tt["gradient"])
-    lines += ["", "*hqjax mem: XLA's temp + output buffers of the compiled op (single ops) or the process peak RSS "
-              "so far (estimators); torch: process peak RSS so far.", "",
-              f"HVP / gradient time: hqjax {hj:.2f} (best HVP), PyHessian {ht:.2f} (cached-graph HVP; its one-off "
-              f"graph setup {1e3 * tt['hvp_setup'][0]:.0f} ms, hqjax linearize setup {1e3 * jt['hvp_setup'][0]:.0f} ms, residuals "
-              f"{jres['mem_mb']['residuals']:.0f} MB); hqjax estimators used the {jres['values']['estimator_operator']} operator."]
+        a = 1e3 * np.median(tt[tk])
+        cells, compile_s = [], []
+        for b, jres in jres_by_backend.items():
+            if jk not in jres["times"]:
+                cells.append(" - | - |")
+                continue
+            t = 1e3 * np.median(jres["times"][jk])
+            ratios[f"{b}/{jk}"] = a / t
+            cells.append(f" {t:,.1f} | {a / t:.2f}x |")
+            compile_s.append(f"{jres['compile'].get(jk, 0):.2f}")
+        lines.append(f"| {label} | {a:,.1f} |" + "".join(cells) + f" {' / '.join(compile_s)} |")
+    lines += ["", "PyHessian / it > 1: hqjax faster. Compile times in column order."]
     return lines, ratios
 
 
@@ -331,34 +380,44 @@ def main(argv=None):
     ap.add_argument("--reorth-passes", type=int, default=1, choices=(1, 2),
                     help="Gram-Schmidt passes per Lanczos step in hqjax's density (PyHessian does 1; hqjax's default is 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
-    ap.add_argument("--convolutions", default="auto", choices=CONVOLUTIONS,
-                    help="hqjax's convolution rewrite (hqjax.kernels.cpu_convolutions); 'xla' measures plain XLA")
+    ap.add_argument("--backend", default="both", choices=("both", "xla", "cpu"),
+                    help="hqjax as plain XLA, through the opt-in CPU backend (hqjax.kernels.cpu.accelerate), or both")
+    ap.add_argument("--small", action="store_true", help="tiny batches, to check the script end to end quickly")
     ap.add_argument("--torch-python", default="/work/torchvenv/bin/python")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the hqjax and PyHessian sides this many times per model; medians pool all rounds")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--fresh-host-memory", action="store_true",
-                    help="skip hqjax.reuse_host_memory(), so XLA faults its scratch memory in on every call")
+                    help="skip hqjax.kernels.cpu.reuse_host_memory(), so XLA faults its scratch memory in on every call")
     args = ap.parse_args(argv)
-    host = None if args.fresh_host_memory else hqjax.reuse_host_memory()
+    host = None if args.fresh_host_memory else hqjax.kernels.cpu.reuse_host_memory()
     if not os.path.exists(args.torch_python):
         sys.exit(f"no PyTorch interpreter at {args.torch_python}; create it as the module docstring says, or pass --torch-python")
+    print(f"processor: {processor()}; date {time.strftime('%Y-%m-%d')}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), load average {os.getloadavg()}; "
-          f"hqjax.reuse_host_memory: {'not called' if host is None else host.applied or host.reason}")
+          f"hqjax.kernels.cpu.reuse_host_memory (both columns): "
+          f"{'not called' if host is None else host.applied or host.reason}")
+    backends = ("xla", "cpu") if args.backend == "both" else (args.backend,)
+    if "cpu" in backends:
+        print(f"CPU backend kernels: {warm_cpu_backend()}")
     results, key_ratios = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            cfg, loss, params, stats, x, y = make_problem(name)
+            cfg, loss, params, stats, x, y = make_problem(name, batch=_SMALL_BATCH[name] if args.small else None)
             n = ravel_pytree(params)[0].size
             print(f"\n== {name}: {n:,} parameters, batch {x.shape[0]}", flush=True)
-            jres, g, hv, probe = run_jax(name, loss, params, args)
+            jres, first = {}, {}
+            for b in backends:
+                jres[b], g, hv, probe = run_jax(name, loss, params, args, b)
+                first[b] = (g, hv)
             tres, tz = run_torch(name, cfg, params, stats, x, y, probe, args, tmp)
             for r in range(1, args.rounds):
                 # alternate the two sides so a slow spell of a shared machine hits both
                 print(f"-- {name}: round {r + 1} of {args.rounds}", flush=True)
-                merge_times(jres, run_jax(name, loss, params, args)[0])
+                for b in backends:
+                    merge_times(jres[b], run_jax(name, loss, params, args, b)[0])
                 merge_times(tres, run_torch(name, cfg, params, stats, x, y, probe, args, tmp)[0])
-            agree = agreement(jres, tres, tz, g, hv)
+            agree = {b: agreement(jres[b], tres, tz, *first[b]) for b in backends}
             lines, ratios = table(f"{name} ({n:,} parameters, batch {x.shape[0]})", jres, tres)
             print("\n".join(lines))
             print("agreement:", json.dumps(agree))

@@ -1,7 +1,7 @@
-"""XLA:CPU's scratch memory faulted in on every call, with and without ``hqjax.reuse_host_memory``.
+"""XLA:CPU's scratch memory faulted in on every call, with and without ``hqjax.kernels.cpu.reuse_host_memory``.
 
 For each model of ``curvature_vs_pyhessian.py``, runs its jitted gradient (through the same
-convolution rewrite) in two fresh processes, one that calls ``hqjax.reuse_host_memory()``
+convolution rewrite) in two fresh processes, one that calls ``hqjax.kernels.cpu.reuse_host_memory()``
 before JAX starts and one that does not, ``--rounds`` times alternately, and reports per call:
 median wall time, minor page faults and kernel (system) CPU time. Separate processes because
 the allocator setting is process-wide and cannot be undone.
@@ -22,13 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {here!r})
-import hqjax
-status = hqjax.reuse_host_memory() if {reuse} else None
+import hqjax.kernels.cpu
+status = hqjax.kernels.cpu.reuse_host_memory() if {reuse} else None
 import jax
 from curvature_vs_pyhessian import make_problem
-from hqjax.kernels.cpu_conv import apply_convolutions
 _, loss, params, _, _, _ = make_problem({model!r})
-g = jax.jit(apply_convolutions(jax.value_and_grad(loss), "auto"))
+g = jax.jit(hqjax.kernels.cpu.accelerate(jax.value_and_grad(loss)))
 temp = g.lower(params).compile().memory_analysis().temp_size_in_bytes
 for _ in range(5):  # the heap takes a few calls to settle where its blocks go
     jax.block_until_ready(g(params))

@@ -10,7 +10,7 @@ and compile time is reported apart. Variants:
 - ``mbK``: the batch split into K micro-batches, ``hqjax.dataset_loss(..., unroll=True)``
   (equal weights, so the same loss and the same Hessian, exactly).
 - ``mbK-scan``: the same with ``lax.scan`` not unrolled (a convolution gradient inside a loop
-  body; PERF_NOTES measured it 17-50x slower).
+  body; much slower on XLA:CPU, jax-ml/jax#12868).
 - ``rr``: reverse-over-reverse with the first backward cached, as PyHessian does
   (``jax.vjp(jax.grad(f), params)`` once, then each product is the pullback; ``H`` is
   symmetric, so the pullback of ``v`` is ``H v``).
@@ -92,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
     batch_loss, params, data = problem()
-    probe = hqjax.tree_random_like(jax.random.key(7), params, "rademacher")
+    probe = hqjax.tree.tree_random_like(jax.random.key(7), params, "rademacher")
     print(f"jax {jax.__version__}, {os.cpu_count()} cores, load average {os.getloadavg()}")
     thunks, comp, ref = {}, {}, None
     for v in args.variants.split(","):

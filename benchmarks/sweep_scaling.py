@@ -101,7 +101,7 @@ def _sweep_rate(params, loss, subsets, layer, devices, iters, out_root):
 def _dp_hvp(params, loss, batch, devices, reps):
     mesh = hd.make_mesh("data", devices=devices)
     mv = hd.data_parallel_hessian(loss, params, batch, mesh)
-    v = hqjax.tree_random_like(jax.random.key(1), params)
+    v = hqjax.tree.tree_random_like(jax.random.key(1), params)
     t = time.perf_counter()
     out = jax.block_until_ready(mv(v))
     compile_s = time.perf_counter() - t

@@ -1,21 +1,53 @@
 """hqjax: Hessian-aware mixed-precision quantization in JAX and Flax.
 
-The public namespace is flat: every estimator, quantizer and allocator is reachable as
-``hqjax.<name>``. Sub-packages hold one concern each (see the README's architecture section).
+The top level holds what a user calls: curvature operators and estimators
+(:mod:`hqjax.curvature`), the layer partition (:mod:`hqjax.tree`), model quantization and
+integer-only inference (:mod:`hqjax.quant`) and the sensitivity table and bit allocator
+(:mod:`hqjax.alloc`). Lower-level pieces (pytree algebra, quantizers, calibrators, dyadic
+arithmetic, cost tables) stay in their sub-packages. The README's "Architecture" section
+describes the layout; :mod:`hqjax.kernels.cpu` is an opt-in CPU backend this package never
+imports.
 """
 
-from hqjax.tree import *  # noqa: F401,F403
-from hqjax.tree import __all__ as _tree_all
-from hqjax.curvature import *  # noqa: F401,F403
-from hqjax.curvature import __all__ as _curvature_all
-from hqjax.quant import *  # noqa: F401,F403
-from hqjax.quant import __all__ as _quant_all
-from hqjax.alloc import *  # noqa: F401,F403
-from hqjax.alloc import __all__ as _alloc_all
-from hqjax.host import *  # noqa: F401,F403
-from hqjax.host import __all__ as _host_all
+from hqjax.alloc import (
+    Allocation, InfeasibleBudgetError, LayerCosts, LayerSensitivity, SensitivityTable, allocate, alpha, get_metric,
+    layer_shapes, measure_latency_table, metric_names, pareto_frontier, plot_pareto, register_metric,
+    save_latency_table, sensitivity_scores, sensitivity_table, weight_perturbations,
+)
+from hqjax.curvature import (
+    DensityResult, EigenResult, TraceResult, activation_perturbations, activation_traces, block_top_eigenvalues,
+    dataset_loss, density_on_grid, ggn, hessian, hvp, result_from_dict, spectral_density, top_eigenvalues, trace,
+)
+from hqjax.quant import (
+    IntegerModel, QATState, QuantizedModel, QuantizedNNXModel, coverage, group_wise_weights, init_qat_state,
+    load_bit_config, load_integer_model, make_qat_step, per_channel_weights, qat_loss, quantize_model,
+    quantize_nnx, quantize_nnx_model, quantize_nnx_state, quantize_params, qwix_rule_specs, save_bit_config,
+    save_integer_model, state_variables, to_integer, to_qwix_rules, export_qwix, qwix_apply, uniform_bit_config, validate_bit_config,
+    weight_perturbation,
+)
+from hqjax.tree import Blocks, blocks
 from hqjax._nnx import NNXApply, from_nnx
 from hqjax.pipeline import run
 
 __version__ = "0.1.0"
-__all__ = [*_tree_all, *_curvature_all, *_quant_all, *_alloc_all, *_host_all, "NNXApply", "from_nnx", "run"]
+__all__ = [
+    # curvature
+    "hvp", "hessian", "ggn", "dataset_loss", "trace", "top_eigenvalues", "block_top_eigenvalues",
+    "spectral_density", "density_on_grid", "activation_traces", "activation_perturbations", "TraceResult",
+    "EigenResult", "DensityResult", "result_from_dict",
+    # layers
+    "Blocks", "blocks",
+    # your own model
+    "run", "from_nnx", "NNXApply",
+    # quantization
+    "quantize_model", "quantize_params", "QuantizedModel", "quantize_nnx", "quantize_nnx_model",
+    "quantize_nnx_state", "QuantizedNNXModel", "coverage", "per_channel_weights", "group_wise_weights",
+    "weight_perturbation", "uniform_bit_config", "validate_bit_config", "save_bit_config", "load_bit_config",
+    "init_qat_state", "make_qat_step", "qat_loss", "QATState", "state_variables", "to_integer", "IntegerModel",
+    "save_integer_model", "load_integer_model", "to_qwix_rules", "qwix_rule_specs", "export_qwix", "qwix_apply",
+    # allocation
+    "sensitivity_table", "SensitivityTable", "LayerSensitivity", "weight_perturbations", "sensitivity_scores",
+    "register_metric", "get_metric", "metric_names", "layer_shapes", "LayerCosts", "measure_latency_table",
+    "save_latency_table", "alpha", "allocate", "Allocation", "InfeasibleBudgetError", "pareto_frontier",
+    "plot_pareto",
+]

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     docstring; the error policy is ``hqjax._errors.run_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # before JAX starts (changes nothing when main() runs in a process already using JAX)
-    from hqjax.host import reuse_host_memory
+    from hqjax.kernels.cpu import reuse_host_memory
     reuse_host_memory(warn=False)
     if argv and argv[0] == "sweep":  # sweep applies the same policy under its own name
         return _main(argv)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
 import time
 from typing import Callable
 
@@ -35,10 +34,6 @@ from hqjax.workdir import Workdir
 
 __all__ = ["Job", "run", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
            "sensitivity_from_rows", "layer_costs", "uniform_cost", "resolve_budget"]
-
-# Fault injection for the resume test: SIGKILL this process after this many analysis units
-# were written in it (a real, uncatchable kill at a deterministic point).
-_KILL_ENV = "HQJAX_TEST_KILL_AFTER_UNITS"
 
 
 def check_names(config: RunConfig, *, model_given: bool = False, data_given: bool = False) -> None:
@@ -180,9 +175,6 @@ class Job:
 
     def unit_written(self) -> None:
         self.units_written += 1
-        limit = os.environ.get(_KILL_ENV)
-        if limit and self.units_written >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- train
@@ -234,11 +226,21 @@ def _analysis_operator(job: Job):
     from hqjax.curvature import dataset_loss, hvp
 
     batches, counts = _hessian_batches(job)
-    # Convolution gradients inside a scan body are slow on XLA:CPU (PERF_NOTES); a few
-    # batches are unrolled instead (6 ms against 37 ms per HVP for the digits CNN).
+    # Convolution gradients inside a scan body are slow on XLA:CPU; a few batches are
+    # unrolled instead.
     unroll = True if counts.shape[0] <= 8 else 1
     f = dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=unroll)
-    return jax.jit(lambda p, v: hvp(f, p, v))
+    return jax.jit(_on_cpu_backend(lambda p, v: hvp(f, p, v)))
+
+
+def _on_cpu_backend(fn):
+    """``fn`` through the opt-in CPU backend when JAX runs on the CPU (the command owns its
+    process, so it may); unchanged elsewhere."""
+    if jax.default_backend() != "cpu":
+        return fn
+    from hqjax.kernels.cpu import accelerate
+
+    return accelerate(fn)
 
 
 def _layer_estimator(job: Job, hvp_fn):
@@ -246,7 +248,7 @@ def _layer_estimator(job: Job, hvp_fn):
 
     The layer is a 0/1 mask argument (the diagonal block ``P_l H P_l``), not a closure, so
     the estimators compile once for the whole model instead of once per layer (compilation
-    dominated the analysis of small models: 13-20 s per layer against about 1 s).
+    dominated the analysis of small models).
     """
     from hqjax.curvature import top_eigenvalues, trace
 

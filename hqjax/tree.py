@@ -83,24 +83,14 @@ def tree_size(a: PyTree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(a)))
 
 
-def tree_ravel(tree: PyTree, orders: Sequence[tuple[int, ...] | None] | None = None) -> jax.Array:
+def tree_ravel(tree: PyTree) -> jax.Array:
     """The leaves of ``tree`` as one flat vector, in ``jax.flatten_util.ravel_pytree``'s order.
 
     Written leaf by leaf into a buffer with ``dynamic_update_slice`` rather than by
-    ``concatenate``: XLA:CPU's fusion emitter runs a large concatenation fusion 2-3x slower
-    than the legacy emitter or in-place updates, and on a 1.86 M-parameter MLP that cost
-    more than the Hessian-vector product it flattened
-    (benchmarks/investigation/ravel_concatenate.py).
-
-    ``orders`` (one per leaf, None for as is) writes leaf ``i`` as
-    ``jnp.transpose(leaf, orders[i])``: :func:`flat_operator` uses it to store each output
-    leaf in the axis order the operator computes it in.
+    ``concatenate``: XLA:CPU's fusion emitter runs a large concatenation fusion slowly, and
+    on a small model that could cost more than the Hessian-vector product it flattened.
     """
-    leaves = jax.tree.leaves(tree)
-    orders = orders or [None] * len(leaves)
-    if len(orders) != len(leaves):
-        raise ValueError(f"tree_ravel: {len(orders)} axis orders for {len(leaves)} leaves")
-    leaves = [jnp.ravel(x if o is None else jnp.transpose(x, o)) for x, o in zip(leaves, orders)]
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
     dtype = jnp.result_type(*leaves) if leaves else jnp.float32
     out = jnp.zeros((sum(x.size for x in leaves),), dtype)
     offset = 0
@@ -108,27 +98,6 @@ def tree_ravel(tree: PyTree, orders: Sequence[tuple[int, ...] | None] | None = N
         out = jax.lax.dynamic_update_slice(out, x.astype(dtype), (offset,))
         offset += x.size
     return out
-
-
-def _output_orders(matvec: Callable[[PyTree], PyTree], params: PyTree) -> list[tuple[int, ...] | None]:
-    """Per output leaf of ``matvec``, the axis order that undoes the ``transpose`` producing
-    it (None where no transpose does). Seen through nested ``jit``."""
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
-    closed = jax.make_jaxpr(matvec)(like)
-
-    def order(jaxpr, var):
-        for eqn in jaxpr.eqns:
-            if var in eqn.outvars:
-                if eqn.primitive is jax.lax.transpose_p:
-                    return tuple(int(i) for i in np.argsort(eqn.params["permutation"]))
-                inner = eqn.params.get("jaxpr")
-                if eqn.primitive.name in ("pjit", "jit", "closed_call") and inner is not None:
-                    inner = getattr(inner, "jaxpr", inner)
-                    return order(inner, inner.outvars[eqn.outvars.index(var)])
-                return None
-        return None
-
-    return [order(closed.jaxpr, v) for v in closed.jaxpr.outvars]
 
 
 class FlatOperator(NamedTuple):
@@ -144,31 +113,19 @@ def flat_operator(matvec: Callable[[PyTree], PyTree], params: PyTree) -> FlatOpe
     """``matvec`` as a map of flat vectors ``[n] -> [n]``, with its ``ravel`` and ``unravel``.
 
     Estimators that keep Krylov bases or deflation vectors as ``[k, n]`` arrays work through
-    this. The flat vector holds the leaves in ``ravel_pytree``'s order, each leaf's entries
-    in the axis order the operator computes it in: a weight gradient comes out of JAX's
-    transpose rule as ``transpose(dot_general(...))``, which XLA:CPU computes column-major,
-    so writing it row-major into the vector is a strided transposing copy (8.8 ms of a
-    power-iteration step profiled at 80 ms on a 1.86 M-parameter MLP, benchmarks/RESULTS.md); stored in its computed order it is a
-    plain copy, and the transpose moves to the operator's input, where XLA folds it into
-    the dot that reads it. ``ravel``/``unravel`` convert in the same order, so any linear
-    algebra on the flat vectors (norms, dot products, orthogonalization) is unaffected.
+    this. The flat vector holds the leaves in ``jax.flatten_util.ravel_pytree``'s order.
     """
-    orders = _output_orders(matvec, params)
     leaves, treedef = jax.tree.flatten(params)
     shapes = [jnp.shape(x) for x in leaves]
     dtypes = [jnp.result_type(x) for x in leaves]
-    stored = [s if o is None else tuple(s[i] for i in o) for s, o in zip(shapes, orders)]
-    back = [None if o is None else tuple(int(i) for i in np.argsort(o)) for o in orders]
     offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
 
     def ravel(tree):
-        return tree_ravel(tree, orders)
+        return tree_ravel(tree)
 
     def unravel(x):
-        out = []
-        for i, (s, b, dt) in enumerate(zip(stored, back, dtypes)):
-            y = jax.lax.slice_in_dim(x, int(offsets[i]), int(offsets[i + 1])).reshape(s).astype(dt)
-            out.append(y if b is None else jnp.transpose(y, b))
+        out = [jax.lax.slice_in_dim(x, int(offsets[i]), int(offsets[i + 1])).reshape(s).astype(dt)
+               for i, (s, dt) in enumerate(zip(shapes, dtypes))]
         return jax.tree.unflatten(treedef, out)
 
     return FlatOperator(lambda x: ravel(matvec(unravel(x))), ravel, unravel)
@@ -178,8 +135,8 @@ def _rademacher(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     """Entries +-1 with probability 1/2 each, one random bit per entry.
 
     ``jax.random.rademacher`` spends a whole 32-bit threefry draw on each entry; unpacking
-    the 32 bits of each draw is 7x faster (24.7 vs 3.6 ms for 1.86 M entries on XLA:CPU),
-    which on a small model is a third of a Hutchinson probe's cost.
+    the 32 bits of each draw needs 32 times fewer, which matters on small models where
+    drawing probes is a visible part of a Hutchinson step.
     """
     size = int(np.prod(shape))
     words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
@@ -217,7 +174,7 @@ def check_same_structure(a: PyTree, b: PyTree, what_a: str = "params", what_b: s
         raise ValueError(
             f"{what_b} does not have the structure of {what_a}: "
             f"only in {what_a}: {sorted(pa - pb)[:5]}, only in {what_b}: {sorted(pb - pa)[:5]}. "
-            f"Build it with jax.tree.map over {what_a} (e.g. hqjax.tree_random_like)."
+            f"Build it with jax.tree.map over {what_a} (e.g. hqjax.tree.tree_random_like)."
         )
     for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
         if jnp.shape(x) != jnp.shape(y):

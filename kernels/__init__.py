@@ -11,18 +11,12 @@ epilogue, on three backends that return identical integers:
 ``backend="auto"`` picks by platform (:func:`default_backend`); :func:`int_conv2d` reaches
 the same kernels through im2col.
 
-:func:`cpu_convolutions` is the float side: it rewrites a function's convolutions for
-XLA:CPU (hqjax's native forward kernel or jaxlib's oneDNN for small windows, hqjax's
-native kernel from :mod:`.cpu_wgrad` or explicit layouts for weight gradients, and
-:mod:`.cpu_matmul`'s strided GEMM for weight gradients over tokens or written transposed,
-and batched products),
-which the curvature operators use by default on the CPU (``convolutions="auto"``).
+The opt-in float-side CPU backend (native convolution and GEMM kernels, jaxlib's oneDNN,
+host-memory tuning) is the separate sub-package :mod:`hqjax.kernels.cpu`, which this
+package does not import.
 """
 
 from .conv import im2col, int_conv2d
-from .cpu_conv import cpu_convolutions, onednn_status
-from .cpu_matmul import native_matmul_status, strided_matmul
-from .cpu_wgrad import native_forward_status, native_wgrad_status
 from .dispatch import BACKENDS, default_backend, int4_matmul, int_matmul
 from .mosaic import MosaicBlocks
 from .packing import pack_int4, unpack_int4
@@ -34,7 +28,6 @@ __all__ = [
     "MosaicBlocks",
     "Requant",
     "TritonBlocks",
-    "cpu_convolutions",
     "default_backend",
     "dyadic_from_scale",
     "dyadic_round",
@@ -42,13 +35,8 @@ __all__ = [
     "int4_matmul",
     "int_conv2d",
     "int_matmul",
-    "native_forward_status",
-    "native_matmul_status",
-    "native_wgrad_status",
-    "onednn_status",
     "pack_int4",
     "requant_from_scale",
     "requantize",
-    "strided_matmul",
     "unpack_int4",
 ]

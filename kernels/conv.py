@@ -2,8 +2,7 @@
 
 A convolution is a matrix product of its patches: for NHWC input and HWIO weights,
 ``conv(x, w) = patches(x) @ w.reshape(KH*KW*C, O)``, with ``patches`` built by padding and
-``KH*KW`` strided slices (cheap copies; the same im2col PERF_NOTES measured for the
-float path). This is how the Pallas backends, which only multiply matrices, reach every
+``KH*KW`` strided slices (cheap copies). This is how the Pallas backends, which only multiply matrices, reach every
 convolution of the integer executor. On the XLA backend ``method="auto"`` picks the faster
 of im2col and ``lax.conv_general_dilated(..., preferred_element_type=int32)``, as measured
 by ``benchmarks/int_matmul.py`` (see benchmarks/RESULTS.md).

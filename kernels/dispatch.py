@@ -145,7 +145,7 @@ def int_matmul(a, b, *, out_scale: Requant | None = None, backend: str = "auto",
         ``"auto"`` = :func:`default_backend`: Pallas Triton on GPU, Pallas Mosaic on TPU,
         the XLA ``dot_general`` reference on CPU.
     interpret : bool, optional
-        Run a Pallas kernel in interpret mode (a correctness tool, 5-100x slower than XLA).
+        Run a Pallas kernel in interpret mode (a correctness tool, far slower than XLA).
         Default: only when the kernel's platform is not JAX's default backend.
     blocks : TritonBlocks or MosaicBlocks, optional
         Tile sizes of the Pallas backend; default: :data:`hqjax.kernels.tiles.TILES` for the

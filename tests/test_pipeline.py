@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import hqjax
 from hqjax.cli import main
 from hqjax.config import RunConfig
 
@@ -57,7 +58,10 @@ def test_every_output_exists_and_parses(job):
     report = open(os.path.join(job, "report.md")).read()
     for name in ("density.png", "traces.png", "bits.png", "pareto.png"):
         assert f"]({name})" in report
-    assert os.path.exists(os.path.join(job, "int_model")) or any(f.startswith("int_model") for f in os.listdir(job))
+    # the integer model is exactly where the report says, and loads
+    assert os.path.isdir(os.path.join(job, "int_model"))
+    assert not [f for f in os.listdir(job) if f.startswith(".int_model")]  # no temporary left behind
+    assert isinstance(hqjax.load_integer_model(os.path.join(job, "int_model")), hqjax.IntegerModel)
 
 
 def test_outputs_agree(job):
@@ -103,21 +107,48 @@ def test_changed_budget_reruns_only_allocation_onwards(job, capsys):
     assert _json(job, "config.json")["budget"] == "0.9"
 
 
+# The command in a process that SIGKILLs itself (a real, uncatchable kill) once argv[1]
+# analysis units were written: the fault is injected here, the pipeline carries no hook.
+_KILLED_AFTER_UNITS = """
+import os, signal, sys
+from hqjax import pipeline
+from hqjax.cli import main
+
+written = pipeline.Job.unit_written
+
+
+def unit_written(self):
+    written(self)
+    if self.units_written >= int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+pipeline.Job.unit_written = unit_written
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def killed_after_units():
+    """``cmd(n, *argv)``: the ``hqjax`` command line run in a process killed after ``n`` units."""
+    return lambda n, *argv: [sys.executable, "-c", _KILLED_AFTER_UNITS, str(n), *argv]
+
+
 @pytest.mark.slow
-def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir):
+def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir, killed_after_units):
     out = str(tmp_path / "resumed")
     # the two processes share a persistent XLA cache, so the resumed one does not compile again
-    env = {**os.environ, "HQJAX_CACHE": cache_dir, "HQJAX_TEST_KILL_AFTER_UNITS": "2", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "HQJAX_CACHE": cache_dir, "JAX_PLATFORMS": "cpu",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    cmd = [sys.executable, "-m", "hqjax.cli", "analyze", "--out", out, *TINY]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    argv = ["analyze", "--out", out, *TINY]
+    proc = subprocess.run(killed_after_units(2, *argv), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     done = sorted(os.listdir(os.path.join(out, "analysis")))
     assert done == ["layer_000.json", "layer_001.json"]  # killed after two layers, nothing half-written
     assert not os.path.exists(os.path.join(out, "sensitivity.json"))
     mtimes = {f: os.stat(os.path.join(out, "analysis", f)).st_mtime_ns for f in done}
-    env.pop("HQJAX_TEST_KILL_AFTER_UNITS")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "hqjax.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("done before, reused") == 2  # finished layers are not recomputed
     assert {f: os.stat(os.path.join(out, "analysis", f)).st_mtime_ns for f in done} == mtimes

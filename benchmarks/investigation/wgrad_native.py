@@ -1,4 +1,4 @@
-"""Native convolution kernels (hqjax.kernels.cpu_wgrad) vs XLA:CPU and oneDNN, side by side in one process.
+"""Native convolution kernels (hqjax.kernels.cpu) vs XLA:CPU and oneDNN, side by side in one process.
 
 Per layer: ResNet-20's weight gradients at batch 128 (NHWC/HWIO), XLA's (``jax.vjp`` of
 ``lax.conv_general_dilated`` in the weights, as in conv_formulations_jax.py) vs the native
@@ -6,9 +6,9 @@ kernel; and its forward convolutions (the stride-1 ones are also the shapes of i
 gradients), XLA's vs oneDNN's (jaxlib's custom call) vs the native forward kernel. Whole
 model: ResNet-20 (batch 128) gradient, Hessian-vector product (jvp of grad) and linearized
 HVP (``hqjax.hessian(..., linearize=True)``, residuals hoisted as jit arguments) with
-``convolutions='xla'``, ``'onednn'``, ``'native'`` with oneDNN forward convolutions (native
-weight gradients only: ``cpu_conv.NATIVE_FORWARD = False``) and ``'native'`` with native
-forward convolutions too. Medians of --repeats calls, the variants of a
+plain XLA, ``accelerate(..., mode='onednn')``, ``mode='native'`` with oneDNN forward
+convolutions (native weight gradients only: ``native_forward=False``) and ``mode='native'``
+with native forward convolutions too. Medians of --repeats calls, the variants of a
 row interleaved so that load from other processes hits them alike (per layer, the minimum
 too: XLA's multi-threaded convolutions suffer far more from a loaded machine than the native
 kernel does, so medians on a busy machine flatter the native kernel).
@@ -26,9 +26,19 @@ import optax
 from jax import lax
 
 import hqjax
-from hqjax.kernels import cpu_conv
-from hqjax.kernels.cpu_conv import apply_convolutions, cpu_convolutions
-from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, forward_ffi_call, library, native_forward_status, native_wgrad_status
+from hqjax.kernels.cpu import accelerate
+from hqjax.kernels.cpu._library import library
+from hqjax.kernels.cpu.conv_forward import forward_ffi_call, native_forward_status
+from hqjax.kernels.cpu.conv_weight_grad import conv2d_weight_grad, native_wgrad_status
+from hqjax.kernels.cpu.rewrite import Rewrites, rewrite
+
+
+def cpu_convolutions(fn):
+    return rewrite(fn, Rewrites(onednn=True))
+
+
+def _with(fn, mode, fwd):
+    return fn if mode == "xla" else accelerate(fn, mode=mode, native_forward=fwd)
 from hqjax.models import ResNet20
 
 LAYERS = [(32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2)]  # H, CI, CO, stride; 3x3 SAME
@@ -107,19 +117,18 @@ def model(batch, repeats):
         logits = net.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
+    v = hqjax.tree.tree_random_like(jax.random.key(1), params, "rademacher")
     variants = {"xla": ("xla", False), "onednn": ("onednn", False), "native wgrad": ("native", False),
                 "native wgrad+fwd": ("native", True)}
     ops = {}
     for name, (m, fwd) in variants.items():
-        cpu_conv.NATIVE_FORWARD = fwd  # read when apply_convolutions runs: at construction/trace below
-        grad = jax.jit(apply_convolutions(jax.grad(loss), m))
-        hvp = jax.jit(lambda p, v, m=m: hqjax.hvp(loss, p, v, convolutions=m))
-        lin = hoisted(hqjax.hessian(loss, params, linearize=True, check_finite=False, convolutions=m), v)
-        jax.block_until_ready((grad(params), hvp(params, v), lin(v)))  # traced now, under this flag
+        grad = jax.jit(_with(jax.grad(loss), m, fwd))
+        hvp = jax.jit(_with(lambda p, v: hqjax.hvp(loss, p, v), m, fwd))
+        lin_fn = jax.linearize(_with(jax.grad(loss), m, fwd), params)[1]
+        lin = hoisted(lambda v, f=lin_fn: f(v), v)
+        jax.block_until_ready((grad(params), hvp(params, v), lin(v)))
         ops[name] = {"gradient": lambda g=grad: g(params), "HVP (jvp of grad)": lambda h=hvp: h(params, v),
                      "linearized HVP": lambda l=lin: l(v)}
-    cpu_conv.NATIVE_FORWARD = True
     names = list(variants)
     print(f"\n| ResNet-20, batch {batch} | " + " | ".join(f"'{m}' ms" for m in names)
           + " | wgrad+fwd vs onednn | wgrad+fwd vs wgrad |")

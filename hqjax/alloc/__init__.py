@@ -6,13 +6,25 @@ sensitivity table and the metric registry: HAWQ-V1, V2, V3, Q-BERT and user metr
 frontier of sensitivity against size or BOPS).
 """
 
-from hqjax.alloc.costs import *  # noqa: F401,F403
-from hqjax.alloc.costs import __all__ as _costs_all
-from hqjax.alloc.sensitivity import *  # noqa: F401,F403
-from hqjax.alloc.sensitivity import __all__ as _sensitivity_all
-from hqjax.alloc.solve import *  # noqa: F401,F403
-from hqjax.alloc.solve import __all__ as _solve_all
-from hqjax.alloc.pareto import *  # noqa: F401,F403
-from hqjax.alloc.pareto import __all__ as _pareto_all
+from hqjax.alloc.costs import (
+    COST_KINDS, LayerCosts, LayerShape, layer_shapes, load_latency_table, measure_latency_table,
+    save_latency_table,
+)
+from hqjax.alloc.sensitivity import (
+    LayerSensitivity, SensitivityTable, get_metric, hawq_v1_finetune_order, hawq_v1_order,
+    metric_names, register_metric, sensitivity_scores, sensitivity_table, weight_perturbations,
+)
+from hqjax.alloc.solve import (
+    Allocation, Alpha, InfeasibleBudgetError, allocate, alpha,
+)
+from hqjax.alloc.pareto import (
+    ParetoFrontier, pareto_frontier, plot_pareto,
+)
 
-__all__: list[str] = [*_costs_all, *_sensitivity_all, *_solve_all, *_pareto_all]
+__all__ = [
+    "COST_KINDS", "LayerCosts", "LayerShape", "layer_shapes", "load_latency_table",
+    "measure_latency_table", "save_latency_table", "LayerSensitivity", "SensitivityTable",
+    "get_metric", "hawq_v1_finetune_order", "hawq_v1_order", "metric_names", "register_metric",
+    "sensitivity_scores", "sensitivity_table", "weight_perturbations", "Allocation", "Alpha",
+    "InfeasibleBudgetError", "allocate", "alpha", "ParetoFrontier", "pareto_frontier", "plot_pareto",
+]

@@ -5,7 +5,7 @@ The program (HAWQ-V3 Eq. 12): binary ``x[g, c]`` (group ``g`` takes choice ``c``
 minimize ``sum_{g,c} score[g, c] x[g, c]``.
 
 Why the coefficients are rewritten before they reach a solver: raw costs (BOPS around
-1e10-1e12) made SCIP report OPTIMAL with a 3.5% worse objective (PERF_NOTES). Each row is
+1e10-1e12) made SCIP report OPTIMAL with a worse objective. Each row is
 shifted by its group's smallest allowed value (a constant, since exactly one choice is
 taken) and divided by the largest remaining coefficient, so every constraint coefficient is
 in [0, 1]; the objective is scaled up instead (see ``_objective``).

@@ -1,7 +1,7 @@
 """Where an estimator's loop runs: on the device (``lax.while_loop``) or on the host.
 
-XLA:CPU runs convolution gradients inside loop bodies 17-50x slower than outside them
-(PERF_NOTES; jax-ml/jax#12868), so on CPU an estimator's loop may run in Python over one
+XLA:CPU runs convolution gradients inside loop bodies much slower than outside them
+(jax-ml/jax#12868; ``benchmarks/curvature_loops.py``), so on CPU an estimator's loop may run in Python over one
 jitted step instead. The step is traced once with every array it closes over (params, data,
 linearization residuals) hoisted into arguments, so nothing large is baked into the
 compiled program as a constant. Both modes run the same step function, so they give the
@@ -25,7 +25,7 @@ def resolve_loop(loop: str, *trees: Any) -> str:
     """``'device'`` or ``'host'`` for a requested mode given the estimator's inputs.
 
     ``'auto'`` picks the host loop when the inputs are concrete and the default backend is
-    the CPU (measured faster there for convolutional models, see benchmarks/RESULTS.md),
+    the CPU (faster there for convolutional models, see ``benchmarks/RESULTS.md``),
     and the device loop otherwise (always under ``jit``, where the host cannot loop).
     """
     if loop not in LOOPS:
@@ -44,8 +44,7 @@ def _compiled(text: str, jaxpr_box: tuple, donate: bool = False) -> Callable:
     same model and shapes (new params values, new key) reuses the compiled step.
 
     ``donate`` lets XLA update the state in place: without it a host-loop step copies every
-    state array, e.g. SLQ's whole Krylov basis once per Lanczos step (3.6x slower measured on a
-    1.86 M-parameter model with 100 steps)."""
+    state array, e.g. SLQ's whole Krylov basis once per Lanczos step."""
     jaxpr = jaxpr_box[0]
     return jax.jit(lambda consts, leaves: jax.core.eval_jaxpr(jaxpr, consts, *leaves),
                    donate_argnums=(1,) if donate else ())
@@ -81,7 +80,7 @@ def make_while(cond: Callable, body: Callable, example: Any, loop: str) -> Calla
     """A reusable ``state -> final state`` runner with ``lax.while_loop`` semantics."""
     if loop == "host":
         # The step returns the next state and the test on it, so each iteration is one
-        # dispatch and one host sync (two dispatches cost ~10 ms/iteration on small models).
+        # dispatch and one host sync (a second dispatch is visible on small models).
         step = _hoist(lambda s: (lambda t: (t, cond(t)))(body(s)), example, donate=True)
         test = _hoist(cond, example)
         if step is not None and test is not None:

@@ -29,7 +29,8 @@ PyTree = Any
 
 
 def spectral_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, num_steps: int = 100,
-                     num_runs: int = 1, loop: str = "auto", reorth_passes: int = 2) -> DensityResult:
+                     num_runs: int = 1, loop: str = "auto", reorth_passes: int = 2,
+                     orthogonalize=None) -> DensityResult:
     """Quadrature nodes and weights of the spectrum of ``matvec`` (SLQ).
 
     Parameters
@@ -44,6 +45,8 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: ja
         keeps it orthogonal to working precision; 1 is PyHessian's choice and halves the
         per-step cost on large models, at the risk of spurious copies of converged Ritz values
         (weights then split between copies; moments are little affected).
+    orthogonalize : ``(w, V, j, passes) -> w``, the reorthogonalization of a Lanczos step;
+        default :func:`hqjax.curvature.lanczos.gram_schmidt` (plain JAX).
 
     Returns
     -------
@@ -65,7 +68,8 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], params: PyTree, key: ja
     def probe(r):
         return ravel(tree_random_like(jax.random.fold_in(key_probe, r), params, "rademacher"))
 
-    run = lanczos_runner(flat_mv, m, probe(0), loop, key_restart, reorth_passes=passes)
+    run = lanczos_runner(flat_mv, m, probe(0), loop, key_restart, reorth_passes=passes,
+                         orthogonalize=orthogonalize)
     nodes, weights = [], []
     for r in range(int(num_runs)):  # runs share the compiled step; few runs, so a Python loop
         alphas, betas, _, _ = run(probe(r))

@@ -52,8 +52,8 @@ def _power(flat_mv, n, dtype, key, k, max_iters, tol, loop):
     def body(s):
         i, it, v, prev, vals, vecs, iters, convs, (max_iters, tol) = s
         # PyHessian's orthnormal(v, eigenvectors): deflation. Skipped (v is already a unit
-        # vector) while no eigenvector is known: four passes over n, ~5 ms per iteration at
-        # 1.86 M parameters, more than the rest of the step's own work.
+        # vector) while no eigenvector is known: four passes over n, more than the rest of
+        # the step's own work on large models.
         v = jax.lax.cond(i > 0, lambda v: _unit(v - (vecs @ v) @ vecs), lambda v: v, v)
         w = flat_mv(v)
         lam = jnp.vdot(w, v)
@@ -93,7 +93,7 @@ def _top_ritz(alphas, betas, j, k):
     return theta[order], S[:, order], bounds[order]
 
 
-def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
+def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes, orthogonalize):
     m = min(int(max_iters), n)
     m = max(m, k)
 
@@ -103,7 +103,7 @@ def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
 
     kv, kb = jax.random.split(key)
     v0 = jax.random.normal(kv, (n,), dtype)
-    alphas, betas, V, j = lanczos_runner(flat_mv, m, v0, loop, kb, stop, reorth_passes)(v0)
+    alphas, betas, V, j = lanczos_runner(flat_mv, m, v0, loop, kb, stop, reorth_passes, orthogonalize)(v0)
     theta, S, bounds = _top_ritz(alphas, betas, j, k)
     vecs = S.T @ stack_basis(V, m)  # Ritz vectors [k, n]
     return theta, vecs, jnp.full((k,), j, jnp.int32), bounds <= tol * jnp.abs(theta)
@@ -111,7 +111,7 @@ def _lanczos(flat_mv, n, dtype, key, k, max_iters, tol, loop, reorth_passes):
 
 def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, k: int = 1,
                     method: str = "power", max_iters: int = 100, tol: float = 1e-3,
-                    loop: str = "auto", reorth_passes: int = 2) -> EigenResult:
+                    loop: str = "auto", reorth_passes: int = 2, orthogonalize=None) -> EigenResult:
     """The ``k`` eigenvalues of largest magnitude of a symmetric operator, with eigenvectors.
 
     Parameters
@@ -128,6 +128,8 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
     max_iters, tol : see ``method``; defaults are PyHessian's.
     loop : ``'auto'``, ``'device'`` or ``'host'`` (see ``hqjax.trace``).
     reorth_passes : Gram-Schmidt passes per Lanczos step (1 or 2; ``method='lanczos'`` only).
+    orthogonalize : ``(w, V, j, passes) -> w``, the reorthogonalization of a Lanczos step
+        (``method='lanczos'`` only); default :func:`hqjax.curvature.lanczos.gram_schmidt`.
 
     Returns
     -------
@@ -151,7 +153,8 @@ def top_eigenvalues(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax
     if method == "power":
         vals, vecs, iters, conv = _power(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop)
     else:
-        vals, vecs, iters, conv = _lanczos(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop, passes)
+        vals, vecs, iters, conv = _lanczos(flat_mv, n, dtype, key, int(k), int(max_iters), tol, loop, passes,
+                                           orthogonalize)
     res = EigenResult(vals, jax.vmap(unravel)(vecs), iters, method, conv)
     raise_if_not_finite(res.eigenvalues, what="top eigenvalue estimate")
     if not isinstance(conv, jax.core.Tracer) and not bool(jnp.all(conv)):  # under jit the flag says it

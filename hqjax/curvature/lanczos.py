@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from hqjax.curvature._loop import make_while
-from hqjax.kernels import cpu_wgrad
 
-# Whether Lanczos may reorthogonalize with hqjax's native Gram-Schmidt kernel on the CPU
-# (see _orthogonalize); False keeps XLA's classical Gram-Schmidt everywhere.
-NATIVE_GRAM_SCHMIDT = True
+__all__ = ["Orthogonalize", "basis_blocks", "check_reorth_passes", "gram_schmidt", "lanczos_runner",
+           "stack_basis", "tridiagonal"]
+
+# ``(w, V, j, passes) -> w`` with its components along basis vectors ``0..j`` removed.
+Orthogonalize = Callable[[jax.Array, tuple, jax.Array, int], jax.Array]
 
 
 def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
@@ -41,25 +42,16 @@ def basis_blocks(m: int) -> tuple[int, int]:
     return rows, -(-int(m) // rows)
 
 
-def _orthogonalize(w, V, j, passes: int):
+def gram_schmidt(w, V, j, passes: int):
     """Remove from ``w`` its components along basis vectors ``0..j`` (blocks ``V``), ``passes`` times.
 
-    One pass is Gram-Schmidt against the whole basis (PyHessian's SLQ does one modified
-    Gram-Schmidt pass); two passes restore orthogonality to working precision ("twice is
-    enough", Parlett 1998). On the CPU with the native kernel a pass is modified Gram-Schmidt
-    row by row; elsewhere it is classical Gram-Schmidt, block by block.
+    Classical Gram-Schmidt, block by block: one pass is Gram-Schmidt against the whole
+    basis (PyHessian's SLQ does one modified Gram-Schmidt pass); two passes restore
+    orthogonality to working precision ("twice is enough", Parlett 1998). The default
+    ``orthogonalize`` of :func:`lanczos_runner`; any function with this signature (e.g.
+    a native kernel) may replace it.
     """
     rows = V[0].shape[0] - 1  # the last row of a block is scratch (see _set_row)
-    if _native_gram_schmidt(w):
-        # Modified Gram-Schmidt, one basis row at a time, each row read from memory once
-        # (kernels/cpu_wgrad.cc): ~1.6x faster than the two matrix-vector products below,
-        # which stream every block from memory twice.
-        for _ in range(passes):
-            for b, Vb in enumerate(V):
-                count = jnp.clip(j - b * rows + 1, 0, rows)
-                w = jax.lax.cond(b * rows <= j, lambda w, Vb=Vb, count=count: cpu_wgrad.gram_schmidt(w, Vb, count),
-                                 lambda w: w, w)
-        return w
     for _ in range(passes):
         for b, Vb in enumerate(V):
             i = jnp.arange(rows + 1)
@@ -70,20 +62,12 @@ def _orthogonalize(w, V, j, passes: int):
     return w
 
 
-def _native_gram_schmidt(w) -> bool:
-    """Whether to reorthogonalize with the native kernel: float32 on a CPU backend, and the
-    kernel built and checked (:func:`hqjax.kernels.cpu_wgrad.native_gram_schmidt_status`)."""
-    return (w.dtype == jnp.float32 and jax.default_backend() == "cpu" and NATIVE_GRAM_SCHMIDT
-            and cpu_wgrad.native_gram_schmidt_status()[0])
-
-
 def _set_row(V, j, v):
     """The basis with vector ``j`` set to ``v``, written in place.
 
     Every block gets one row written, so no block needs a branch: the owner of vector ``j``
     at its row, the others at their scratch row. Selecting between ``v`` and the row already
-    there instead made XLA copy every block each step (measured: ~65 ms per step at 1.86 M
-    parameters).
+    there instead made XLA copy every block each step.
     """
     rows = V[0].shape[0] - 1
     out = []
@@ -107,7 +91,8 @@ def _normalize(w):
 
 
 def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, example_v0: jax.Array, loop: str,
-                   key: jax.Array, stop: Callable | None = None, reorth_passes: int = 2):
+                   key: jax.Array, stop: Callable | None = None, reorth_passes: int = 2,
+                   orthogonalize: Orthogonalize | None = None):
     """A function ``v0 -> (alphas [m], betas [m], V, steps)`` running ``m`` Lanczos steps.
 
     ``V`` is the basis as a tuple of row blocks (``stack_basis(V, m)`` gives ``[m, n]``).
@@ -116,8 +101,10 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
     orthogonal to ``V`` and the coupling is set to 0, so ``T`` stays exact and block-diagonal.
     ``stop(alphas, betas, j)`` (optional) ends the process early after step ``j``; the
     unused tail of ``alphas``/``betas`` is zero. ``reorth_passes`` (1 or 2) is the number of
-    Gram-Schmidt passes against the basis per step (see ``_orthogonalize``).
+    Gram-Schmidt passes against the basis per step, each done by ``orthogonalize``
+    (default :func:`gram_schmidt`, plain JAX).
     """
+    orthogonalize = gram_schmidt if orthogonalize is None else orthogonalize
     m = int(num_steps)
     passes = check_reorth_passes(reorth_passes)
     n = example_v0.shape[0]
@@ -131,7 +118,7 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
         norm_est = jnp.maximum(norm_est, jnp.linalg.norm(w))  # running lower bound on ||M||
         alpha = jnp.vdot(w, v)
         w = w - alpha * v - beta_prev * v_prev
-        w = _orthogonalize(w, V, j, passes)
+        w = orthogonalize(w, V, j, passes)
         beta = jnp.linalg.norm(w)
         # Breakdown relative to ||M||, not to this step: after the Krylov space is exhausted
         # what remains of w is rounding noise, which must not become a basis vector.
@@ -139,7 +126,7 @@ def lanczos_runner(flat_mv: Callable[[jax.Array], jax.Array], num_steps: int, ex
 
         def restart(w):
             # always two passes: a random vector starts far from orthogonal to the basis
-            fresh = _orthogonalize(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), V, j, 2)
+            fresh = orthogonalize(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), V, j, 2)
             # A fresh vector keeps most of its norm (~sqrt(n - j)) unless the whole space is spanned.
             return jnp.where(jnp.linalg.norm(fresh) < 0.5, 0.0, fresh)
 

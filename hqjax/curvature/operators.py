@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hqjax.kernels.cpu_conv import apply_convolutions
 from hqjax.tree import check_same_structure
 
 __all__ = ["hvp", "hessian", "ggn", "dataset_loss", "is_concrete"]
@@ -38,18 +37,7 @@ def _check_loss_finite(value, what: str) -> None:
         )
 
 
-_CONVOLUTIONS_DOC = """convolutions : ``'auto'`` (default), ``'native'``, ``'onednn'`` or ``'xla'``: how
-        convolutions in ``f`` run. ``'onednn'`` rewrites them with
-        :func:`hqjax.kernels.cpu_convolutions` (oneDNN for small windows, explicit layouts
-        for weight gradients; same values, 1.3-1.4x faster Hessian-vector products on
-        ResNet-20 on XLA:CPU); ``'native'`` also runs 2-D weight gradients and forward
-        convolutions through hqjax's own kernels (:mod:`hqjax.kernels.cpu_wgrad`, compiled
-        on first use; oneDNN where a self-check fails); ``'auto'`` picks
-        the fastest of those whose self-checks pass when the default backend is the CPU;
-        ``'xla'`` leaves XLA's convolutions alone."""
-
-
-def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, *, convolutions: str = "auto") -> PyTree:
+def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
     """Hessian-vector product ``H(params) v`` of a scalar ``f``, forward-over-reverse.
 
     Parameters
@@ -57,21 +45,17 @@ def hvp(f: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, *, convolut
     f : scalar loss ``f(params)``.
     params : the point at which the Hessian is taken.
     v : direction, a pytree with the structure and shapes of ``params``.
-    {convolutions}
 
     Returns
     -------
     ``jax.jvp(jax.grad(f), (params,), (v,))[1]``, shaped like ``params``.
     """
     check_same_structure(params, v, "params", "v")
-    return jax.jvp(apply_convolutions(jax.grad(f), convolutions), (params,), (v,))[1]
-
-
-hvp.__doc__ = hvp.__doc__.format(convolutions=_CONVOLUTIONS_DOC)
+    return jax.jvp(jax.grad(f), (params,), (v,))[1]
 
 
 def hessian(f: Callable[[PyTree], jax.Array], params: PyTree, *, linearize: bool = False,
-            check_finite: bool = True, convolutions: str = "auto") -> Matvec:
+            check_finite: bool = True) -> Matvec:
     """The Hessian of ``f`` at ``params`` as an operator ``v -> H v``.
 
     Parameters
@@ -79,20 +63,18 @@ def hessian(f: Callable[[PyTree], jax.Array], params: PyTree, *, linearize: bool
     f : scalar loss ``f(params)``.
     params : the point at which the Hessian is taken.
     linearize : if True, ``jax.linearize(jax.grad(f), params)`` runs once now and every
-        product reuses its residuals: each product is cheaper (about a fifth less on
-        ResNet-20, PERF_NOTES) but the residuals (about twice the activations) stay in memory
+        product reuses its residuals: each product is cheaper but the residuals (about twice the activations) stay in memory
         as long as the operator lives. If False, every product recomputes the forward pass.
     check_finite : when ``params`` are concrete (not under ``jit``), evaluate the loss (or,
         with ``linearize``, use the gradient computed anyway) once and raise
         ``FloatingPointError`` if it is NaN/inf. Under ``jit`` no check is possible here.
-    {convolutions}
 
     Returns
     -------
     matvec : ``v -> H v`` over pytrees shaped like ``params``; works under ``jit``/``vmap``.
     """
     if linearize:
-        g, lin = jax.linearize(apply_convolutions(jax.grad(f), convolutions), params)
+        g, lin = jax.linearize(jax.grad(f), params)
         if check_finite:
             _check_loss_finite(jnp.sum(jnp.stack([jnp.sum(x) for x in jax.tree.leaves(g)])), "the gradient of the loss")
 
@@ -103,14 +85,11 @@ def hessian(f: Callable[[PyTree], jax.Array], params: PyTree, *, linearize: bool
         return matvec
     if check_finite and is_concrete(params):
         _check_loss_finite(f(params), "the loss")
-    return lambda v: hvp(f, params, v, convolutions=convolutions)
-
-
-hessian.__doc__ = hessian.__doc__.format(convolutions=_CONVOLUTIONS_DOC)
+    return lambda v: hvp(f, params, v)
 
 
 def ggn(model_fn: Callable[[PyTree], PyTree], loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
-        *, check_finite: bool = True, convolutions: str = "auto") -> Matvec:
+        *, check_finite: bool = True) -> Matvec:
     """The generalized Gauss-Newton operator ``v -> J^T H_L J v`` (Schraudolph 2002).
 
     Parameters
@@ -120,7 +99,6 @@ def ggn(model_fn: Callable[[PyTree], PyTree], loss_fn: Callable[[PyTree], jax.Ar
     params : the linearization point.
     check_finite : raise ``FloatingPointError`` eagerly if the loss at ``params`` is not
         finite (only when not under ``jit``).
-    {convolutions}
 
     Returns
     -------
@@ -129,7 +107,6 @@ def ggn(model_fn: Callable[[PyTree], PyTree], loss_fn: Callable[[PyTree], jax.Ar
     """
     if check_finite and is_concrete(params):
         _check_loss_finite(loss_fn(model_fn(params)), "the loss")
-    model_fn = apply_convolutions(model_fn, convolutions)
 
     def matvec(v):
         check_same_structure(params, v, "params", "v")
@@ -139,9 +116,6 @@ def ggn(model_fn: Callable[[PyTree], PyTree], loss_fn: Callable[[PyTree], jax.Ar
         return vjp(hjv)[0]
 
     return matvec
-
-
-ggn.__doc__ = ggn.__doc__.format(convolutions=_CONVOLUTIONS_DOC.replace("``f``", "``model_fn``"))
 
 
 def dataset_loss(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: PyTree, counts=None,
@@ -162,9 +136,9 @@ def dataset_loss(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: PyTree
         give the number of valid rows (``hqjax.data.stack_batches`` returns both).
     batches : pytree whose leaves share a leading axis ``num_batches``.
     counts : ``[num_batches]`` examples per batch (weights); ``None`` means equal batches.
-    unroll : passed to ``lax.scan``. On XLA:CPU convolution gradients inside a loop body are
-        slow (PERF_NOTES); for conv models on CPU with few batches, ``unroll=True`` trades
-        compile time for speed.
+    unroll : passed to ``lax.scan``. On XLA:CPU convolution gradients inside a loop body
+        are slow; for conv models on CPU with few batches, ``unroll=True`` trades compile
+        time for speed.
 
     Returns
     -------

@@ -82,7 +82,7 @@ def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_siz
         vals, w = chunk_values(c, limits[1])
         n, mean, m2 = _welford_merge((n, mean, m2), vals, w)
         # PyHessian's stopping rule, on |running mean| (its signed version stops after two
-        # probes when the mean is negative; PERF_NOTES).
+        # probes when the mean is negative).
         done = (c >= 1) & (jnp.abs(mean[0] - prev) / (jnp.abs(prev) + 1e-6) < limits[2])
         return c + 1, n, mean, m2, mean[0], limits, done
 

@@ -15,13 +15,19 @@ Multi-host start-up is one process per host calling :func:`initialize` (a thin w
 ``jax.distributed.initialize``) before anything else touches devices; see the README.
 """
 
-from hqjax.distributed.sharding import *  # noqa: F401,F403
-from hqjax.distributed.sharding import __all__ as _sharding_all
-from hqjax.distributed.probes import *  # noqa: F401,F403
-from hqjax.distributed.probes import __all__ as _probes_all
-from hqjax.distributed.sweep import *  # noqa: F401,F403
-from hqjax.distributed.sweep import __all__ as _sweep_all
-
+from hqjax.distributed.sharding import (
+    data_parallel_hessian, data_parallel_loss, make_mesh, replicate, shard_batch,
+)
+from hqjax.distributed.probes import (
+    probe_parallel_density, probe_parallel_trace,
+)
+from hqjax.distributed.sweep import (
+    Job, SweepReport, initialize, job_key, load_results, make_jobs, run_sweep,
+)
 from hqjax.distributed.command import sweep_main
 
-__all__ = [*_sharding_all, *_probes_all, *_sweep_all, "sweep_main"]
+__all__ = [
+    "data_parallel_hessian", "data_parallel_loss", "make_mesh", "replicate", "shard_batch",
+    "probe_parallel_density", "probe_parallel_trace", "Job", "SweepReport", "initialize", "job_key",
+    "load_results", "make_jobs", "run_sweep", "sweep_main",
+]

@@ -56,7 +56,7 @@ def _run_sharded(fn: Callable, example: Any, xs: jax.Array, mesh: Mesh, axis: st
     """``stack([fn(x) for x in xs])`` with the rows of ``xs`` split over mesh ``axis``.
 
     ``loop='host'``: one jitted ``shard_map`` call per round, every device taking one row;
-    XLA:CPU runs convolution gradients 17-50x slower inside loop bodies (PERF_NOTES), so
+    XLA:CPU runs convolution gradients much slower inside loop bodies (jax-ml/jax#12868), so
     this is the CPU default. ``'device'``: one call, each device running its rows in a
     ``lax.map`` (the right default on GPU/TPU, and the only choice under ``jit``).
     """

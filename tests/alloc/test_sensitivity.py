@@ -99,7 +99,7 @@ def test_hawq_v1_orders_are_deterministic():
         "b": hqjax.LayerSensitivity(5, {4: 1.0, 8: 0.2}, eigenvalues=(1.0,)),
     })
     # λ/n: a 2.0, c 2.0, b 0.2 -> the tie a/c is broken by name.
-    assert hqjax.hawq_v1_order(table) == ["a", "c", "b"]
+    assert hqjax.alloc.hawq_v1_order(table) == ["a", "c", "b"]
     # Ω = λ ||Q(W)-W||^2 at the assigned bits: a 40*0.1=4, c 20*1=20, b 1*1=1.
     cfg = {"a": {"weight_bits": 8, "act_bits": 8}, "c": 4, "b": 4}
-    assert hqjax.hawq_v1_finetune_order(table, cfg) == ["c", "a", "b"]
+    assert hqjax.alloc.hawq_v1_finetune_order(table, cfg) == ["c", "a", "b"]

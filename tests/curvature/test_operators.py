@@ -9,7 +9,7 @@ import hqjax
 
 
 def _rand(key, like):
-    return hqjax.tree_random_like(key, like, "gaussian")
+    return hqjax.tree.tree_random_like(key, like, "gaussian")
 
 
 def test_hvp_and_both_hessian_operators_match_jax_hessian(cnn):

@@ -40,46 +40,44 @@ def reference(problem):
     }
 
 
-def _close(a, b, rtol=RTOL):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
 
 
 @pytest.mark.parametrize("loop", ["host", "device"])
-def test_probe_parallel_trace_equals_single_device(problem, reference, loop):
+def test_probe_parallel_trace_equals_single_device(problem, reference, loop, assert_close):
     _, params, _, matvec = problem
     key, ref = reference[0], reference[1]["trace"]
     got = hd.probe_parallel_trace(matvec, params, key, hd.make_mesh("probe"), num_probes=11, loop=loop)
     assert int(got.num_probes) == 11 and got.block_names == ref.block_names
-    _close(got.total, ref.total)
-    _close(got.block_traces, ref.block_traces)
-    _close(got.total_stderr, ref.total_stderr, rtol=1e-4)
+    assert_close(got.total, ref.total)
+    assert_close(got.block_traces, ref.block_traces)
+    assert_close(got.total_stderr, ref.total_stderr, rtol=1e-4)
     # A different key gives different probes: the comparison above is not vacuous.
     other = hd.probe_parallel_trace(matvec, params, jax.random.key(8), hd.make_mesh("probe"), num_probes=11, loop=loop)
     assert abs(float(other.total) - float(ref.total)) > 1e-4
 
 
-def test_probe_parallel_density_equals_single_device(problem, reference):
+def test_probe_parallel_density_equals_single_device(problem, reference, assert_close):
     _, params, _, matvec = problem
     key, ref = reference[0], reference[1]["density"]
     mesh = hd.make_mesh("probe", devices=jax.devices()[:2])  # 3 runs on 2 devices: one padded run
     got = hd.probe_parallel_density(matvec, params, key, mesh, num_steps=8, num_runs=3)
     assert got.nodes.shape == (3, 8)
-    _close(got.nodes, ref.nodes)
-    _close(got.weights, ref.weights)
+    assert_close(got.nodes, ref.nodes)
+    assert_close(got.weights, ref.weights)
 
 
-def test_data_parallel_trace_eigen_density_equal_single_device(problem, reference):
+def test_data_parallel_trace_eigen_density_equal_single_device(problem, reference, assert_close):
     loss_fn, params, batch, _ = problem
     key, ref = reference
     dp = hd.data_parallel_hessian(loss_fn, params, batch, hd.make_mesh("data"))  # 16 examples: 2 per device
     t = hqjax.trace(dp, params, key, num_probes=11)
-    _close(t.total, ref["trace"].total)
-    _close(t.block_traces, ref["trace"].block_traces)
+    assert_close(t.total, ref["trace"].total)
+    assert_close(t.block_traces, ref["trace"].block_traces)
     e = hqjax.top_eigenvalues(dp, params, key, max_iters=30, tol=1e-6)
-    _close(e.eigenvalues, ref["eigen"].eigenvalues)
+    assert_close(e.eigenvalues, ref["eigen"].eigenvalues)
     d = hqjax.spectral_density(dp, params, key, num_steps=8, num_runs=3)
-    _close(d.nodes, ref["density"].nodes)
-    _close(d.weights, ref["density"].weights)
+    assert_close(d.nodes, ref["density"].nodes)
+    assert_close(d.weights, ref["density"].weights)
 
 
 def test_unknown_axis_is_named(problem):

@@ -1,7 +1,5 @@
 """Shared helpers for the kernel tests: random int operands and exact NumPy oracles."""
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -68,54 +66,3 @@ def make_requant():
         zero = r.integers(0, 20, n) if zero_point else None
         return requant_from_scale(scale, bias, zero_point=zero, out_dtype=out_dtype, clip=clip)
     return make
-
-
-@pytest.fixture(scope="session")
-def resnet_loss():
-    """``make(batch) -> (loss(params), params)``: ResNet-20 in eval mode on a random batch."""
-    import jax
-    import optax
-
-    from hqjax.models import ResNet20
-
-    def make(batch=2):
-        k = jax.random.split(jax.random.key(0), 3)
-        model, x = ResNet20(), jax.random.normal(k[0], (batch, 32, 32, 3))
-        y = jax.random.randint(k[1], (batch,), 0, 10)
-        variables = model.init(k[2], x, train=False)
-        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False), y).mean()
-        return loss, variables["params"]
-
-    return make
-
-
-@pytest.fixture
-def scalar_isa():
-    """Runs the test with the native kernels forced onto their portable (scalar) code path."""
-    from hqjax.kernels import cpu_wgrad
-
-    lib = cpu_wgrad.library()
-    isa = lib.hqjax_wgrad_isa()
-    assert lib.hqjax_wgrad_set_isa(0) == 0
-    yield
-    lib.hqjax_wgrad_set_isa(isa)
-
-
-@pytest.fixture
-def no_compiler(monkeypatch, tmp_path):
-    """A process in which the native kernels cannot be built: a compiler that does not exist."""
-    from hqjax.kernels import cpu_conv, cpu_matmul, cpu_wgrad
-
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
-    monkeypatch.setenv("HQJAX_CACHE_DIR", str(tmp_path / "cache"))
-    # fresh once-per-process caches, restored (with the real library) when the test ends
-    monkeypatch.setattr(cpu_wgrad, "_register", functools.lru_cache(maxsize=1)(cpu_wgrad._register.__wrapped__))
-    for name in ("native_wgrad_status", "native_forward_status", "native_gram_schmidt_status"):
-        status = functools.lru_cache(maxsize=1)(getattr(cpu_wgrad, name).__wrapped__)
-        monkeypatch.setattr(cpu_wgrad, name, status)
-        if hasattr(cpu_conv, name):
-            monkeypatch.setattr(cpu_conv, name, status)
-    status = functools.lru_cache(maxsize=1)(cpu_matmul.native_matmul_status.__wrapped__)
-    monkeypatch.setattr(cpu_matmul, "native_matmul_status", status)
-    monkeypatch.setattr(cpu_conv, "native_matmul_status", status)

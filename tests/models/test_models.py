@@ -13,7 +13,7 @@ def test_models_run_and_have_expected_size(name, shape):
     out = m.apply(v, jnp.ones(shape), train=False)
     assert out.shape == (2, 10)
     if name == "resnet20":
-        assert hqjax.tree_size(v["params"]) == 269_722  # He et al. 2016, option-A shortcuts
+        assert hqjax.tree.tree_size(v["params"]) == 269_722  # He et al. 2016, option-A shortcuts
 
 
 def test_resnet_train_mode_updates_batch_stats_and_eval_does_not():

@@ -80,7 +80,7 @@ def test_nnx_model_matches_linen_quantize_model(nnx_setup):
     for x in xs:
         linen_vars = lq.calibrate(linen_vars, x)
     chex_equal = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    jax.tree.map(chex_equal, stats, linen_vars[hqjax.STATS])
+    jax.tree.map(chex_equal, stats, linen_vars[hqjax.quant.STATS])
     y_nnx = jax.jit(qm.apply)(params, rest, stats, xs[0])
     y_linen = jax.jit(lq.apply)(linen_vars, xs[0])
     np.testing.assert_allclose(y_nnx, y_linen, rtol=1e-6, atol=1e-6)

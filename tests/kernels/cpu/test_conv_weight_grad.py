@@ -1,4 +1,4 @@
-"""hqjax.kernels.cpu_wgrad: the native weight gradient equals lax's, under every transform."""
+"""hqjax.kernels.cpu.conv_weight_grad: the native weight gradient equals lax's, under every transform."""
 
 import functools
 
@@ -9,12 +9,15 @@ import pytest
 from jax import lax
 
 import hqjax
-from hqjax.kernels import cpu_conv, cpu_wgrad
-from hqjax.kernels.cpu_conv import cpu_convolutions, resolve_convolutions
-from hqjax.kernels.cpu_wgrad import conv2d_weight_grad, native_wgrad_status, reference_weight_grad
+from hqjax.kernels.cpu import _library, accelerate, conv_primitives, conv_weight_grad, gram_schmidt
+from hqjax.kernels.cpu.conv_weight_grad import conv2d_weight_grad, reference_weight_grad
+from hqjax.kernels.cpu.rewrite import Rewrites, rewrite
 
-needs_native = pytest.mark.skipif(not native_wgrad_status()[0],
-                                  reason=f"native weight gradient unavailable: {native_wgrad_status()[1]}")
+
+def cpu_convolutions(fn, *, onednn=True, native_wgrad=False, native_forward=False, native_matmul=False,
+                     min_native_width=0):
+    """The rewrite with the given kernels on (the width gate off unless asked: the kernels are tested on any shape)."""
+    return rewrite(fn, Rewrites(onednn, native_wgrad, native_forward, native_matmul, min_native_width))
 
 CASES = [  # x shape (NHWC), kernel (KH, KW), strides, padding, CO
     ((4, 9, 9, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), 5),
@@ -45,30 +48,28 @@ def _params(case):
     return dict(kernel_size=case[1], window_strides=case[2], padding=case[3])
 
 
-def _close(got, want, rtol=1e-5):
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(jnp.abs(want).max()))
 
 
-@needs_native
+@pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("case", CASES)
-def test_native_weight_grad_equals_lax(case):
+def test_native_weight_grad_equals_lax(case, assert_close):
     x, dy = _operands(case)
     want = _lax_weight_grad(x, dy, *case[1:4])
-    _close(jax.jit(functools.partial(reference_weight_grad, **_params(case)))(x, dy), want)
+    assert_close(jax.jit(functools.partial(reference_weight_grad, **_params(case)))(x, dy), want)
     f = jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))
     assert "hqjax_conv2d_weight_grad_f32" in f.lower(x, dy).as_text()
-    _close(f(x, dy), want)
+    assert_close(f(x, dy), want)
 
 
-@needs_native
-def test_portable_micro_kernel_equals_lax(scalar_isa):
+@pytest.mark.usefixtures("native")
+def test_portable_micro_kernel_equals_lax(scalar_isa, assert_close):
     for case in CASES[:5]:
         x, dy = _operands(case)
-        _close(jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))(x, dy),
+        assert_close(jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))(x, dy),
                _lax_weight_grad(x, dy, *case[1:4]))
 
 
-@needs_native
+@pytest.mark.usefixtures("native")
 def test_results_do_not_depend_on_scheduling():
     case = CASES[1]
     x, dy = _operands(case)
@@ -78,23 +79,23 @@ def test_results_do_not_depend_on_scheduling():
         np.testing.assert_array_equal(np.asarray(f(x, dy)), first)
 
 
-@needs_native
+@pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
-def test_jvp_vjp_vmap_of_native_weight_grad(case):
+def test_jvp_vjp_vmap_of_native_weight_grad(case, assert_close):
     p = _params(case)
     nat, ref = functools.partial(conv2d_weight_grad, **p), functools.partial(reference_weight_grad, **p)
     (x, dy), (dx, ddy) = _operands(case), _operands(case, seed=1)
     t_want = jax.jvp(ref, (x, dy), (dx, ddy))[1]
-    _close(jax.jit(lambda *a: jax.jvp(nat, a[:2], a[2:])[1])(x, dy, dx, ddy), t_want)
+    assert_close(jax.jit(lambda *a: jax.jvp(nat, a[:2], a[2:])[1])(x, dy, dx, ddy), t_want)
     ct = jnp.asarray(np.random.default_rng(2).standard_normal(t_want.shape), jnp.float32)
     for w, g in zip(jax.vjp(ref, x, dy)[1](ct), jax.jit(lambda x, dy: jax.vjp(nat, x, dy)[1](ct))(x, dy)):
-        _close(g, w)
+        assert_close(g, w)
     y, lin = jax.linearize(nat, x, dy)  # linearize keeps the tangent maps native
-    _close(lin(dx, ddy), t_want)
+    assert_close(lin(dx, ddy), t_want)
     assert "conv2d_weight_grad" in str(jax.make_jaxpr(lin)(dx, ddy))
     xs, dys = jnp.stack([x, dx]), jnp.stack([dy, ddy])
     for axes, args in [((0, 0), (xs, dys)), ((0, None), (xs, dy)), ((None, 0), (x, dys))]:
-        _close(jax.jit(jax.vmap(nat, axes))(*args), jax.vmap(ref, axes)(*args))
+        assert_close(jax.jit(jax.vmap(nat, axes))(*args), jax.vmap(ref, axes)(*args))
 
 
 FORWARD = [  # forward convolutions whose weight gradients the rewrite must recognize
@@ -104,9 +105,9 @@ FORWARD = [  # forward convolutions whose weight gradients the rewrite must reco
 ]
 
 
-@needs_native
+@pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("case", FORWARD)
-def test_rewrite_runs_weight_gradients_natively(case):
+def test_rewrite_runs_weight_gradients_natively(case, assert_close):
     lhs_shape, rhs_shape, strides, padding, dn = case
     r = np.random.default_rng(0)
     x = jnp.asarray(r.standard_normal(lhs_shape), jnp.float32)
@@ -118,103 +119,81 @@ def test_rewrite_runs_weight_gradients_natively(case):
     prims = {e.primitive.name for e in jax.make_jaxpr(rewritten)(x, w).jaxpr.eqns}
     assert "conv2d_weight_grad" in prims
     for got, want in zip(jax.jit(rewritten)(x, w), grads(x, w)):
-        _close(got, want)
+        assert_close(got, want)
     # reverse mode through a rewritten forward pass: the oneDNN convolution's weight transpose
     fwd = cpu_convolutions(loss, native_wgrad=True)
     vjp_prims = str(jax.make_jaxpr(jax.grad(fwd, argnums=1))(x, w))
     assert "conv2d_weight_grad" in vjp_prims
-    _close(jax.jit(jax.grad(fwd, argnums=1))(x, w), grads(x, w)[1])
+    assert_close(jax.jit(jax.grad(fwd, argnums=1))(x, w), grads(x, w)[1])
 
 
 
-@needs_native
+@pytest.mark.usefixtures("native")
+@pytest.mark.slow
 def test_resnet_gradient_matches_xla(resnet_loss):
-    """(test_cpu_conv's ResNet test covers its HVPs with convolutions='auto', i.e. native.)"""
+    """(test_rewrite's ResNet test covers its HVPs with accelerate's 'auto', i.e. native.)"""
     loss, params = resnet_loss()
-    scale = lambda t: float(hqjax.tree_norm(t))
-    grad = cpu_conv.apply_convolutions(jax.grad(loss), "auto")
+    scale = lambda t: float(hqjax.tree.tree_norm(t))
+    grad = accelerate(jax.grad(loss))
     assert "conv2d_weight_grad" in {e.primitive.name for e in jax.make_jaxpr(grad)(params).jaxpr.eqns}
     want = jax.jit(jax.grad(loss))(params)
     assert scale(jax.tree.map(jnp.subtract, jax.jit(grad)(params), want)) <= 1e-5 * scale(want)
 
 
-def test_fallback_without_a_compiler(no_compiler):
-    ok, reason = cpu_wgrad.native_wgrad_status()
+def test_fallback_without_a_compiler(no_compiler, caplog, assert_close):
+    ok, reason = conv_weight_grad.native_wgrad_status()
     assert not ok and "no-such-c++" in reason
-    assert cpu_wgrad.library() is None
-    with pytest.raises(RuntimeError, match="convolutions='native' is unavailable"):
-        resolve_convolutions("native")
-    assert resolve_convolutions("auto") in ("onednn", "xla")
+    assert _library.library() is None
+    assert sum("native kernels are unavailable" in r.getMessage() for r in caplog.records) == 1  # warned once
     # the primitive itself still works: it lowers to XLA's convolution
     case = CASES[1]
     x, dy = _operands(case)
     f = jax.jit(functools.partial(conv2d_weight_grad, **_params(case)))
     assert "hqjax_conv2d_weight_grad_f32" not in f.lower(x, dy).as_text()
-    _close(f(x, dy), _lax_weight_grad(x, dy, *case[1:4]))
+    assert_close(f(x, dy), _lax_weight_grad(x, dy, *case[1:4]))
     lhs_shape, rhs_shape, strides, padding, dn = FORWARD[1]
     r = np.random.default_rng(0)
     x, w = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in (lhs_shape, rhs_shape))
     loss = lambda w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)))
     v = jnp.asarray(r.standard_normal(rhs_shape), jnp.float32)
-    _close(hqjax.hvp(loss, w, v, convolutions="auto"), hqjax.hvp(loss, w, v, convolutions="xla"), rtol=1e-4)
+    assert_close(accelerate(lambda w: hqjax.hvp(loss, w, v))(w), hqjax.hvp(loss, w, v), rtol=1e-4)
+    with pytest.raises(RuntimeError, match="mode='native' is unavailable"):
+        accelerate(lambda w: hqjax.hvp(loss, w, v), mode="native")(w)
 
 
-def test_fallback_when_compilation_fails(no_compiler, monkeypatch, tmp_path):
+def test_failed_build_is_remembered_on_disk(no_compiler, monkeypatch, tmp_path):
+    """A broken compiler costs one compile: the failure is recorded in the cache directory,
+    and a later process (fresh caches) reports it without compiling again."""
+    calls = tmp_path / "calls"
     fake = tmp_path / "broken-c++"
-    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho 'error: broken' >&2\nexit 3\n")
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho x >> {calls}\n"
+                    "echo 'error: broken' >&2\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
-    ok, reason = cpu_wgrad.native_wgrad_status()
+    ok, reason = conv_weight_grad.native_wgrad_status()
     assert not ok and "failed (3)" in reason and "broken" in reason
-    assert not list((tmp_path / "cache").glob("*.so"))  # no partial library left in the cache
+    assert not list(no_compiler.glob("*.so"))  # no partial library left in the cache
+    assert len(list(no_compiler.glob("*.failed"))) == 1
+    monkeypatch.setattr(_library, "register", functools.lru_cache(maxsize=1)(_library.register.__wrapped__))
+    ok, reason = _library.register()
+    assert not ok and "an earlier build with this compiler failed" in reason and "broken" in reason
+    assert calls.read_text().count("x") == 1  # compiled once, not once per process
 
 
-@needs_native
-@pytest.mark.parametrize("rows,n,count", [(1, 5, 1), (6, 4096 * 3 + 5, 4), (6, 70_001, 6), (3, 9, 0), (3, 9, 7),
-                                          (2, 4096 * 64 + 1, 2)])
-def test_native_gram_schmidt_equals_modified_gram_schmidt(rows, n, count):
-    r = np.random.default_rng(rows * n)
-    w = jnp.asarray(r.standard_normal(n), jnp.float32)
-    basis = jnp.asarray(r.standard_normal((rows, n)), jnp.float32)
-    basis = basis / jnp.linalg.norm(basis, axis=1, keepdims=True)
-    got = jax.jit(cpu_wgrad.gram_schmidt)(w, basis, count)
-    want = np.asarray(w, np.float64)
-    for v in np.asarray(basis, np.float64)[:min(count, rows)]:  # float64 modified Gram-Schmidt
-        want = want - (v @ want) * v
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(w)).max())
-    np.testing.assert_allclose(got, jax.jit(cpu_wgrad.reference_gram_schmidt)(w, basis, count), rtol=1e-4,
-                               atol=1e-5 * np.abs(np.asarray(w)).max())
-    # a fixed partition of n: the same bits every call, whatever the thread scheduling
-    np.testing.assert_array_equal(got, jax.jit(cpu_wgrad.gram_schmidt)(w, basis, count))
-
-
-@needs_native
-def test_portable_gram_schmidt_equals_reference(scalar_isa):
-    r = np.random.default_rng(1)
-    w = jnp.asarray(r.standard_normal(4096 * 3 + 5), jnp.float32)
-    basis = jnp.asarray(r.standard_normal((4, w.size)), jnp.float32)
-    basis = basis / jnp.linalg.norm(basis, axis=1, keepdims=True)
-    # the kernel reads the ISA at each call, so the portable sweep runs here
-    np.testing.assert_allclose(cpu_wgrad.gram_schmidt(w, basis, 3), cpu_wgrad.reference_gram_schmidt(w, basis, 3),
-                               rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
-
-
+@pytest.mark.usefixtures("native", "onednn")
 def test_status_checks_asked_first_inside_jit_still_pass(monkeypatch):
     """The self-checks run their cases eagerly: asked while a function is being traced, they
     must not fail on (and cache a failure from) tracers."""
-    fresh = {name: functools.lru_cache(maxsize=1)(getattr(cpu_wgrad, name).__wrapped__)
-             for name in ("native_wgrad_status", "native_gram_schmidt_status")}
-    for name, status in fresh.items():
-        monkeypatch.setattr(cpu_wgrad, name, status)
-    monkeypatch.setattr(cpu_conv, "onednn_status", functools.lru_cache(maxsize=1)(cpu_conv.onednn_status.__wrapped__))
+    fresh = {"wgrad": functools.lru_cache(maxsize=1)(conv_weight_grad.native_wgrad_status.__wrapped__),
+             "gram_schmidt": functools.lru_cache(maxsize=1)(gram_schmidt.native_gram_schmidt_status.__wrapped__),
+             "onednn": functools.lru_cache(maxsize=1)(conv_primitives.onednn_status.__wrapped__)}
     seen = {}
 
     @jax.jit
     def f(x):
-        seen.update({name: status() for name, status in fresh.items()}, onednn=cpu_conv.onednn_status())
+        seen.update({name: status() for name, status in fresh.items()})
         return x
 
     f(1.0)
-    for name, (ok, reason) in seen.items():
-        assert ok or "failed to run" not in reason and "Tracer" not in reason, (name, reason)
-    assert seen["native_wgrad_status"] == native_wgrad_status()
+    # the fixtures saw every check pass outside jit; inside, each must pass too
+    assert seen == {name: (True, "ok") for name in fresh}

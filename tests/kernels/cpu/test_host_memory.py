@@ -1,4 +1,4 @@
-"""hqjax.reuse_host_memory: XLA:CPU's scratch memory stops being faulted in on every call."""
+"""hqjax.kernels.cpu.reuse_host_memory: XLA:CPU's scratch memory stops being faulted in on every call."""
 
 import subprocess
 import sys
@@ -7,16 +7,16 @@ import warnings
 
 import pytest
 
-import hqjax
+import hqjax.kernels.cpu
 
 # A jitted function whose scratch buffer (cumsum's 80 MB intermediate) is larger than the
 # 64 MiB a non-main malloc arena can hold; prints the fewest minor page faults of one call
 # (the heap takes a few calls to settle where its blocks go).
 _SCRIPT = textwrap.dedent("""
     import resource, sys
-    import hqjax
+    import hqjax.kernels.cpu
     if sys.argv[1] == "reuse":
-        status = hqjax.reuse_host_memory()
+        status = hqjax.kernels.cpu.reuse_host_memory()
         assert status.applied, status
     import jax, jax.numpy as jnp
     f = jax.jit(lambda x: (jnp.cumsum(x) * x).sum())
@@ -54,7 +54,7 @@ def test_reuse_host_memory_after_jax_started_says_how_to_fix_it():
     jnp.ones(3).block_until_ready()  # the backend is running in this (pytest) process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        status = hqjax.reuse_host_memory()
+        status = hqjax.kernels.cpu.reuse_host_memory()
     if not sys.platform.startswith("linux"):
         assert not status.applied and "not Linux" in status.reason
         return
@@ -64,9 +64,9 @@ def test_reuse_host_memory_after_jax_started_says_how_to_fix_it():
     assert status.environment["MALLOC_ARENA_MAX"] == "1"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the command-line entry point asks quietly
-        assert hqjax.reuse_host_memory(warn=False) == status
+        assert hqjax.kernels.cpu.reuse_host_memory(warn=False) == status
 
 
 def test_reuse_host_memory_rejects_a_block_size_mallopt_cannot_take():
     with pytest.raises(ValueError, match="max_block_bytes"):
-        hqjax.reuse_host_memory(max_block_bytes=2**31)
+        hqjax.kernels.cpu.reuse_host_memory(max_block_bytes=2**31)

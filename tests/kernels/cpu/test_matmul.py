@@ -1,4 +1,4 @@
-"""The native strided GEMM (kernels/cpu_matmul.py) against lax.dot_general."""
+"""The native strided GEMM (hqjax.kernels.cpu.matmul) against lax.dot_general."""
 
 import functools
 
@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hqjax.kernels import cpu_conv, cpu_matmul
-from hqjax.kernels.cpu_matmul import matmul_form, native_matmul_status, strided_form, strided_matmul
+from hqjax.kernels.cpu import _library, matmul as cpu_matmul
+from hqjax.kernels.cpu.matmul import matmul_form, strided_form, strided_matmul
+from hqjax.kernels.cpu.rewrite import Rewrites, rewrite
+
+
+def _native_products(fn):
+    """``fn`` with its eligible matrix products (and nothing else) rewritten to the native GEMM."""
+    return rewrite(fn, Rewrites(native_matmul=True))
 
 # (lhs shape, rhs shape, dimension numbers): every layout, edge tiles (M % 6, N % 16), more
 # than one 256-step reduction block, several token axes, batches.
@@ -34,10 +40,6 @@ def _draw(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
 
 
-def _close(got, want, rtol=1e-5):
-    """Equal up to float32 rounding of sums in another order (absolute error scaled by the largest entry)."""
-    want = np.asarray(want)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()))
 
 
 def _lax(lhs, rhs, dn):
@@ -67,15 +69,15 @@ def test_strided_form_refuses_what_strides_cannot_say():
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 @pytest.mark.parametrize("ls,rs,dn", CASES)
-def test_native_product_equals_lax(ls, rs, dn, isa, request):
-    assert native_matmul_status() == (True, "ok")
+@pytest.mark.usefixtures("native")
+def test_native_product_equals_lax(ls, rs, dn, isa, request, assert_close):
     if isa == "scalar":
         request.getfixturevalue("scalar_isa")
     lhs, rhs = _draw(ls, 2), _draw(rs, 3)
     got = jax.jit(functools.partial(strided_matmul, dimension_numbers=dn))(lhs, rhs)
     want = _lax(lhs, rhs, dn)
     assert got.shape == want.shape and got.dtype == jnp.float32
-    _close(got, want)
+    assert_close(got, want)
 
 
 def test_native_product_is_deterministic_and_empty_contraction_is_zero():
@@ -87,18 +89,18 @@ def test_native_product_is_deterministic_and_empty_contraction_is_zero():
     assert z.shape == (3, 4, 5) and not np.any(np.asarray(z))
 
 
-def test_strided_matmul_differentiates_and_vmaps_like_lax():
+def test_strided_matmul_differentiates_and_vmaps_like_lax(assert_close):
     lhs, rhs = _draw((40, 9), 6), _draw((40, 11), 7)
     dn = (((0,), (0,)), ((), ()))
     mine = lambda l, r: strided_matmul(l, r, dn)
     ref = lambda l, r: _lax(l, r, dn)
     tl, tr = _draw((40, 9), 8), _draw((40, 11), 9)
-    _close(jax.jvp(mine, (lhs, rhs), (tl, tr))[1], jax.jvp(ref, (lhs, rhs), (tl, tr))[1])
+    assert_close(jax.jvp(mine, (lhs, rhs), (tl, tr))[1], jax.jvp(ref, (lhs, rhs), (tl, tr))[1])
     loss = lambda f: lambda l, r: jnp.sum(jnp.sin(f(l, r)))
     for g, w in zip(jax.grad(loss(mine), argnums=(0, 1))(lhs, rhs), jax.grad(loss(ref), argnums=(0, 1))(lhs, rhs)):
-        _close(g, w)
+        assert_close(g, w)
     stack = jnp.stack([lhs, 2 * lhs])
-    _close(jax.vmap(mine, (0, None))(stack, rhs), jax.vmap(ref, (0, None))(stack, rhs))
+    assert_close(jax.vmap(mine, (0, None))(stack, rhs), jax.vmap(ref, (0, None))(stack, rhs))
 
 
 def _aval(shape, dtype=jnp.float32):
@@ -125,22 +127,22 @@ def _attention_loss(params, x):
     return jnp.sum(jnp.tanh(a.transpose(0, 2, 1, 3).reshape(2, 24, 16) @ params["o"]))
 
 
-def test_rewrite_routes_transformer_products_and_keeps_values(monkeypatch):
+def test_rewrite_routes_transformer_products_and_keeps_values(monkeypatch, assert_close):
     monkeypatch.setattr(cpu_matmul, "MIN_FLOPS", 0)
     params = {n: _draw((16, 16), i) * 0.3 for i, n in enumerate("qkvo")}
     x = _draw((2, 24, 16), 9)
     grad = jax.grad(_attention_loss)
-    rewritten = cpu_conv.cpu_convolutions(grad, onednn=False, native_matmul=True)
+    rewritten = _native_products(grad)
     names = [e.primitive.name for e in jax.make_jaxpr(rewritten)(params, x).eqns]
     assert names.count("strided_matmul") >= 10, names   # 4 weight gradients + 2 x 3 attention products
     for g, w in zip(jax.tree.leaves(jax.jit(rewritten)(params, x)), jax.tree.leaves(jax.jit(grad)(params, x))):
-        _close(g, w)
+        assert_close(g, w)
     # the Hessian-vector product of the rewritten gradient (tangents through the bilinear rule)
     v = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
     hv = jax.jvp(lambda p: rewritten(p, x), (params,), (v,))[1]
     want = jax.jvp(lambda p: grad(p, x), (params,), (v,))[1]
     for g, w in zip(jax.tree.leaves(hv), jax.tree.leaves(want)):
-        _close(g, w, rtol=1e-4)
+        assert_close(g, w, rtol=1e-4)
 
 
 def _mlp_loss(params, x):
@@ -148,25 +150,25 @@ def _mlp_loss(params, x):
     return jnp.sum(jnp.tanh(h @ params["w1"]) ** 2)
 
 
-def test_rewrite_folds_transposed_weight_gradients_into_the_product(monkeypatch):
+def test_rewrite_folds_transposed_weight_gradients_into_the_product(monkeypatch, assert_close):
     monkeypatch.setattr(cpu_matmul, "MIN_FLOPS", 0)
     params = {"w0": _draw((20, 30), 12) * 0.3, "w1": _draw((30, 7), 13) * 0.3}
     x = _draw((50, 20), 14)
     grad = jax.grad(_mlp_loss)
     assert "transpose" in [e.primitive.name for e in jax.make_jaxpr(grad)(params, x).eqns]   # autodiff's (dy^T x)^T
-    rewritten = cpu_conv.cpu_convolutions(grad, onednn=False, native_matmul=True)
+    rewritten = _native_products(grad)
     names = [e.primitive.name for e in jax.make_jaxpr(rewritten)(params, x).eqns]
     assert "transpose" not in names and names.count("strided_matmul") == 2, names   # x^T dy written in place
     for g, w in zip(jax.tree.leaves(jax.jit(rewritten)(params, x)), jax.tree.leaves(jax.jit(grad)(params, x))):
-        _close(g, w)
+        assert_close(g, w)
     v = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
     _, lin = jax.linearize(lambda p: rewritten(p, x), params)
     want = jax.jvp(lambda p: grad(p, x), (params,), (v,))[1]
     for g, w in zip(jax.tree.leaves(jax.jit(lin)(v)), jax.tree.leaves(want)):
-        _close(g, w, rtol=1e-4)
+        assert_close(g, w, rtol=1e-4)
 
 
-def test_rewrite_keeps_transposes_that_are_not_a_swapped_product(monkeypatch):
+def test_rewrite_keeps_transposes_that_are_not_a_swapped_product(monkeypatch, assert_close):
     monkeypatch.setattr(cpu_matmul, "MIN_FLOPS", 0)
     a, b = _draw((40, 3, 5), 15), _draw((40, 6), 16)
     dn = (((0,), (0,)), ((), ()))
@@ -175,25 +177,23 @@ def test_rewrite_keeps_transposes_that_are_not_a_swapped_product(monkeypatch):
         p = lax.dot_general(a, b, dn)                       # [3, 5, 6]
         return jnp.transpose(p, (1, 0, 2)), jnp.transpose(p, (2, 0, 1)) + p.sum()   # not a swap; p used twice
 
-    rewritten = cpu_conv.cpu_convolutions(f, onednn=False, native_matmul=True)
+    rewritten = _native_products(f)
     assert [e.primitive.name for e in jax.make_jaxpr(rewritten)(a, b).eqns].count("transpose") == 2
     for g, w in zip(jax.jit(rewritten)(a, b), f(a, b)):
-        _close(g, w)
+        assert_close(g, w)
 
 
-def test_without_the_library_the_product_is_xlas(no_compiler):
+def test_without_the_library_the_product_is_xlas(no_compiler, assert_close):
     ok, reason = cpu_matmul.native_matmul_status()
     assert not ok and "cannot build" in reason
     lhs, rhs = _draw((30, 5), 10), _draw((30, 7), 11)
     dn = (((0,), (0,)), ((), ()))
-    _close(jax.jit(lambda l, r: strided_matmul(l, r, dn))(lhs, rhs), _lax(lhs, rhs, dn))
+    assert_close(jax.jit(lambda l, r: strided_matmul(l, r, dn))(lhs, rhs), _lax(lhs, rhs, dn))
 
 
+@pytest.mark.usefixtures("native")
 def test_the_kernel_rejects_strides_past_an_operand():
-    from hqjax.kernels import cpu_wgrad
-
-    assert native_matmul_status()[0]
     bad = dict(batch=1, m=4, n=4, k=8, a_batch=0, a_m=1, a_k=8, b_batch=0, b_k=4, b_n=1)  # A needs 60 > 32
-    call = jax.ffi.ffi_call(cpu_wgrad.MATMUL_TARGET, jax.ShapeDtypeStruct((4, 4), jnp.float32))
+    call = jax.ffi.ffi_call(_library.MATMUL_TARGET, jax.ShapeDtypeStruct((4, 4), jnp.float32))
     with pytest.raises(Exception, match="past an operand"):
         jax.block_until_ready(call(jnp.ones((4, 8)), jnp.ones((8, 4)), **{k: np.int64(v) for k, v in bad.items()}))

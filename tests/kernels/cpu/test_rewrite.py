@@ -1,4 +1,4 @@
-"""hqjax.kernels.cpu_conv: rewritten convolutions equal lax's, under every transform."""
+"""hqjax.kernels.cpu.rewrite and accelerate: rewritten convolutions equal lax's, under every transform."""
 
 import flax.linen as nn
 import jax
@@ -10,10 +10,14 @@ from jax import lax
 from jax.extend import core as jcore
 
 import hqjax
-from hqjax.kernels import cpu_conv
-from hqjax.kernels.cpu_conv import cpu_convolutions, onednn_conv_p, onednn_status, resolve_convolutions
+from hqjax.kernels.cpu import accelerate
+from hqjax.kernels.cpu.conv_primitives import onednn_conv_p
+from hqjax.kernels.cpu.rewrite import Rewrites, rewrite
 
-needs_onednn = pytest.mark.skipif(not onednn_status()[0], reason=f"oneDNN convolution unavailable: {onednn_status()[1]}")
+
+def cpu_convolutions(fn):
+    """The oneDNN rewrite alone (oneDNN for small windows, explicit layouts for the rest)."""
+    return rewrite(fn, Rewrites(onednn=True))
 
 CASES = [  # lhs, rhs, strides, padding, lhs dilation, rhs dilation, dimension numbers, feature groups
     ((4, 9, 9, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), ("NHWC", "HWIO", "NHWC"), 1),
@@ -40,7 +44,7 @@ def _prims(fn, *args):
     return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
 
 
-@needs_onednn
+@pytest.mark.usefixtures("onednn")
 @pytest.mark.parametrize("case", CASES)
 def test_rewritten_convolution_equals_lax(case):
     f = _conv(case)
@@ -53,7 +57,7 @@ def test_rewritten_convolution_equals_lax(case):
     assert ("onednn_conv_general_dilated" in _prims(cpu_convolutions(f), a, b)) == eligible
 
 
-@needs_onednn
+@pytest.mark.usefixtures("onednn")
 @pytest.mark.parametrize("case", CASES[:3])
 def test_jvp_vjp_vmap_of_rewritten_convolution(case):
     f = _conv(case)
@@ -73,30 +77,32 @@ def test_jvp_vjp_vmap_of_rewritten_convolution(case):
 
 
 
-@needs_onednn
+@pytest.mark.usefixtures("onednn")
+@pytest.mark.slow
 def test_resnet_gradient_and_hvps_match_xla(resnet_loss):
     loss, params = resnet_loss(4)
-    v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
+    v = hqjax.tree.tree_random_like(jax.random.key(1), params, "rademacher")
     g0 = jax.grad(loss)(params)
     g1 = jax.jit(cpu_convolutions(jax.grad(loss)))(params)
-    want = hqjax.hvp(loss, params, v, convolutions="xla")
+    want = hqjax.hvp(loss, params, v)
     variants = {
-        "hvp": jax.jit(lambda p, v: hqjax.hvp(loss, p, v, convolutions="onednn"))(params, v),
-        "linearized": hqjax.hessian(loss, params, linearize=True, convolutions="onednn")(v),
-        "hessian auto": hqjax.hessian(loss, params, convolutions="auto")(v),
+        "hvp": jax.jit(accelerate(lambda p, v: hqjax.hvp(loss, p, v), mode="onednn"))(params, v),
+        "linearized": accelerate(hqjax.hessian(loss, params, linearize=True), mode="onednn")(v),
+        "hessian auto": accelerate(hqjax.hessian(loss, params))(v),
     }
-    scale = lambda t: float(hqjax.tree_norm(t))
+    scale = lambda t: float(hqjax.tree.tree_norm(t))
     assert scale(jax.tree.map(jnp.subtract, g1, g0)) <= 1e-5 * scale(g0)
     for name, got in variants.items():
         assert scale(jax.tree.map(jnp.subtract, got, want)) <= 1e-4 * scale(want), name
 
 
-@needs_onednn
+@pytest.mark.usefixtures("onednn")
+@pytest.mark.slow
 def test_linearized_operator_keeps_weight_gradient_operands_pretransposed(resnet_loss):
     """The layouts XLA wants for weight-gradient convolutions are residuals, not per-product work."""
     loss, params = resnet_loss(batch=2)
-    v = hqjax.tree_random_like(jax.random.key(1), params, "rademacher")
-    lin = hqjax.hessian(loss, params, linearize=True, convolutions="onednn", check_finite=False)
+    v = hqjax.tree.tree_random_like(jax.random.key(1), params, "rademacher")
+    lin = jax.linearize(cpu_convolutions(jax.grad(loss)), params)[1]
     closed = jax.make_jaxpr(lin)(v)
     consts = set(closed.jaxpr.constvars)
     uses_residual = lambda e: any(x in consts for x in e.invars if not isinstance(x, jcore.Literal))
@@ -120,27 +126,11 @@ def test_ggn_with_and_without_rewrite_agree():
     params = Tiny().init(jax.random.key(1), x)["params"]
     model_fn = lambda p: Tiny().apply({"params": p}, x)
     loss_fn = lambda out: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-    v = hqjax.tree_random_like(jax.random.key(2), params, "normal")
-    want = hqjax.ggn(model_fn, loss_fn, params, convolutions="xla")(v)
-    got = hqjax.ggn(model_fn, loss_fn, params, convolutions="auto")(v)
+    v = hqjax.tree.tree_random_like(jax.random.key(2), params, "normal")
+    want = hqjax.ggn(model_fn, loss_fn, params)(v)
+    got = hqjax.ggn(accelerate(model_fn), loss_fn, params)(v)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-
-
-def test_resolve_convolutions(monkeypatch):
-    assert resolve_convolutions("xla") == "xla"
-    with pytest.raises(ValueError, match="convolutions must be one of"):
-        resolve_convolutions("mkl")
-    monkeypatch.setattr(cpu_conv, "native_wgrad_status", lambda: (False, "no compiler"))
-    assert resolve_convolutions("auto") == ("onednn" if onednn_status()[0] else "xla")
-    with pytest.raises(RuntimeError, match="no compiler"):
-        resolve_convolutions("native")
-    monkeypatch.setattr(cpu_conv, "onednn_status", lambda: (False, "probe failed"))
-    assert resolve_convolutions("auto") == "xla"
-    with pytest.raises(RuntimeError, match="probe failed.*convolutions='xla'"):
-        resolve_convolutions("onednn")
-    monkeypatch.setattr(cpu_conv, "native_wgrad_status", lambda: (True, "ok"))
-    assert resolve_convolutions("auto") == "native"
 
 
 def test_non_cpu_lowering_is_xlas_convolution():

@@ -3,10 +3,8 @@
 XLA:CPU allocates an executable's scratch memory (its "temp" buffer, one block holding every
 intermediate) afresh on each call and frees it afterwards. glibc serves a block that large
 with ``mmap`` and returns it with ``munmap``, so every call faults the whole block in again,
-one zero-filled 4 KiB page at a time: on this project's 2-core machine the encoder
-benchmark's gradient took 18,160 page faults and 60 ms of kernel time per call, 104 ms in
-all against 64 ms with this setting (``benchmarks/host_memory.py``; ``benchmarks/RESULTS.md``). Keeping freed blocks
-in the process heap removes the faults; the cost is that the heap keeps its high-water mark
+one zero-filled 4 KiB page at a time (``benchmarks/host_memory.py`` measures it). Keeping
+freed blocks in the process heap removes the faults; the cost is that the heap keeps its high-water mark
 instead of giving memory back to the system between calls.
 """
 
@@ -86,7 +84,7 @@ def reuse_host_memory(max_block_bytes: int = 1 << 30, *, warn: bool = True) -> H
         return HostMemory(False, f"not Linux ({sys.platform}): only glibc's allocator is tuned", env)
     if _backend_started():
         reason = ("JAX's backend had already started, and its worker threads keep the malloc arenas "
-                  "they began with, so nothing was changed; call hqjax.reuse_host_memory() before the first "
+                  "they began with, so nothing was changed; call hqjax.kernels.cpu.reuse_host_memory() before the first "
                   "JAX computation, or set " + " ".join(f"{k}={v}" for k, v in env.items()) + " before Python starts")
         if warn:
             warnings.warn(reason, RuntimeWarning, stacklevel=2)

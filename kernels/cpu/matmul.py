@@ -1,7 +1,7 @@
 """Float32 matrix products that XLA:CPU transposes first, run by a native strided GEMM.
 
-Why this exists (measured on the benchmark's BERT-like encoder, benchmarks/RESULTS.md): two
-kinds of ``dot_general`` in a differentiated transformer are slow on XLA:CPU.
+Why this exists: these kinds of ``dot_general`` in a differentiated network are slow on
+XLA:CPU (the encoder and MLP rows of ``benchmarks/RESULTS.md``).
 
 - *Weight gradients* ``dW[m, n] = sum_t x[t, m] dy[t, n]`` contract the leading (token) axes
   of both operands. XLA copies one operand transposed (a ``copy`` fusion over the whole
@@ -10,17 +10,16 @@ kinds of ``dot_general`` in a differentiated transformer are slow on XLA:CPU.
   gradients), many small matrices, go to Eigen or YNNPACK at a fraction of the GEMM rate.
 - *Transposed weight gradients*: autodiff writes a dense layer's weight gradient as
   ``transpose(dy^T x)``, so XLA adds a transposed copy of the result, and in a linearized
-  HVP a transposed add of two such products (the MLP's 1024 x 1024 kernel).
+  HVP a transposed add of two such products.
 
-``cpu_wgrad.cc`` holds a BLIS-style GEMM (a 6 x 16 AVX2 register tile over packed panels)
+``native_kernels.cc`` holds a BLIS-style GEMM (a 6 x 16 AVX2 register tile over packed panels)
 that reads both operands through strides, so neither needs a transposed copy, and runs the
 batch and the blocks of C on XLA's thread pool. :data:`strided_matmul_p` is that product
 as a primitive: the FFI call on the CPU when :func:`native_matmul_status` passes, the same
-``lax.dot_general`` anywhere else. :mod:`.cpu_conv`'s rewrite routes the eligible products of
+``lax.dot_general`` anywhere else. :mod:`.rewrite` routes the eligible products of
 a function to it (:func:`matmul_form` says which), folding the transpose of the third kind
 into the product. Only these kinds: for plain ``x @ W`` products XLA's YNNPACK kernels are
-as fast, and XLA fuses the elementwise work around them (the MLP's linearized HVP was 5-10%
-slower with every product native, benchmarks/RESULTS.md).
+as fast, and XLA fuses the elementwise work around them.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from jax._src import dispatch
 from jax._src.interpreters import ad, batching, mlir
 from jax.extend import core as jcore
 
-from . import cpu_wgrad
+from . import _library
 
 __all__ = ["MatmulForm", "matmul_form", "native_matmul_status", "strided_matmul", "strided_matmul_p"]
 
@@ -165,9 +164,9 @@ mlir.register_lowering(strided_matmul_p, _reference_lowering)
 
 def _cpu_lowering(ctx, lhs, rhs, *, dimension_numbers):
     form = strided_form(ctx.avals_in[0].shape, ctx.avals_in[1].shape, dimension_numbers)
-    if form is None or not cpu_wgrad._register()[0]:  # still correct, through XLA
+    if form is None or not _library.register()[0]:  # still correct, through XLA
         return _reference_lowering(ctx, lhs, rhs, dimension_numbers=dimension_numbers)
-    return jax.ffi.ffi_lowering(cpu_wgrad.MATMUL_TARGET)(ctx, lhs, rhs, **{k: np.int64(v) for k, v in form._asdict().items()})
+    return jax.ffi.ffi_lowering(_library.MATMUL_TARGET)(ctx, lhs, rhs, **{k: np.int64(v) for k, v in form._asdict().items()})
 
 
 mlir.register_lowering(strided_matmul_p, _cpu_lowering, platform="cpu")
@@ -208,8 +207,8 @@ def _matmul_cases(draw):
 def native_matmul_status() -> tuple[bool, str]:
     """``(available, reason)``: whether the native GEMM builds, loads and agrees with XLA.
 
-    Once per process, like :func:`~.cpu_wgrad.native_wgrad_status` (same library), on
+    Once per process, like :func:`~.conv_weight_grad.native_wgrad_status` (same library), on
     products with edge tiles in every direction, several token axes, batched NN/NT/TN
     layouts, more than one reduction block and an empty contraction.
     """
-    return cpu_wgrad._self_check("matrix product", _matmul_cases)
+    return _library.self_check("matrix product", _matmul_cases)

@@ -1,4 +1,15 @@
-// Weight gradient of a 2-D NHWC convolution for XLA:CPU, as a typed XLA FFI handler.
+// hqjax's native XLA:CPU kernels, as typed XLA FFI handlers in one library (they share the
+// thread-pool partitioning and the run-time ISA selection below):
+//
+//   1. HqjaxConv2dWeightGradF32 -- weight gradient of a 2-D NHWC convolution (this section);
+//   2. HqjaxConv2dForwardF32    -- direct forward 2-D convolution ("Forward convolution");
+//   3. HqjaxGramSchmidtF32      -- modified Gram-Schmidt for Lanczos ("Modified Gram-Schmidt");
+//   4. HqjaxMatmulF32           -- strided batched GEMM ("Strided batched GEMM").
+//
+// Python side: hqjax.kernels.cpu (conv_weight_grad.py, conv_forward.py, gram_schmidt.py,
+// matmul.py; built and loaded by _library.py).
+//
+// 1. Weight gradient of a 2-D NHWC convolution.
 //
 //   dW[kh, kw, ci, co] = sum_{b, oh, ow} x[b, oh*sh + kh - ph, ow*sw + kw - pw, ci] * dy[b, oh, ow, co]
 //
@@ -566,7 +577,7 @@ ffi::Error conv_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 }
 
 // ---------------------------------------------------------------------------------------
-// Modified Gram-Schmidt for Lanczos reorthogonalization (hqjax/curvature/lanczos.py):
+// Modified Gram-Schmidt for Lanczos reorthogonalization (hqjax.kernels.cpu.gram_schmidt, for Lanczos):
 //
 //   for i < count:  w -= (v_i . w) v_i        (v_i: row i of V [rows, n])
 //
