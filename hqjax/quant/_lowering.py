@@ -251,11 +251,12 @@ class Lowerer:
     def float_eqn(self, e, ins) -> Value:
         if len(e.outvars) != 1:
             raise ValueError(self.describe(e, "a float island op must have one output"))
-        regs, pattern = [], []
-        for v in ins:
+        regs, pattern, avals = [], [], []
+        for v, var in zip(ins, e.invars):
             if isinstance(v, Value):
                 regs.append(self.dequant(v).reg)
                 pattern.append(None)
+                avals.append([list(var.aval.shape[1:]), str(var.aval.dtype)])
             else:
                 pattern.append(v)
         eqn = e.eqn
@@ -268,7 +269,7 @@ class Lowerer:
         self.islands.append(jax.vmap(one))
         self.island_meta.append({"path": e.module, "module": self.t.modules.get(e.module), "op": e.prim,
                                  "functions": list(e.functions)})
-        reg = self.emit("float", regs, island=len(self.islands) - 1)
+        reg = self.emit("float", regs, island=len(self.islands) - 1, in_avals=avals)
         return Value(reg, "float", tuple(e.outvars[0].aval.shape))
 
     def dequant(self, v: Value) -> Value:
@@ -392,7 +393,8 @@ class Lowerer:
         mul32, shift32 = jnp.asarray(mul, jnp.float32), jnp.asarray(shift, jnp.float32)
         self.islands.append(lambda y: y * mul32 + shift32)
         self.island_meta.append({"path": e.module, "module": "BatchNorm", "op": "batchnorm", "functions": []})
-        return Value(self.emit("float", [x.reg], island=len(self.islands) - 1), "float", x.shape)
+        reg = self.emit("float", [x.reg], island=len(self.islands) - 1, in_avals=[[list(x.shape[1:]), "float32"]])
+        return Value(reg, "float", x.shape)
 
     # ------------------------------------------------------------------ elementwise clips (ReLU, ReLU6)
     @staticmethod

@@ -159,6 +159,25 @@ def _trace(qmodel, variables, input_shape):
                     f"(hqjax.quantize_nnx_model), got {type(qmodel).__name__}")
 
 
+def _group_islands(steps, op_meta) -> list[dict]:
+    """Float ops grouped into islands: runs of consecutive float steps of the program, each
+    ``{"paths": module paths ('' = top level), "modules": their classes, "ops": primitives}``."""
+    islands, current = [], None
+    for step in steps:
+        if step["op"] == "float":
+            m = op_meta[step["island"]]
+            if current is None:
+                current = {"paths": [], "modules": [], "ops": []}
+                islands.append(current)
+            if m["path"] not in current["paths"]:
+                current["paths"].append(m["path"])
+                current["modules"].append(m["module"])
+            current["ops"].append(m["op"])
+        elif step["op"] != "dequant":
+            current = None
+    return islands
+
+
 def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int4: bool = True,
                float_islands: bool = False) -> IntegerModel:
     """Lower a calibrated fake-quant model (Linen or NNX) to an integer-only :class:`IntegerModel`.
@@ -195,12 +214,12 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
     lowerer = Lowerer(traced, info, float_islands)
     s, z, rng = info.act(input_layer(traced))
     out_reg, out_scale = lowerer.run((s, z, rng))
-    if lowerer.island_meta:
-        logging.getLogger("hqjax").info("to_integer: %d op(s) kept in float: %s", len(lowerer.island_meta),
-                                        sorted({i["path"] or "<top level>" for i in lowerer.island_meta}))
+    islands = _group_islands(lowerer.steps, lowerer.island_meta)
+    for i, isl in enumerate(islands):
+        logging.getLogger("hqjax").info("to_integer: float island %d at %s: %s", i, isl["paths"], isl["ops"])
     meta = {"program": lowerer.steps, "output_reg": out_reg, "layers": lowerer.layers, "input_scale": s,
             "input_zero": z, "input_range": list(rng), "output_scale": out_scale, "bit_config": qmodel.bit_config,
-            "act_mode": qmodel.act_mode, "input_shape": list(input_shape), "float_islands": lowerer.island_meta}
+            "act_mode": qmodel.act_mode, "input_shape": list(input_shape), "float_islands": islands}
     return IntegerModel(lowerer.arrays, json.dumps(meta), backend, tuple(lowerer.islands))
 
 
@@ -208,25 +227,53 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
 _SEP = "::"
 
 
+def _export_island(fn, in_avals) -> np.ndarray:
+    """A float island as serialized StableHLO (``jax.export``) with a symbolic batch size."""
+    from jax import export
+
+    try:
+        import flatbuffers  # noqa: F401  (jax.export's serializer needs it)
+    except ImportError:
+        raise ValueError("saving an IntegerModel with float islands serializes them with jax.export, which needs "
+                         "the 'flatbuffers' package: pip install flatbuffers (or lower without float_islands)") from None
+
+    (b,) = export.symbolic_shape("b")
+    args = [jax.ShapeDtypeStruct((b, *shape), jnp.dtype(dtype)) for shape, dtype in in_avals]
+    return np.frombuffer(bytes(export.export(jax.jit(fn))(*args).serialize()), np.uint8)
+
+
 def save_integer_model(im: IntegerModel, directory: str | os.PathLike) -> None:
     """Write ``arrays.npz`` (integer weights, int32 biases, multipliers, shifts) and
-    ``model.json`` (layer order, geometry, zero points, scales, bit config) under ``directory``."""
+    ``model.json`` (the program, zero points, scales, bit config, float islands) under
+    ``directory``; float islands, if any, go to ``islands.npz`` as serialized ``jax.export``s."""
     os.makedirs(directory, exist_ok=True)
     flat = {f"{layer}{_SEP}{k}": np.asarray(v) for layer, rec in im.arrays.items() for k, v in rec.items()}
     np.savez(os.path.join(directory, "arrays.npz"), **flat)
+    meta = im.meta
+    if im.islands:
+        avals = {s["island"]: s["in_avals"] for s in meta["program"] if s["op"] == "float"}
+        np.savez(os.path.join(directory, "islands.npz"),
+                 **{f"island{k}": _export_island(fn, avals[k]) for k, fn in enumerate(im.islands)})
     with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump({"format": "hqjax.IntegerModel/1", "backend": im.backend, "meta": im.meta}, f, indent=1)
+        json.dump({"format": "hqjax.IntegerModel/2", "backend": im.backend, "meta": meta}, f, indent=1)
 
 
 def load_integer_model(directory: str | os.PathLike, *, backend: str | None = None) -> IntegerModel:
     """Read a model written by :func:`save_integer_model` (same predictions, bit for bit)."""
     with open(os.path.join(directory, "model.json")) as f:
         doc = json.load(f)
-    if doc.get("format") != "hqjax.IntegerModel/1":
-        raise ValueError(f"{directory!r} does not hold an hqjax integer model (format {doc.get('format')!r})")
+    if doc.get("format") != "hqjax.IntegerModel/2":
+        raise ValueError(f"{directory!r} does not hold an hqjax integer model of this version (format "
+                         f"{doc.get('format')!r}, expected 'hqjax.IntegerModel/2'); convert the model again")
     arrays: dict[str, dict[str, Any]] = {}
     with np.load(os.path.join(directory, "arrays.npz")) as z:
         for key in z.files:
             layer, name = key.rsplit(_SEP, 1)
             arrays.setdefault(layer, {})[name] = jnp.asarray(z[key])
-    return IntegerModel(arrays, json.dumps(doc["meta"]), backend or doc["backend"])
+    islands = []
+    if any(s["op"] == "float" for s in doc["meta"]["program"]):
+        from jax import export
+
+        with np.load(os.path.join(directory, "islands.npz")) as z:
+            islands = [export.deserialize(bytearray(z[f"island{k}"].tobytes())).call for k in range(len(z.files))]
+    return IntegerModel(arrays, json.dumps(doc["meta"]), backend or doc["backend"], tuple(islands))
