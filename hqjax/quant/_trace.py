@@ -161,6 +161,10 @@ def trace_nnx(graphdef, params, rest, example) -> Traced:
                 return rec.mark(kind, path, type(inner).__name__, attrs, x, y)
 
     nodes = [(p, n) for p, n in nnx.iter_graph(model) if p and isinstance(n, nnx.Module)]
+    training = ["/".join(map(str, p)) for p, n in nodes if isinstance(n, nnx.BatchNorm) and not n.use_running_average]
+    if training:
+        raise ValueError(f"BatchNorm {training[0]!r} is in training mode; integer inference folds its running "
+                         f"averages: call model.eval() before nnx.split / quantize_nnx_model")
     for p, node in sorted(nodes, key=lambda t: -len(t[0])):  # children before their parents
         parent = model
         for key in p[:-1]:

@@ -1,20 +1,27 @@
 """Integer-only inference (HAWQ-V3, Yao et al. 2021, Sec. 3): a calibrated fake-quant model
 becomes int8/int4 weights, int32 biases and dyadic requantizers, run with integers only.
 
-Per layer with input ``x ≈ S_x (q_x - z_x)`` and per-channel symmetric weights
-``W ≈ S_w q_w`` (BatchNorm folded in first, HAWQ-V3 Eq. 3–4):
+:func:`to_integer` lowers the model's own traced program (Linen or NNX; see
+:mod:`hqjax.quant._trace` and :mod:`hqjax.quant._lowering`), so any network of Dense/Conv,
+BatchNorm, ReLU/ReLU6, residual adds, pooling and layout ops converts, not a list of classes.
+Per layer with input ``x ≈ S_x (q_x - z_x)`` and per-channel symmetric weights ``W ≈ S_w q_w``
+(the fake-quant model's integers):
 
 - ``acc = q_x · q_w + b_int`` with ``b_int = round(b / (S_w S_x)) - z_x Σ q_w`` (the zero
-  point folded into the int32 bias, so padding uses ``z_x``, the integer of a real 0);
-- ReLU is ``max(acc, 0)``; the next layer's input is
-  ``clip(round(acc · m / 2^k) + z_y)`` with ``m / 2^k ≈ S_w S_x / S_y`` (dyadic, HAWQ-V3 Eq. 6);
-- residual branches are each requantized to a common 16-bit scale before the integer
-  addition (HAWQ-V3 Fig. 2); average pooling is an integer sum whose ``1/(HW)`` is folded into
-  the next dyadic multiplier.
+  point folded into the int32 bias, so padding uses ``z_x``, the integer of a real 0); an
+  inference-mode BatchNorm after it scales ``S_w S_x`` by ``γ/σ`` and joins the bias
+  (HAWQ-V3 Eq. 3–4);
+- the next layer's input is ``clip(round(acc · m / 2^k) + z_y)`` with
+  ``m / 2^k ≈ S_w S_x / S_y`` (dyadic, HAWQ-V3 Eq. 6), ReLU/ReLU6 joining the clip;
+- residual branches are rescaled to a common int32 scale before the integer addition
+  (HAWQ-V3 Fig. 2); average pooling is an integer sum whose ``1/(HW)`` is folded into the
+  next dyadic multiplier; max-pooling is an integer max.
 
-Every integer product goes through :func:`int_matmul` (convolutions as im2col + matmul).
+Every integer product goes through :func:`int_matmul` (convolutions as patches + matmul).
 The float boundary is only at the ends: :meth:`IntegerModel.quantize_input` and
-:meth:`IntegerModel.dequantize_output`; :meth:`IntegerModel.forward` is integers only.
+:meth:`IntegerModel.dequantize_output`; :meth:`IntegerModel.forward` is integers only, unless
+``to_integer(..., float_islands=True)`` kept ops with no integer form in float (listed in
+``meta['float_islands']``).
 """
 
 from __future__ import annotations

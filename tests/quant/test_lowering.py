@@ -23,26 +23,6 @@ def _mixed(names):
     return {n: {"weight_bits": 8 if i % 2 == 0 else 4, "act_bits": 8} for i, n in enumerate(names)}
 
 
-def _perturb_bn(v, seed=0):
-    """Non-trivial BatchNorm statistics and scales (some negative), so folding matters."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, a):
-        keys = [str(getattr(k, "key", k)) for k in path]
-        if not any("bn" in k for k in keys):
-            return a
-        name = keys[-1]
-        if name == "scale":
-            return (rng.uniform(0.5, 1.5, a.shape) * rng.choice([-1, 1, 1, 1], a.shape)).astype(a.dtype)
-        if name == "var":
-            return rng.uniform(0.5, 2.0, a.shape).astype(a.dtype)
-        if name in ("mean", "bias"):
-            return rng.normal(0, 0.2, a.shape).astype(a.dtype)
-        return a
-
-    return jax.tree_util.tree_map_with_path(leaf, v)
-
-
 def _agreement(fq, il):
     fq, il = np.asarray(fq), np.asarray(il)
     return float(np.mean(fq.argmax(-1) == il.argmax(-1)))
@@ -122,6 +102,7 @@ def nnx_lowered(digits):
 _run = jax.jit(lambda im, x: im(x))
 
 
+@pytest.mark.slow  # trains and lowers each user model once (module fixture)
 @pytest.mark.parametrize("name", sorted(um.LINEN_MODELS))
 def test_linen_user_model_integer_matches_fake_quant(name, linen_lowered, digits, acc):
     qm, vq, im = linen_lowered[name]
@@ -135,6 +116,7 @@ def test_linen_user_model_integer_matches_fake_quant(name, linen_lowered, digits
     assert set(im.meta["layers"]) == set(qm.bit_config)
 
 
+@pytest.mark.slow  # trains and lowers each user model once (module fixture)
 @pytest.mark.parametrize("name", sorted(um.NNX_MODELS))
 def test_nnx_user_model_integer_matches_fake_quant(name, nnx_lowered, digits, acc):
     qm, (params, rest, stats), im = nnx_lowered[name]
@@ -152,6 +134,7 @@ def _all_vars(jaxpr):
             yield from _all_vars(sub)
 
 
+@pytest.mark.slow  # trains and lowers each user model once (module fixture)
 @pytest.mark.parametrize("name", [*sorted(um.LINEN_MODELS), *sorted(um.NNX_MODELS)])
 def test_integer_forward_has_no_float_value(name, linen_lowered, nnx_lowered, digits):
     im = {**linen_lowered, **nnx_lowered}[name][2]
@@ -162,6 +145,7 @@ def test_integer_forward_has_no_float_value(name, linen_lowered, nnx_lowered, di
     assert not im.meta["float_islands"]
 
 
+@pytest.mark.slow  # trains and lowers each user model once (module fixture)
 def test_depthwise_and_pooling_lowered_as_integer_steps(linen_lowered):
     im = linen_lowered["mobile_block"][2]
     ops = [s["op"] for s in im.meta["program"]]
@@ -171,6 +155,7 @@ def test_depthwise_and_pooling_lowered_as_integer_steps(linen_lowered):
     assert "max_pool" in [s["op"] for s in linen_lowered["vggish"][2].meta["program"]]
 
 
+@pytest.mark.slow  # two calibrations and two integer programs to compile
 def test_twin_linen_and_nnx_give_the_same_integers(digits):
     lin = um.TwinLinen()
     v = um.init_linen(lin, seed=3)
@@ -251,6 +236,7 @@ def test_float_islands_opt_in_runs_and_lists_islands(model, path, digits, init_n
     np.testing.assert_array_equal(np.asarray(_run(back, digits.x_test[:7])), il[:7])
 
 
+@pytest.mark.slow  # trains and lowers each user model once (module fixture)
 def test_integer_program_is_batch_agnostic_and_serializes(linen_lowered, digits, tmp_path):
     _, _, im = linen_lowered["projection_resnet"]
     save_integer_model(im, tmp_path / "im")
@@ -260,3 +246,69 @@ def test_integer_program_is_batch_agnostic_and_serializes(linen_lowered, digits,
     for n in (1, 5):
         q = im.quantize_input(digits.x_test[:n])
         np.testing.assert_array_equal(np.asarray(fwd(back, q)), np.asarray(fwd(im, q)))
+
+
+# --------------------------------------------------------------------------- geometry
+class _Zoo(nn.Module):
+    """Dilated, grouped and VALID convolutions, two branches concatenated, SAME average
+    pooling, channel padding, a transpose and a DenseGeneral over two axes."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", kernel_dilation=2, name="dilated")(x))
+        a = nn.relu6(nn.Conv(8, (3, 3), padding="VALID", feature_group_count=2, name="grouped")(x))
+        b = nn.relu(nn.Conv(4, (1, 1), strides=(1, 1), name="point")(x))[:, 1:-1, 1:-1, :]
+        x = jnp.concatenate([a, b], axis=-1)
+        x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (2, 2)))
+        x = jnp.transpose(x, (0, 2, 1, 3))
+        x = nn.DenseGeneral(6, axis=(-2, -1), name="mix")(x)
+        return nn.Dense(10, name="head")(x.reshape((x.shape[0], -1)))
+
+
+class _NNXBn(nnx.Module):
+    """conv -> BatchNorm -> relu -> global average pool -> linear, in NNX."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 8, (3, 3), strides=2, padding="SAME", use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.conv(x)))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def _close(fq, il):
+    fq, il = np.asarray(fq), np.asarray(il)
+    return float(np.mean(np.abs(fq - il) <= np.abs(fq).max() / 127))
+
+
+def test_convolution_geometry_concat_and_pooling(digits, init_np):
+    qm, vq, lower = _lower(_Zoo(), digits, init_np)
+    im = lower()
+    ops = {s["op"] for s in im.meta["program"]}
+    assert {"concat", "sum_pool", "pad", "transpose", "slice", "linear"} <= ops
+    assert _close(jax.jit(qm.apply)(vq, digits.x_test), _run(im, digits.x_test)) >= 0.99
+
+
+def test_nnx_batchnorm_is_folded_in_eval_mode_only(digits):
+    model = _NNXBn(nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    model.bn.mean.value = jnp.asarray(rng.normal(0, 0.2, 8), jnp.float32)
+    model.bn.var.value = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
+    model.bn.scale.value = jnp.asarray(rng.uniform(0.5, 1.5, 8) * rng.choice([-1, 1], 8), jnp.float32)
+    cfg = _mixed(["conv", "head"])
+    model.train()
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    qm = quantize_nnx_model(model, cfg)
+    stats = qm.calibrate(params, rest, None, digits.x_train[:128])
+    with pytest.raises(ValueError, match=r"BatchNorm 'bn' is in training mode.*\.eval\(\)"):
+        to_integer(qm, (params, rest, stats), (8, 8, 1))
+    model.eval()
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    qm = quantize_nnx_model(model, cfg)
+    stats = jax.jit(qm.calibrate)(params, rest, None, digits.x_train[:512])
+    im = to_integer(qm, (params, rest, stats), (8, 8, 1))
+    assert [s["op"] for s in im.meta["program"]].count("affine") == 0  # folded into the conv
+    assert _close(jax.jit(qm.apply)(params, rest, stats, digits.x_test), _run(im, digits.x_test)) >= 0.99
