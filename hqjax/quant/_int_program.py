@@ -49,6 +49,8 @@ def _linear(step, a, x, backend):
         x = _patches(x, conv["kernel"], conv["strides"], [tuple(p) for p in conv["pads"]], conv["dilation"],
                      step["in_zero"])
     acc = int4_matmul(x, a["w4"], backend=backend) if "w4" in a else int_matmul(x, a["w"], backend=backend)
+    if step.get("frac_bits"):  # finer accumulator scale: the bias rounds to 2^-f of a step
+        acc = jnp.left_shift(acc, step["frac_bits"])
     acc = acc + a["bias"]
     if step.get("out_reshape"):
         acc = acc.reshape(-1, *step["out_reshape"])

@@ -45,6 +45,7 @@ __all__: list[str] = []
 
 _I32 = (-(2**31), 2**31 - 1)
 _LIMIT = 2.0**30  # intermediate integers stay below this in magnitude
+_FRAC_BITS = 8  # extra accumulator resolution (see Lowerer._linear_arrays)
 _PASS = {"copy", "copy_p", "convert_element_type", "optimization_barrier"}
 _SHAPE = {"reshape", "squeeze", "broadcast_in_dim", "expand_dims"}
 _FORWARD = _SHAPE | _PASS | {"transpose", "slice", "pad", "reduce_window_max", "concatenate"}
@@ -339,25 +340,36 @@ class Lowerer:
         xq = self.requant(x, s_x, z_x, rng)
         host = {"name": path, "q_w": q_w, "s_acc": s_w.astype(np.float64) * s_x, "bias": bias, "z_x": int(z_x),
                 "x_bound": xq.bound, "bits": spec.bits}
+        reg = self.emit("linear", [xq.reg], name=path, in_zero=int(z_x), **step)
+        host["step"] = self.steps[-1]
         arrays, scale, bound = self._linear_arrays(host)
-        reg = self.emit("linear", [xq.reg], name=path, arrays=arrays, in_zero=int(z_x), **step)
+        self.arrays[path] = {k: jnp.asarray(v) for k, v in arrays.items()}
         self.layers.append(path)
         self.linear[reg] = host
         return Value(reg, "int32", y_shape, scale.reshape((1,) * (len(y_shape) - 1) + (-1,)), bound=bound)
 
     def _linear_arrays(self, host):
+        """Integer kernel and bias of a layer, with ``f`` fraction bits: ``acc = (q·w) 2^f + b_int``
+        at scale ``S_w S_x / 2^f``, so the rounded bias (and every later rescaling) errs by
+        ``2^-f`` of an accumulator step instead of one."""
         q_w, s_acc, path = host["q_w"], host["s_acc"], host["name"]
-        bias = np.round(host["bias"] / s_acc) - host["z_x"] * q_w.astype(np.int64).sum(0)
-        bound = float(np.max(np.abs(q_w.astype(np.int64)).sum(0) * host["x_bound"] + np.abs(bias)))
-        if np.abs(bias).max() >= _LIMIT or bound >= 2.0**31:
+        q64 = q_w.astype(np.int64)
+        zfix = host["z_x"] * q64.sum(0)
+        # bounds every intermediate: the uncentred product (|q| <= 128), the zero-point term, the bias
+        raw = np.abs(q64).sum(0) * max(128.0, host["x_bound"]) + np.abs(host["bias"] / s_acc) + np.abs(zfix)
+        f = int(np.clip(np.floor(np.log2(_LIMIT / max(float(raw.max()), 1.0))), 0, _FRAC_BITS))
+        bias = np.round(host["bias"] * 2.0**f / s_acc) - zfix * 2**f
+        bound = float(np.max(np.abs(q64).sum(0) * host["x_bound"] * 2**f + np.abs(bias)))
+        if raw.max() * 2**f >= _LIMIT or bound >= _LIMIT:
             raise ValueError(f"layer {path!r}: its int32 accumulator can overflow (scale {s_acc.min():.3g}, "
-                             f"bound {bound:.3g}); check calibration")
+                             f"bound {raw.max():.3g}); check calibration")
         if self.info.pack_int4 and host["bits"] <= 4:
             arrays = {"w4": pack_int4(jnp.asarray(q_w, jnp.int8), axis=0)}
         else:
             arrays = {"w": np.asarray(q_w, np.int8)}
         arrays["bias"] = bias.astype(np.int32)
-        return arrays, s_acc, bound
+        host["step"]["frac_bits"] = f
+        return arrays, s_acc / 2.0**f, bound
 
     def batchnorm(self, e, layer, x) -> Value:
         path, var, a = layer.path, self.info.variables, layer.attrs
