@@ -296,16 +296,14 @@ class Lowerer:
         step = {}
         y_shape = tuple(e.outvars[0].aval.shape)
         if layer.kind == "conv":
-            (conv,) = layer_slice(self.t, e, "conv_general_dilated") or [None]
-            if conv is None:
-                raise ValueError(f"layer {path!r}: no convolution found in its trace")
+            conv = self._one(layer, layer_slice(self.t, e, "conv_general_dilated"), "convolution")
             p, nd = conv.params, len(y_shape)
             dn = p["dimension_numbers"]
             chan_last = (0, nd - 1, *range(1, nd - 1))
             if tuple(dn.lhs_spec) != chan_last or tuple(dn.out_spec) != chan_last or tuple(dn.rhs_spec) != (
                     nd - 1, nd - 2, *range(nd - 2)):
-                raise ValueError(f"layer {path!r}: integer convolutions take channels-last inputs and (*window, in, out) "
-                                 f"kernels; got dimension numbers {dn}")
+                raise ValueError(f"layer {path!r}: integer convolutions take channels-last inputs and "
+                                 f"(*window, in, out) kernels; got dimension numbers {dn}")
             if any(d != 1 for d in p["lhs_dilation"]) or p["batch_group_count"] != 1:
                 raise ValueError(f"layer {path!r}: transposed (input-dilated) or batch-grouped convolutions have no "
                                  f"integer form here")
@@ -313,7 +311,7 @@ class Lowerer:
                             "pads": [list(q) for q in p["padding"]], "dilation": list(p["rhs_dilation"])}
             groups = int(p["feature_group_count"])
         else:
-            (dot,) = layer_slice(self.t, e, "dot_general") or [None]
+            dot = self._one(layer, layer_slice(self.t, e, "dot_general"), "matrix product")
             (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
             xnd, k = len(x.shape), len(lc)
             if lb or rb or tuple(lc) != tuple(range(xnd - k, xnd)) or tuple(rc) != tuple(range(k)):
@@ -347,6 +345,13 @@ class Lowerer:
         self.layers.append(path)
         self.linear[reg] = host
         return Value(reg, "int32", y_shape, scale.reshape((1,) * (len(y_shape) - 1) + (-1,)), bound=bound)
+
+    @staticmethod
+    def _one(layer, found, what):
+        if len(found) != 1:
+            raise ValueError(f"layer {layer.path!r} ({layer.module_type}): expected one {what} in its trace, "
+                             f"found {len(found)}")
+        return found[0]
 
     def _linear_arrays(self, host):
         """Integer kernel and bias of a layer, with ``f`` fraction bits: ``acc = (q·w) 2^f + b_int``
@@ -550,7 +555,8 @@ class Lowerer:
         strides = list(p["strides"] or [1] * len(start))
         if start[0] != 0 or limit[0] != x.shape[0] or strides[0] != 1:
             raise Unsupported("slicing the batch axis")
-        idx = tuple(slice(a, b, s) if n > 1 else slice(None) for a, b, s, n in zip(start, limit, strides, x.scale.shape))
+        idx = tuple(slice(a, b, s) if n > 1 else slice(None)
+                    for a, b, s, n in zip(start, limit, strides, x.scale.shape))
         reg = self.emit("slice", [x.reg], start=start[1:], limit=limit[1:], strides=strides[1:])
         return dataclasses.replace(x, reg=reg, shape=tuple(e.outvars[0].aval.shape), scale=_compact(x.scale[idx]))
 

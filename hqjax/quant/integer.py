@@ -242,7 +242,8 @@ def _export_island(fn, in_avals) -> np.ndarray:
         import flatbuffers  # noqa: F401  (jax.export's serializer needs it)
     except ImportError:
         raise ValueError("saving an IntegerModel with float islands serializes them with jax.export, which needs "
-                         "the 'flatbuffers' package: pip install flatbuffers (or lower without float_islands)") from None
+                         "the 'flatbuffers' package: pip install flatbuffers (or lower without "
+                         "float_islands)") from None
 
     (b,) = export.symbolic_shape("b")
     args = [jax.ShapeDtypeStruct((b, *shape), jnp.dtype(dtype)) for shape, dtype in in_avals]
