@@ -199,6 +199,15 @@ class _Gelu(nn.Module):
         return nn.Dense(10, name="out")(_Gate(name="gate")(x))
 
 
+class _SoftmaxOut(nn.Module):
+    """dense -> relu -> dense -> softmax: a float op after the last layer, at the top level."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(16, name="fc")(x.reshape((x.shape[0], -1))))
+        return nn.softmax(nn.Dense(10, name="out")(x))
+
+
 def _lower(model, digits, init_np, **kwargs):
     v = init_np(model, digits.x_train[:2], seed=2)
     qm = quantize_model(model, _mixed(hqjax.blocks(v["params"]).names))
@@ -206,7 +215,8 @@ def _lower(model, digits, init_np, **kwargs):
     return qm, vq, lambda **kw: to_integer(qm, vq, (8, 8, 1), **kwargs, **kw)
 
 
-@pytest.mark.parametrize("model, path, kind", [(_Normed(), "norm", "LayerNorm"), (_Gelu(), "gate", "_Gate")])
+@pytest.mark.parametrize("model, path, kind", [(_Normed(), "norm", "LayerNorm"), (_Gelu(), "gate", "_Gate"),
+                                               (_SoftmaxOut(), "<top level>", "_SoftmaxOut")])
 def test_unsupported_op_names_op_and_module_path(model, path, kind, digits, init_np):
     _, _, lower = _lower(model, digits, init_np)
     with pytest.raises(ValueError, match=rf"cannot lower op '\w+'.* at module path '{path}' \({kind}\).*"
@@ -214,7 +224,7 @@ def test_unsupported_op_names_op_and_module_path(model, path, kind, digits, init
         lower()
 
 
-@pytest.mark.parametrize("model, path", [(_Normed(), "norm"), (_Gelu(), "gate")])
+@pytest.mark.parametrize("model, path", [(_Normed(), "norm"), (_Gelu(), "gate"), (_SoftmaxOut(), "")])
 def test_float_islands_opt_in_runs_and_lists_islands(model, path, digits, init_np, tmp_path):
     qm, vq, lower = _lower(model, digits, init_np)
     im = lower(float_islands=True)
