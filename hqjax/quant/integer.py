@@ -254,14 +254,14 @@ def save_integer_model(im: IntegerModel, directory: str | os.PathLike) -> None:
     """Write ``arrays.npz`` (integer weights, int32 biases, multipliers, shifts) and
     ``model.json`` (the program, zero points, scales, bit config, float islands) under
     ``directory``; float islands, if any, go to ``islands.npz`` as serialized ``jax.export``s."""
+    meta = im.meta
+    avals = {s["island"]: s["in_avals"] for s in meta["program"] if s["op"] == "float"}
+    exported = {f"island{k}": _export_island(fn, avals[k]) for k, fn in enumerate(im.islands)}  # before any write
     os.makedirs(directory, exist_ok=True)
     flat = {f"{layer}{_SEP}{k}": np.asarray(v) for layer, rec in im.arrays.items() for k, v in rec.items()}
     np.savez(os.path.join(directory, "arrays.npz"), **flat)
-    meta = im.meta
-    if im.islands:
-        avals = {s["island"]: s["in_avals"] for s in meta["program"] if s["op"] == "float"}
-        np.savez(os.path.join(directory, "islands.npz"),
-                 **{f"island{k}": _export_island(fn, avals[k]) for k, fn in enumerate(im.islands)})
+    if exported:
+        np.savez(os.path.join(directory, "islands.npz"), **exported)
     with open(os.path.join(directory, "model.json"), "w") as f:
         json.dump({"format": "hqjax.IntegerModel/2", "backend": im.backend, "meta": meta}, f, indent=1)
 

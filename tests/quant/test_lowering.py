@@ -239,6 +239,7 @@ def test_float_islands_opt_in_runs_and_lists_islands(model, path, digits, init_n
     except ImportError:  # jax.export's optional serializer: saving says so in one line
         with pytest.raises(ValueError, match="pip install flatbuffers"):
             save_integer_model(im, tmp_path / "im")
+        assert not (tmp_path / "im").exists()  # nothing half-written
         return
     save_integer_model(im, tmp_path / "im")
     back = load_integer_model(tmp_path / "im")
