@@ -1,46 +1,50 @@
 """Integer-only inference (HAWQ-V3, Yao et al. 2021, Sec. 3): a calibrated fake-quant model
 becomes int8/int4 weights, int32 biases and dyadic requantizers, run with integers only.
 
-Per layer with input ``x ≈ S_x (q_x - z_x)`` and per-channel symmetric weights
-``W ≈ S_w q_w`` (BatchNorm folded in first, HAWQ-V3 Eq. 3–4):
+:func:`to_integer` lowers the model's own traced program (Linen or NNX; see
+:mod:`hqjax.quant._trace` and :mod:`hqjax.quant._lowering`), so any network of Dense/Conv,
+BatchNorm, ReLU/ReLU6, residual adds, pooling and layout ops converts, not a list of classes.
+Per layer with input ``x ≈ S_x (q_x - z_x)`` and per-channel symmetric weights ``W ≈ S_w q_w``
+(the fake-quant model's integers):
 
 - ``acc = q_x · q_w + b_int`` with ``b_int = round(b / (S_w S_x)) - z_x Σ q_w`` (the zero
-  point folded into the int32 bias, so padding uses ``z_x``, the integer of a real 0);
-- ReLU is ``max(acc, 0)``; the next layer's input is
-  ``clip(round(acc · m / 2^k) + z_y)`` with ``m / 2^k ≈ S_w S_x / S_y`` (dyadic, HAWQ-V3 Eq. 6);
-- residual branches are each requantized to a common 16-bit scale before the integer
-  addition (HAWQ-V3 Fig. 2); average pooling is an integer sum whose ``1/(HW)`` is folded into
-  the next dyadic multiplier.
+  point folded into the int32 bias, so padding uses ``z_x``, the integer of a real 0); an
+  inference-mode BatchNorm after it scales ``S_w S_x`` by ``γ/σ`` and joins the bias
+  (HAWQ-V3 Eq. 3–4);
+- the next layer's input is ``clip(round(acc · m / 2^k) + z_y)`` with
+  ``m / 2^k ≈ S_w S_x / S_y`` (dyadic, HAWQ-V3 Eq. 6), ReLU/ReLU6 joining the clip;
+- residual branches are rescaled to a common int32 scale before the integer addition
+  (HAWQ-V3 Fig. 2); average pooling is an integer sum whose ``1/(HW)`` is folded into the
+  next dyadic multiplier; max-pooling is an integer max.
 
-Every integer product goes through :func:`int_matmul` (convolutions as im2col + matmul).
+Every integer product goes through :func:`int_matmul` (convolutions as patches + matmul).
 The float boundary is only at the ends: :meth:`IntegerModel.quantize_input` and
-:meth:`IntegerModel.dequantize_output`; :meth:`IntegerModel.forward` is integers only.
+:meth:`IntegerModel.dequantize_output`; :meth:`IntegerModel.forward` is integers only, unless
+``to_integer(..., float_islands=True)`` kept ops with no integer form in float (listed in
+``meta['float_islands']``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hqjax.kernels import im2col, int4_matmul, pack_int4
 from hqjax.kernels import int_matmul as kernel_matmul
-from hqjax.quant.requant import dyadic, dyadic_requantize
-from hqjax.quant.quantizers import QuantSpec, int_range, qparams_from_range
+from hqjax.quant._int_program import run_program
+from hqjax.quant._lowering import Lowerer, ModelInfo, input_layer
+from hqjax.quant._trace import trace_linen, trace_nnx
+from hqjax.quant.quantizers import int_range, qparams_from_range
 from hqjax.quant.transform import STATS, QuantizedModel, weight_specs
 
 __all__ = ["int_matmul", "fold_batchnorm", "IntegerModel", "to_integer", "save_integer_model",
-           "load_integer_model", "RESIDUAL_BITS"]
-
-RESIDUAL_BITS = 16
-# the residual scale is the next layer's input scale / 2^_RES_FRACTION_BITS: 5 extra bits of
-# resolution, and a 16-bit range 2^(16-1-8-5+...) = 4x the next 8-bit layer's range
-_RES_FRACTION_BITS = 5
+           "load_integer_model"]
 
 
 def int_matmul(a: jax.Array, b: jax.Array, *, backend: str = "xla") -> jax.Array:
@@ -64,46 +68,26 @@ def fold_batchnorm(kernel, bias, bn_params, bn_stats, epsilon: float = 1e-5):
     return kernel * g, (b - bn_stats["mean"]) * g + bn_params["bias"]
 
 
-# --------------------------------------------------------------------------- integer ops
-def _linear(arrays, meta, q, backend):
-    """int32 accumulator of one dense/conv layer (bias and zero point included)."""
-    if meta["op"] == "conv":
-        # pad with z_x, the integer of a real 0, so padding contributes nothing
-        q = im2col(q, tuple(meta["kernel_hw"]), tuple(meta["strides"]), meta["pads"],
-                   pad_value=meta["in_zero"])
-    if "w4" in arrays:  # int4 weights packed two per byte along K, unpacked in the kernel
-        return int4_matmul(q, arrays["w4"], backend=backend) + arrays["bias"]
-    return int_matmul(q, arrays["w"], backend=backend) + arrays["bias"]
-
-
-def _requant(acc, arrays, meta, prefix="out"):
-    lo, hi = meta[prefix + "_range"]
-    y = dyadic_requantize(acc, arrays[prefix + "_m"], arrays[prefix + "_shift"]) + meta[prefix + "_zero"]
-    return jnp.clip(y, lo, hi).astype(jnp.int8 if hi < 128 else jnp.int32)
-
-
-def _relu(acc, meta):
-    return jnp.maximum(acc, 0) if meta.get("relu") else acc
-
-
 @struct.dataclass
 class IntegerModel:
-    """An integer-only network: int weights, int32 biases, dyadic multipliers and shifts.
+    """An integer-only network: a program of small integer steps over int8/int32 registers.
 
     Attributes
     ----------
-    arrays : ``{layer_path: {name: int array}}`` (``w`` int8 (K, N), or ``w4`` for weights of
-        at most 4 bits: :func:`hqjax.kernels.pack_int4` along K, (ceil(K/2), N); ``bias``,
-        ``out_m``, ``out_shift``, ...).
+    arrays : ``{step_name: {name: array}}``: per Dense/Conv (named by its module path) ``w``
+        int8 (K, N) — or ``w4`` for weights of at most 4 bits, :func:`hqjax.kernels.pack_int4`
+        along K — and ``bias`` int32; per requantizer the dyadic ``m``/``shift`` and clip bounds.
     meta_json : static description as a JSON string (hashable, so the model passes through
-        ``jit`` as an argument); ``.meta`` parses it: ``kind`` ('chain' or 'resnet'), the
-        layer order, geometry, zero points, integer ranges, input/output scales, bit config.
+        ``jit`` as an argument); ``.meta`` parses it: ``program`` (the steps), ``layers`` (the
+        Dense/Conv paths in order), input/output scales, bit config, ``float_islands``.
     backend : ``int_matmul`` backend.
+    islands : the float functions of float-island steps (only with ``float_islands=True``).
     """
 
     arrays: dict
     meta_json: str = struct.field(pytree_node=False)
     backend: str = struct.field(pytree_node=False, default="xla")
+    islands: tuple = struct.field(pytree_node=False, default=())
 
     @property
     def meta(self) -> dict:
@@ -115,55 +99,19 @@ class IntegerModel:
         return jnp.clip(jnp.round(x / s) + z, lo, hi).astype(jnp.int8)
 
     def dequantize_output(self, acc: jax.Array) -> jax.Array:
-        """Float boundary out: logits ``S_w S_x · acc`` per class."""
-        return acc.astype(jnp.float32) * jnp.asarray(self.meta["output_scale"], jnp.float32)
+        """Float boundary out: ``scale · acc`` per output element (a float island's output as is)."""
+        scale = self.meta["output_scale"]
+        if scale is None:
+            return acc
+        return acc.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
 
     def forward(self, q: jax.Array) -> jax.Array:
-        """Integers only: int8 input -> int32 logits accumulator."""
-        if self.meta["kind"] == "chain":
-            return _chain_forward(self, q)
-        return _resnet_forward(self, q)
+        """Integers only (unless the model has float islands): int8 input -> int32 output."""
+        m = self.meta
+        return run_program(m["program"], self.arrays, q, m["output_reg"], self.backend, self.islands)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.dequantize_output(self.forward(self.quantize_input(x)))
-
-
-def _chain_forward(im, q):
-    layers = im.meta["layers"]
-    for i, name in enumerate(layers):
-        meta = im.meta["layer_meta"][name]
-        if meta.get("flatten"):
-            q = q.reshape(q.shape[0], -1)
-        acc = _relu(_linear(im.arrays[name], meta, q, im.backend), meta)
-        if i == len(layers) - 1:
-            return acc
-        q = _requant(acc, im.arrays[name], meta)
-    return q
-
-
-def _resnet_forward(im, q):
-    A, M = im.arrays, im.meta["layer_meta"]
-    q = _requant(_relu(_linear(A["stem"], M["stem"], q, im.backend), M["stem"]), A["stem"], M["stem"])
-    for blk in im.meta["blocks"]:
-        c1, c2, bm = f"{blk}/conv1", f"{blk}/conv2", M[blk]
-        y = _requant(_relu(_linear(A[c1], M[c1], q, im.backend), M[c1]), A[c1], M[c1])
-        y = _requant(_linear(A[c2], M[c2], y, im.backend), A[c2], M[c2])  # int32 at the residual scale
-        if bm["shortcut"] == "conv":
-            sc = f"{blk}/shortcut"
-            r = _requant(_linear(A[sc], M[sc], q, im.backend), A[sc], M[sc])
-        else:
-            r = q.astype(jnp.int32) - bm["in_zero"]
-            if bm["strides"] > 1:
-                r = r[:, ::bm["strides"], ::bm["strides"], :]
-            pad = bm["pad_channels"]
-            r = jnp.pad(r, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
-            r = _requant(r, A[blk], bm, "res")
-        s = jnp.maximum(y + r, 0)
-        if blk == im.meta["blocks"][-1]:
-            q = _requant(jnp.sum(s, axis=(1, 2)), A[blk], bm)  # integer average pooling
-        else:
-            q = _requant(s, A[blk], bm)
-    return _linear(A["fc"], M["fc"], q, im.backend)
 
 
 # --------------------------------------------------------------------------- building (host side)
@@ -173,213 +121,167 @@ def _flat(tree) -> dict[str, np.ndarray]:
     return {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-class _Builder:
-    """Host-side construction of integer layers from a calibrated :class:`QuantizedModel`."""
+def _act_lookup(qmodel, stats: dict):
+    ranges = {k[: -len("/input/min")]: (float(v), float(stats[k[:-3] + "max"]))
+              for k, v in stats.items() if k.endswith("/input/min")}
 
-    def __init__(self, qmodel: QuantizedModel, variables, backend: str, pack: bool = True):
-        self.qm, self.backend, self.pack = qmodel, backend, pack
-        params = variables["params"]
-        self.params = _flat(params)
-        self.bstats = _flat(variables.get("batch_stats", {}))
-        stats = _flat(variables.get(STATS, {}))
-        self.stats = {k[: -len("/input/min")]: (float(v), float(stats[k[:-3] + "max"]))
-                      for k, v in stats.items() if k.endswith("/input/min")}
-        self.wspecs = weight_specs(params, qmodel.bit_config, qmodel.weight_spec)
-        missing = [n for n in self._quantizable() if n not in qmodel.bit_config or qmodel.act_spec(n) is None]
-        if missing:
-            raise ValueError(f"integer inference needs weight_bits and act_bits for every layer; missing or "
-                             f"act_bits=None: {missing}. Use e.g. hqjax.uniform_bit_config(blocks, 8, 8)")
-        self.arrays, self.meta = {}, {}
-
-    def _quantizable(self):
-        return [k[: -len("/kernel")] for k in self.params if k.endswith("/kernel")]
-
-    def act(self, layer: str):
+    def act(layer: str):
         """``(S_x, z_x, (qmin, qmax))`` of a layer's calibrated input quantizer."""
-        spec = self.qm.act_spec(layer)
-        if layer not in self.stats:
-            raise ValueError(f"layer {layer!r} has no calibrated input range in variables[{STATS!r}]; "
-                             f"run QuantizedModel.calibrate first")
-        s, z = qparams_from_range(*self.stats[layer], spec)
+        spec = qmodel.act_spec(layer)
+        if layer not in ranges:
+            raise ValueError(f"layer {layer!r} has no calibrated input range in the quantization stats; "
+                             f"run the quantized model's calibrate first")
         if spec.bits > 8:
             raise ValueError(f"layer {layer!r}: act_bits={spec.bits} > 8 is not supported by int8 integer inference")
+        s, z = qparams_from_range(*ranges[layer], spec)
         return float(s), int(z), int_range(spec)
 
-    def weight(self, layer: str, bn: str | None = None):
-        w = self.params[f"{layer}/kernel"]
-        b = self.params.get(f"{layer}/bias")
-        if bn is not None:
-            bn_p = {"scale": self.params[f"{bn}/scale"], "bias": self.params[f"{bn}/bias"]}
-            bn_s = {"mean": self.bstats[f"{bn}/mean"], "var": self.bstats[f"{bn}/var"]}
-            w, b = (np.asarray(t) for t in fold_batchnorm(w, b, bn_p, bn_s))
-        spec: QuantSpec = self.wspecs[layer]
-        if spec.mode != "symmetric" or (spec.axis is not None and spec.axis % w.ndim != w.ndim - 1):
-            raise ValueError(f"layer {layer!r}: integer inference needs symmetric weights with scales per output "
-                             f"channel (axis=-1), per group of output channels, or per tensor; got {spec}")
-        q_w, s_w = _quantize_columns(np.asarray(w, np.float32).reshape(-1, w.shape[-1]), spec)
-        return q_w, s_w.astype(np.float64), (np.zeros(w.shape[-1]) if b is None else np.asarray(b, np.float64))
-
-    def layer(self, name, *, op="dense", bn=None, relu=False, flatten=False, in_act=None, out=None,
-              kernel_hw=(1, 1), strides=(1, 1), pads=((0, 0), (0, 0))):
-        """One dense/conv layer; ``out=(S_y, z_y, range)`` requantizes, ``None`` keeps int32 logits."""
-        s_x, z_x, _ = in_act or self.act(name)
-        q_w, s_w, b = self.weight(name, bn)
-        acc_scale = s_w * s_x
-        bias = np.round(b / acc_scale) - z_x * q_w.astype(np.int64).sum(0)
-        if np.abs(bias).max() >= 2**31:
-            raise ValueError(f"layer {name!r}: int32 bias overflows (scale {acc_scale.min():.3g}); check calibration")
-        if self.pack and self.wspecs[name].bits <= 4:
-            arrays = {"w4": pack_int4(jnp.asarray(q_w, jnp.int8), axis=0)}
-        else:
-            arrays = {"w": jnp.asarray(q_w, jnp.int8)}
-        arrays["bias"] = jnp.asarray(bias, jnp.int32)
-        meta = {"op": op, "relu": relu, "flatten": flatten, "in_zero": z_x, "kernel_hw": list(kernel_hw),
-                "strides": list(strides), "pads": [list(p) for p in pads]}
-        if out is None:
-            self.meta["output_scale"] = acc_scale.tolist()
-        else:
-            self._requantizer(arrays, meta, "out", acc_scale / out[0], out[1], out[2])
-        self.arrays[name], self.meta[name] = arrays, meta
-
-    @staticmethod
-    def _requantizer(arrays, meta, prefix, multiplier, zero, rng):
-        m, k = dyadic(multiplier)
-        arrays[prefix + "_m"], arrays[prefix + "_shift"] = jnp.asarray(m), jnp.asarray(k)
-        meta[prefix + "_zero"], meta[prefix + "_range"] = int(zero), [int(rng[0]), int(rng[1])]
+    return act
 
 
-def _quantize_columns(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Host-side symmetric quantization of a ``(K, N)`` kernel, one scale per column, group of
-    columns or tensor, with the float32 arithmetic of :func:`hqjax.quant.fake_quant`."""
-    _, qmax = int_range(spec)
-    n = w.shape[1]
-    if spec.axis is None:
-        groups = np.abs(w).max(keepdims=True).reshape(1)
-    else:
-        g = spec.group_size or 1
-        groups = np.abs(w).reshape(w.shape[0], n // g, g).max(axis=(0, 2))
-    scale = (groups / np.float32(qmax)).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
-    cols = np.broadcast_to(np.repeat(scale, n // len(scale)), (n,)).astype(np.float32)
-    q = np.clip(np.round(w / cols), -qmax, qmax).astype(np.int8)
-    return q, cols
+def _trace(qmodel, variables, input_shape):
+    """``(traced, flat variables, flat stats, params pure dict)`` of a Linen or NNX fake-quant model."""
+    from hqjax.quant.nnx_transform import QuantizedNNXModel
+
+    example = jnp.zeros((1, *input_shape), jnp.float32)
+    if isinstance(qmodel, QuantizedModel):
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise TypeError("for a Linen QuantizedModel, variables is the calibrated variables dict "
+                            f"(params, batch_stats, {STATS!r})")
+        float_vars = {k: v for k, v in variables.items() if k != STATS}
+        traced = trace_linen(qmodel.model, float_vars, example)
+        flat = {**_flat(variables.get("batch_stats", {})), **_flat(variables["params"])}
+        return traced, flat, _flat(variables.get(STATS, {})), variables["params"]
+    if isinstance(qmodel, QuantizedNNXModel):
+        from flax import nnx
+
+        if not isinstance(variables, (tuple, list)) or len(variables) != 3:
+            raise TypeError("for a QuantizedNNXModel, variables is the tuple (params, rest, stats) that its "
+                            "apply takes (params, rest = nnx.split(model, nnx.Param, ...); stats from calibrate)")
+        params, rest, stats = variables
+        traced = trace_nnx(qmodel.graphdef, params, rest, example)
+        pure = nnx.to_pure_dict(params)
+        return traced, {**_flat(nnx.to_pure_dict(rest)), **_flat(pure)}, _flat(stats or {}), pure
+    raise TypeError(f"to_integer takes a QuantizedModel (hqjax.quantize_model) or a QuantizedNNXModel "
+                    f"(hqjax.quantize_nnx_model), got {type(qmodel).__name__}")
 
 
-def _same_pads(hw, kernel_hw, strides):
-    return [list(p) for p in jax.lax.padtype_to_pads(hw, kernel_hw, strides, "SAME")]
+def _group_islands(steps, op_meta) -> list[dict]:
+    """Float ops grouped into islands: runs of consecutive float steps of the program, each
+    ``{"paths": module paths ('' = top level), "modules": their classes, "ops": primitives}``."""
+    islands, current = [], None
+    for step in steps:
+        if step["op"] == "float":
+            m = op_meta[step["island"]]
+            if current is None:
+                current = {"paths": [], "modules": [], "ops": []}
+                islands.append(current)
+            if m["path"] not in current["paths"]:
+                current["paths"].append(m["path"])
+                current["modules"].append(m["module"])
+            current["ops"].append(m["op"])
+        elif step["op"] != "dequant":
+            current = None
+    return islands
 
 
-def _build_chain(b: _Builder, model, input_shape):
-    from hqjax.models import CNN, MLP
+def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int4: bool = True,
+               float_islands: bool = False) -> IntegerModel:
+    """Lower a calibrated fake-quant model (Linen or NNX) to an integer-only :class:`IntegerModel`.
 
-    if isinstance(model, MLP):
-        if model.activation != "relu":
-            raise ValueError(f"integer inference supports MLP(activation='relu'), got {model.activation!r}")
-        names = [f"Dense_{i}" for i in range(len(model.features) + 1)]
-        geo = [dict(flatten=(i == 0)) for i in range(len(names))]
-    elif isinstance(model, CNN):
-        names, (h, w) = ["conv1", "conv2", "dense"], input_shape[:2]
-        geo = [dict(op="conv", kernel_hw=(3, 3), strides=(1, 1), pads=_same_pads((h, w), (3, 3), (1, 1))),
-               dict(op="conv", kernel_hw=(3, 3), strides=(2, 2), pads=_same_pads((h, w), (3, 3), (2, 2))),
-               dict(flatten=True)]
-    else:
-        raise TypeError(f"no integer executor for {type(model).__name__}; supported: MLP, CNN, CifarResNet")
-    for i, (name, g) in enumerate(zip(names, geo)):
-        last = i == len(names) - 1
-        b.layer(name, relu=not last, out=None if last else b.act(names[i + 1]), **g)
-    return {"kind": "chain", "layers": names}
-
-
-def _build_resnet(b: _Builder, model, input_shape):
-    if (model.depth - 2) % 6:
-        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {model.depth}")
-    n = (model.depth - 2) // 6
-    conv3 = lambda s: dict(op="conv", kernel_hw=(3, 3), strides=(s, s), pads=((1, 1), (1, 1)))
-    blocks = [f"stage{s + 1}/block{i}" for s in range(3) for i in range(n)]
-    next_in = [f"{blk}/conv1" for blk in blocks] + ["fc"]
-    b.layer("stem", bn="stem_bn", relu=True, out=b.act(next_in[0]), **conv3(1))
-    res_qmax = 2 ** (RESIDUAL_BITS - 1) - 1
-    pooled = -(-input_shape[0] // 4) * -(-input_shape[1] // 4)  # spatial size after two stride-2 stages
-    for j, blk in enumerate(blocks):
-        s_in, z_in, _ = b.act(f"{blk}/conv1")
-        nxt = b.act(next_in[j + 1])
-        s_res = nxt[0] / 2**_RES_FRACTION_BITS
-        res = (s_res, 0, (-res_qmax, res_qmax))
-        stride = 2 if (j >= n and j % n == 0) else 1
-        width = model.width * 2 ** (j // n)
-        in_width = width // 2 if stride > 1 else width
-        b.layer(f"{blk}/conv1", bn=f"{blk}/bn1", relu=True, out=b.act(f"{blk}/conv2"), **conv3(stride))
-        b.layer(f"{blk}/conv2", bn=f"{blk}/bn2", relu=False, out=res, **conv3(1))
-        bm = {"strides": stride, "in_zero": z_in, "pad_channels": width - in_width, "shortcut": "identity"}
-        arrays = {}
-        if f"{blk}/shortcut/kernel" in b.params:
-            bm["shortcut"] = "conv"
-            b.layer(f"{blk}/shortcut", bn=f"{blk}/shortcut_bn", in_act=b.act(f"{blk}/conv1"), out=res,
-                    op="conv", kernel_hw=(1, 1), strides=(stride, stride))
-        else:
-            b._requantizer(arrays, bm, "res", np.asarray(s_in / s_res), 0, (-res_qmax, res_qmax))
-        # block output at the next layer's input scale; the last one is summed over space first
-        # (integer average pooling), so 1/(HW) joins its multiplier
-        divisor = pooled if j == len(blocks) - 1 else 1
-        b._requantizer(arrays, bm, "out", np.asarray(s_res / (divisor * nxt[0])), nxt[1], nxt[2])
-        b.arrays[blk], b.meta[blk] = arrays, bm
-    b.layer("fc", relu=False, out=None)
-    return {"kind": "resnet", "blocks": blocks}
-
-
-def to_integer(qmodel: QuantizedModel, variables, input_shape, *, backend: str = "xla",
-               pack_int4: bool = True) -> IntegerModel:
-    """Convert a calibrated fake-quant model into an integer-only :class:`IntegerModel`.
+    The model's own program is traced on one example and lowered op by op
+    (:mod:`hqjax.quant._lowering`): Dense/Conv (any strides, padding, dilation, groups),
+    BatchNorm in inference mode (folded into the preceding layer), ReLU/ReLU6, residual adds,
+    max/average/global pooling, reshape, transpose, slice, pad and concatenation. The integer
+    weights and activation quantizers are the fake-quant model's, so both compute the same
+    integers up to requantization rounding.
 
     Parameters
     ----------
-    qmodel : from :func:`hqjax.quantize_model` over an ``hqjax.models`` MLP (ReLU), CNN or
-        CifarResNet (BatchNorm in inference mode is folded).
-    variables : calibrated variables (``params``, ``batch_stats``, ``quant_stats``).
-    input_shape : one example's shape, e.g. ``(8, 8, 1)`` (for SAME padding and pooling).
+    qmodel : a :class:`QuantizedModel` (:func:`hqjax.quantize_model`) or a
+        :class:`~hqjax.quant.nnx_transform.QuantizedNNXModel` (:func:`hqjax.quantize_nnx_model`).
+    variables : Linen: the calibrated variables (``params``, ``batch_stats``, ``quant_stats``);
+        NNX: the tuple ``(params, rest, stats)`` its ``apply`` takes.
+    input_shape : one example's shape, e.g. ``(8, 8, 1)``.
     backend : the ``int_matmul`` backend.
     pack_int4 : store weights of at most 4 bits packed two per byte (half the memory) and
         multiply them with :func:`hqjax.kernels.int4_matmul`; the integers are the same.
+    float_islands : keep ops with no integer form (softmax, LayerNorm, GELU, ...) in float —
+        dequantize, float op, requantize at the next layer — and list each in
+        ``meta['float_islands']``. Off by default: such an op raises, naming it and its module path.
     """
-    from hqjax.models import CifarResNet
-
-    b = _Builder(qmodel, variables, backend, pack_int4)
-    if isinstance(qmodel.model, CifarResNet):
-        top = _build_resnet(b, qmodel.model, input_shape)
-    else:
-        top = _build_chain(b, qmodel.model, input_shape)
-    first = top["layers"][0] if top["kind"] == "chain" else "stem"
-    s, z, rng = b.act(first)
-    output_scale = b.meta.pop("output_scale")
-    meta = {**top, "layer_meta": b.meta, "input_scale": s, "input_zero": z, "input_range": list(rng),
-            "output_scale": output_scale, "bit_config": qmodel.bit_config,
-            "act_mode": qmodel.act_mode, "input_shape": list(input_shape)}
-    return IntegerModel(b.arrays, json.dumps(meta), backend)
+    traced, flat, stats, params = _trace(qmodel, variables, input_shape)
+    layers = [l.path for l in traced.layers if l.kind in ("dense", "conv")]
+    missing = [n for n in layers if n not in qmodel.bit_config or qmodel.act_spec(n) is None]
+    if missing:
+        raise ValueError(f"integer inference needs weight_bits and act_bits for every layer; missing or "
+                         f"act_bits=None: {missing}. Use e.g. hqjax.uniform_bit_config(blocks, 8, 8)")
+    wspecs = weight_specs(params, qmodel.bit_config, qmodel.weight_spec)
+    info = ModelInfo(flat, _act_lookup(qmodel, stats), wspecs.__getitem__, pack_int4)
+    lowerer = Lowerer(traced, info, float_islands)
+    s, z, rng = info.act(input_layer(traced))
+    out_reg, out_scale = lowerer.run((s, z, rng))
+    islands = _group_islands(lowerer.steps, lowerer.island_meta)
+    for i, isl in enumerate(islands):
+        logging.getLogger("hqjax").info("to_integer: float island %d at %s: %s", i, isl["paths"], isl["ops"])
+    meta = {"program": lowerer.steps, "output_reg": out_reg, "layers": lowerer.layers, "input_scale": s,
+            "input_zero": z, "input_range": list(rng), "output_scale": out_scale, "bit_config": qmodel.bit_config,
+            "act_mode": qmodel.act_mode, "input_shape": list(input_shape), "float_islands": islands}
+    return IntegerModel(lowerer.arrays, json.dumps(meta), backend, tuple(lowerer.islands))
 
 
 # --------------------------------------------------------------------------- serialization
 _SEP = "::"
 
 
+def _export_island(fn, in_avals) -> np.ndarray:
+    """A float island as serialized StableHLO (``jax.export``) with a symbolic batch size."""
+    from jax import export
+
+    try:
+        import flatbuffers  # noqa: F401  (jax.export's serializer needs it)
+    except ImportError:
+        raise ValueError("saving an IntegerModel with float islands serializes them with jax.export, which needs "
+                         "the 'flatbuffers' package: pip install flatbuffers (or lower without "
+                         "float_islands)") from None
+
+    (b,) = export.symbolic_shape("b")
+    args = [jax.ShapeDtypeStruct((b, *shape), jnp.dtype(dtype)) for shape, dtype in in_avals]
+    return np.frombuffer(bytes(export.export(jax.jit(fn))(*args).serialize()), np.uint8)
+
+
 def save_integer_model(im: IntegerModel, directory: str | os.PathLike) -> None:
     """Write ``arrays.npz`` (integer weights, int32 biases, multipliers, shifts) and
-    ``model.json`` (layer order, geometry, zero points, scales, bit config) under ``directory``."""
+    ``model.json`` (the program, zero points, scales, bit config, float islands) under
+    ``directory``; float islands, if any, go to ``islands.npz`` as serialized ``jax.export``s."""
+    meta = im.meta
+    avals = {s["island"]: s["in_avals"] for s in meta["program"] if s["op"] == "float"}
+    exported = {f"island{k}": _export_island(fn, avals[k]) for k, fn in enumerate(im.islands)}  # before any write
     os.makedirs(directory, exist_ok=True)
     flat = {f"{layer}{_SEP}{k}": np.asarray(v) for layer, rec in im.arrays.items() for k, v in rec.items()}
     np.savez(os.path.join(directory, "arrays.npz"), **flat)
+    if exported:
+        np.savez(os.path.join(directory, "islands.npz"), **exported)
     with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump({"format": "hqjax.IntegerModel/1", "backend": im.backend, "meta": im.meta}, f, indent=1)
+        json.dump({"format": "hqjax.IntegerModel/2", "backend": im.backend, "meta": meta}, f, indent=1)
 
 
 def load_integer_model(directory: str | os.PathLike, *, backend: str | None = None) -> IntegerModel:
     """Read a model written by :func:`save_integer_model` (same predictions, bit for bit)."""
     with open(os.path.join(directory, "model.json")) as f:
         doc = json.load(f)
-    if doc.get("format") != "hqjax.IntegerModel/1":
-        raise ValueError(f"{directory!r} does not hold an hqjax integer model (format {doc.get('format')!r})")
+    if doc.get("format") != "hqjax.IntegerModel/2":
+        raise ValueError(f"{directory!r} does not hold an hqjax integer model of this version (format "
+                         f"{doc.get('format')!r}, expected 'hqjax.IntegerModel/2'); convert the model again")
     arrays: dict[str, dict[str, Any]] = {}
     with np.load(os.path.join(directory, "arrays.npz")) as z:
         for key in z.files:
             layer, name = key.rsplit(_SEP, 1)
             arrays.setdefault(layer, {})[name] = jnp.asarray(z[key])
-    return IntegerModel(arrays, json.dumps(doc["meta"]), backend or doc["backend"])
+    islands = []
+    if any(s["op"] == "float" for s in doc["meta"]["program"]):
+        from jax import export
+
+        with np.load(os.path.join(directory, "islands.npz")) as z:
+            islands = [export.deserialize(bytearray(z[f"island{k}"].tobytes())).call for k in range(len(z.files))]
+    return IntegerModel(arrays, json.dumps(doc["meta"]), backend or doc["backend"], tuple(islands))

@@ -66,7 +66,7 @@ def test_integer_path_has_int8_dots_and_no_float(converted, digits):
     jaxpr = jax.make_jaxpr(im.forward)(q).jaxpr
     eqns = list(_all_eqns(jaxpr))
     dots = [e for e in eqns if e.primitive.name == "dot_general"]
-    assert len(dots) == len(im.meta["layer_meta"])
+    assert len(dots) == len(im.meta["layers"])
     for e in dots:
         assert [v.aval.dtype for v in e.invars] == [jnp.int8, jnp.int8]
         assert e.outvars[0].aval.dtype == jnp.int32
@@ -95,7 +95,7 @@ def test_integer_outputs_identical_on_every_backend(converted, digits):
     q = q[:2]
     for b in ("triton", "mosaic"):  # the backend really reaches a Pallas kernel per layer
         eqns = _all_eqns(jax.make_jaxpr(im.replace(backend=b).forward)(q).jaxpr)
-        assert sum(e.primitive.name == "pallas_call" for e in eqns) == len(im.meta["layer_meta"])
+        assert sum(e.primitive.name == "pallas_call" for e in eqns) == len(im.meta["layers"])
     assert im.backend == "xla" and want.dtype == np.int32 and np.abs(want).max() > 0
     for b in ("triton", "mosaic"):
         np.testing.assert_array_equal(np.asarray(_forward(im.replace(backend=b), q)), want,
@@ -106,8 +106,8 @@ def test_integer_outputs_identical_on_every_backend(converted, digits):
 def test_int4_weights_are_packed_and_give_the_same_integers(converted, digits):
     qm, vq, im = converted
     unpacked = to_integer(qm, vq, digits.x_train.shape[1:], pack_int4=False)
-    for name, rec in im.arrays.items():
-        w = unpacked.arrays[name]["w"]
+    for name in im.meta["layers"]:
+        rec, w = im.arrays[name], unpacked.arrays[name]["w"]
         assert "w" not in rec and rec["w4"].shape == ((w.shape[0] + 1) // 2, w.shape[1])
         np.testing.assert_array_equal(np.asarray(hqjax.kernels.unpack_int4(rec["w4"], w.shape[0])), np.asarray(w))
     q = im.quantize_input(digits.x_test)
@@ -116,7 +116,7 @@ def test_int4_weights_are_packed_and_give_the_same_integers(converted, digits):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shortcut", ["A", "B"])
-def test_resnet_integer_close_to_fake_quant(shortcut, digits, init_np):
+def test_resnet_integer_matches_fake_quant(shortcut, digits, init_np):
     model = CifarResNet(depth=8, width=8, shortcut=shortcut)
     x = digits.x_train[:256]
     v = init_np(model, x[:2], seed=1)
@@ -136,10 +136,10 @@ def test_resnet_integer_close_to_fake_quant(shortcut, digits, init_np):
     fq = np.asarray(jax.jit(qm.apply)(vq, digits.x_test))
     il = np.asarray(jax.jit(im.__call__)(digits.x_test))
     lsb = np.abs(fq).max() / 127
-    # the integer residual requantizes both branches to 16 bits and adds the 8-bit block
-    # input, which the fake-quant model does not model: close agreement, not bit-level
-    assert np.mean(np.abs(fq - il) <= 2 * lsb) >= 0.95
-    assert np.mean(fq.argmax(-1) == il.argmax(-1)) >= 0.95
+    # residual adds happen in int32 at the finer branch scale, on the same (unrequantized)
+    # block input the fake-quant model adds: logits agree to requantization rounding
+    assert np.mean(np.abs(fq - il) <= lsb) >= 0.999
+    assert np.mean(fq.argmax(-1) == il.argmax(-1)) >= 0.999
 
 
 def test_int_matmul_contract_and_errors():
