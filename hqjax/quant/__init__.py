@@ -13,7 +13,7 @@ from hqjax.quant.requant import (
     MANTISSA_BITS, dyadic, dyadic_requantize,
 )
 from hqjax.quant.integer import (
-    IntegerModel, RESIDUAL_BITS, fold_batchnorm, int_matmul, load_integer_model, save_integer_model,
+    IntegerModel, fold_batchnorm, int_matmul, load_integer_model, save_integer_model,
     to_integer,
 )
 from hqjax.quant.nnx_transform import (
@@ -37,7 +37,7 @@ from hqjax.quant.transform import (
 __all__ = [
     "load_bit_config", "save_bit_config", "uniform_bit_config", "validate_bit_config", "Calibrator",
     "ema", "get_calibrator", "minmax", "mse", "percentile", "state_range", "MANTISSA_BITS",
-    "dyadic", "dyadic_requantize", "IntegerModel", "RESIDUAL_BITS", "fold_batchnorm", "int_matmul",
+    "dyadic", "dyadic_requantize", "IntegerModel", "fold_batchnorm", "int_matmul",
     "load_integer_model", "save_integer_model", "to_integer", "QuantizedNNXModel", "quantize_nnx",
     "quantize_nnx_model", "quantize_nnx_state", "QuantizedNNXApply", "quantize_nnx_apply", "QATState", "init_qat_state", "make_qat_step",
     "qat_loss", "state_variables", "QArray", "QuantSpec", "dequantize", "fake_quant", "int_range",
