@@ -224,7 +224,7 @@ def _api_cases(d):
         (lambda: hqjax.load_bit_config(d / "missing.json"), ValueError, "missing.json' does not exist"),
         (lambda: hqjax.load_bit_config(d / "sens.json"), ValueError, "not 'hqjax.bit_config'"),
         (lambda: hqjax.allocate(hqjax.SensitivityTable({}), hqjax.LayerCosts({"a": 1}, {"a": 1}), {}, (4, 8)), ValueError,
-         "sensitivity table is empty"),
+         "sensitivity table has no layers"),
         (lambda: hqjax.allocate({"a": {4: 1.0, 8: 0.0}}, hqjax.LayerCosts({"a": 1}, {"a": 1}), {}, (4, 8),
                                 act_candidates="follow"), ValueError, "'weights'"),
         (lambda: RunConfig(weight_bits=(1, 8)), UserError, "[1] cannot be quantized"),

@@ -291,9 +291,6 @@ def allocate(
     ------
     InfeasibleBudgetError : with the smallest feasible value of each budget.
     """
-    if len(table) == 0 and not fixed:
-        raise ValueError("the sensitivity table is empty, so there is no layer to allocate bits to; build it "
-                         "with hqjax.sensitivity_table (or hqjax analyze) for a model with quantizable layers")
     prog = _build_program(table, costs, list(budget), candidates, metric, act_candidates, fixed, ties)
     cost_g, allowed, kinds = prog.costs, prog.allowed, list(budget)
     limits = {k: _resolve_limit(budget[k], cost_g[k], allowed, prog.choices) for k in kinds}

@@ -323,7 +323,7 @@ def test_activations_default_to_8_bits_and_follow_weights_only_when_asked():
 
 def test_empty_table_is_a_clear_value_error():
     costs = hqjax.LayerCosts({"a": 10}, {"a": 1})
-    with pytest.raises(ValueError, match="sensitivity table is empty"):
+    with pytest.raises(ValueError, match="sensitivity table has no layers"):
         hqjax.allocate(hqjax.SensitivityTable({}), costs, {"size": hqjax.alpha(0.5)}, (4, 8))
-    with pytest.raises(ValueError, match="sensitivity table is empty"):
+    with pytest.raises(ValueError, match="sensitivity table has no layers"):
         hqjax.allocate({}, costs, {"size": 100.0}, (4, 8))
