@@ -9,6 +9,7 @@ from hqjax.curvature.operators import dataset_loss, ggn, hessian, hvp
 from hqjax.curvature.results import DensityResult, EigenResult, LayerTraceResult, TraceResult, result_from_dict
 from hqjax.curvature.trace import trace
 from hqjax.curvature.layer_trace import block_function, layer_traces
+from hqjax.curvature.proxies import empirical_fisher_layer_traces, fisher_layer_traces, ggn_layer_traces
 from hqjax.curvature.eigen import block_top_eigenvalues, top_eigenvalues
 from hqjax.curvature.density import density_on_grid, spectral_density
 from hqjax.curvature.activation import activation_perturbations, activation_traces
@@ -21,6 +22,9 @@ __all__ = [
     "trace",
     "layer_traces",
     "block_function",
+    "ggn_layer_traces",
+    "empirical_fisher_layer_traces",
+    "fisher_layer_traces",
     "top_eigenvalues",
     "block_top_eigenvalues",
     "spectral_density",
