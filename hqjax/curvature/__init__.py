@@ -9,6 +9,7 @@ from hqjax.curvature.operators import dataset_loss, ggn, hessian, hvp
 from hqjax.curvature.results import DensityResult, EigenResult, LayerTraceResult, TraceResult, result_from_dict
 from hqjax.curvature.trace import trace
 from hqjax.curvature.layer_trace import block_function, layer_traces
+from hqjax.curvature.deflated import deflated_layer_traces
 from hqjax.curvature.proxies import empirical_fisher_layer_traces, fisher_layer_traces, ggn_layer_traces
 from hqjax.curvature.eigen import block_top_eigenvalues, top_eigenvalues
 from hqjax.curvature.density import density_on_grid, spectral_density
@@ -22,6 +23,7 @@ __all__ = [
     "trace",
     "layer_traces",
     "block_function",
+    "deflated_layer_traces",
     "ggn_layer_traces",
     "empirical_fisher_layer_traces",
     "fisher_layer_traces",

@@ -1,51 +1,12 @@
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import hqjax
-from hqjax.curvature import LayerTraceResult, block_function, layer_traces, result_from_dict
-
-
-class CoupledCNN(nn.Module):
-    """conv -> conv with a residual -> dense: every layer's curvature depends on the others."""
-
-    @nn.compact
-    def __call__(self, x):
-        h = jnp.tanh(nn.Conv(3, (3, 3), name="conv1")(x))
-        h = h + jnp.tanh(nn.Conv(3, (3, 3), name="conv2")(h))
-        return nn.Dense(4, name="dense")(h.reshape(h.shape[0], -1))
-
-
-@pytest.fixture(scope="module")
-def coupled():
-    """The model, its loss and the exact per-block Hessian traces (``jax.hessian`` per block)."""
-    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (16, 5, 5, 1))
-    y = jax.random.randint(ky, (16,), 0, 4)
-    model = CoupledCNN()
-    params = model.init(kp, x)["params"]
-    # Larger weights than the default initialization couple the layers more strongly.
-    params = jax.tree.map(lambda p: 2.0 * p + 0.1, params)
-
-    def model_fn(p, xb):
-        return model.apply({"params": p}, xb)
-
-    def loss(p):
-        return optax.softmax_cross_entropy_with_integer_labels(model_fn(p, x), y).mean()
-
-    blk = hqjax.blocks(params)
-    exact = {}
-    for name in blk.names:
-        f_b, theta = block_function(loss, params, blk, name)
-        flat, unravel = ravel_pytree(theta)
-        exact[name] = float(np.trace(np.asarray(jax.jit(jax.hessian(lambda z: f_b(unravel(z))))(flat), np.float64)))
-    return dict(model_fn=model_fn, loss=loss, params=params, x=x, y=y, blocks=blk, exact=exact)
+from hqjax.curvature import LayerTraceResult, layer_traces, result_from_dict
 
 
 def test_every_layer_within_4_stderr_of_exact_block_trace_and_stops_at_rtol(coupled):
