@@ -66,7 +66,9 @@ def test_outputs_agree(job):
     metrics = _json(job, "metrics.json")
     assert [r["layer"] for r in sens] == list(bits) == ["conv1", "conv2", "dense"]
     for r in sens:
-        assert r["trace_stderr"] >= 0 and r["n_params"] > 0 and len(r["top_eigenvalues"]) == 1
+        # hawq_v3 reads traces only: no eigenvalues are computed for it
+        assert r["trace_stderr"] >= 0 and r["n_params"] > 0 and r["top_eigenvalues"] == []
+        assert 2 <= r["num_probes"] <= 4 and r["curvature"] == "hessian"
         p = {int(b): v for b, v in r["perturbation"].items()}
         assert p[2] > p[4] > p[8] >= 0  # fewer bits, larger ||Q(W) - W||^2
     assert all(b["weight_bits"] in (2, 4, 8) and b["act_bits"] == 8 for b in bits.values())
