@@ -127,3 +127,26 @@ def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir):
     assert main(["report", "--out", out]) == 0
     made = set(os.listdir(out))
     assert {"density.png", "traces.png", "report.md"} <= made and not {"bits.png", "metrics.json"} & made
+
+
+@pytest.mark.slow
+def test_ggn_source_and_an_eigenvalue_metric_change_what_is_computed(job, tmp_path):
+    import shutil
+
+    from hqjax.pipeline import Job, stage_analyze
+
+    out = str(tmp_path / "ggn")
+    shutil.copytree(job, out)
+    shutil.rmtree(os.path.join(out, "analysis"))
+    cfg = RunConfig.from_dict(_json(job, "config.json")).replace(out=out, curvature="ggn", metric="hawq_v1")
+    stage_analyze(Job(cfg, log=lambda s: None, progress=False))
+    rows = _json(out, "sensitivity.json")["layers"]
+    base = _json(job, "sensitivity.json")["layers"]
+    assert [r["layer"] for r in rows] == [r["layer"] for r in base]
+    for r, b in zip(rows, base):
+        # exact Gauss-Newton traces (no probe error), and hawq_v1 gets its top eigenvalue
+        assert r["curvature"] == "ggn" and r["trace_stderr"] == 0 and r["trace"] > 0
+        assert len(r["top_eigenvalues"]) == 1
+        # the Gauss-Newton trace is within a factor of a few of the Hessian trace
+        assert 0.2 < r["trace"] / b["trace"] < 5
+    assert os.path.exists(os.path.join(out, "analysis", "ggn.json"))
