@@ -63,7 +63,9 @@ class TraceResult(_Serializable):
     total_stderr : its standard error (sample standard deviation / sqrt(num_probes); for
         Hutch++ the error of the stochastic part only, the low-rank part being exact).
     block_traces : ``[num_blocks]`` estimates of ``tr(M_bb)`` (``E[v_b . (M v)_b]``).
-    block_stderr : ``[num_blocks]`` standard errors.
+    block_stderr : ``[num_blocks]`` standard errors. From one pass they include every
+        cross-block term and are large on coupled layers; compare them with
+        ``block_traces`` before use (see :func:`hqjax.layer_traces`).
     num_probes : number of probes that entered the estimate (an array: under a tolerance
         stop it is only known at run time).
     block_names : static tuple of block names, aligned with ``block_traces``.
