@@ -83,7 +83,7 @@ class RunConfig:
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 3e-3
-    hessian_examples: int = 256
+    hessian_examples: int = 128
     hessian_batch: int = 128
     curvature: str = "hessian"
     num_probes: int = 64

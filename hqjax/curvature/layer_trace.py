@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from hqjax.curvature._checks import raise_if_not_finite
-from hqjax.curvature._loop import make_while, resolve_loop
+from hqjax.curvature._loop import _hoist, make_while, resolve_loop
+from hqjax.curvature.operators import is_concrete
 from hqjax.curvature.results import LayerTraceResult
 from hqjax.tree import Blocks, blocks as make_blocks, tree_dot, tree_random_like
 
@@ -76,13 +77,23 @@ def _stderr(n, m2):
     return jnp.sqrt(m2 / jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
 
 
-def _one_layer(f_b, theta, key, *, rtol, min_probes, max_probes, chunk_size, dist, loop):
+def _linearized_hvp(f_b, theta):
+    """``v -> H_bb v`` reusing one linearization of ``grad f_b`` (computed now, jitted, with
+    the closed-over params as arguments so they are not baked into the program)."""
+    lin = jax.linearize(jax.grad(f_b), theta)[1] if not is_concrete(theta) else None
+    if lin is None:
+        run = _hoist(lambda t: jax.linearize(jax.grad(f_b), t)[1], theta)
+        lin = run(theta) if run is not None else jax.linearize(jax.grad(f_b), theta)[1]
+    return lin
+
+
+def _one_layer(f_b, theta, key, *, rtol, min_probes, max_probes, chunk_size, dist, loop, linearize):
     """Adaptive Hutchinson on the pruned function; returns ``(n, mean, stderr)``."""
+    hvp = _linearized_hvp(f_b, theta) if linearize else (lambda v: jax.jvp(jax.grad(f_b), (theta,), (v,))[1])
 
     def quad(j):
         v = tree_random_like(jax.random.fold_in(key, j), theta, dist)
-        hv = jax.jvp(jax.grad(f_b), (theta,), (v,))[1]
-        return tree_dot(v, hv)
+        return tree_dot(v, hvp(v))
 
     dtype = jnp.result_type(float)
     num_chunks = -(-max_probes // chunk_size)
@@ -110,8 +121,8 @@ def _one_layer(f_b, theta, key, *, rtol, min_probes, max_probes, chunk_size, dis
 def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array, *,
                  blocks: Blocks | None = None, names: Sequence[str] | None = None, rtol: float = 0.05,
                  min_probes: int = 10, max_probes: int = 200, chunk_size: int = 1, dist: str = "rademacher",
-                 loop: str = "auto", progress: Callable[[str, int, float, float], None] | None = None
-                 ) -> LayerTraceResult:
+                 loop: str = "auto", linearize: bool = True,
+                 progress: Callable[[str, int, float, float], None] | None = None) -> LayerTraceResult:
     """Every layer's Hessian trace ``tr(H_bb)``, each from its own probes, to a relative error.
 
     Parameters
@@ -134,6 +145,10 @@ def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Arra
     loop : ``'host'`` (a Python loop over one jitted step per layer), ``'device'``
         (``lax.while_loop``) or ``'auto'`` (host on CPU outside ``jit``). Under ``jit`` the
         loop runs on the device and the adaptive stop still applies (both are traced).
+    linearize : linearize ``grad f_b`` once per layer and apply only the linear map per
+        probe (the primal forward and backward passes are not repeated), at the memory of
+        the residuals (about twice the activations) while that layer runs. ``False``
+        recomputes them in every product (forward-over-reverse).
     progress : optional ``progress(name, num_probes, trace, stderr)`` called after each
         layer (host side; e.g. to advance a progress bar).
 
@@ -143,8 +158,8 @@ def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Arra
 
     Notes
     -----
-    Cost per probe is one forward-over-reverse product of ``f_b``: the forward pass below
-    layer ``b`` carries no tangent and the backward pass stops at ``b``. Each layer's step
+    Cost per probe is one product with ``H_bb``: the tangent forward pass starts at layer
+    ``b`` and the backward pass stops there (with ``linearize``, nothing else is recomputed). Each layer's step
     compiles once (see the module docstring); calls are cached by program text.
 
     The stated standard error is the sample standard deviation over probes divided by
@@ -176,7 +191,7 @@ def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Arra
         f_b, theta = block_function(f, params, blk, name)
         n, mean, se = _one_layer(f_b, theta, jax.random.fold_in(key, blk.index(name)), rtol=float(rtol),
                                  min_probes=int(min_probes), max_probes=int(max_probes), chunk_size=chunk_size,
-                                 dist=dist, loop=loop)
+                                 dist=dist, loop=loop, linearize=bool(linearize))
         ns.append(n), means.append(mean), ses.append(se)
         if progress is not None and loop == "host":
             progress(name, int(n), float(mean), float(se))

@@ -78,3 +78,10 @@ def test_bad_arguments_fail_early_with_a_clear_message(coupled):
         layer_traces(f, p, k, min_probes=50, max_probes=10)
     with pytest.raises(KeyError, match="conv1"):
         layer_traces(f, p, k, names=["nope"])
+
+
+def test_linearized_and_forward_over_reverse_products_give_the_same_estimates(coupled):
+    kw = dict(rtol=0.0, min_probes=5, max_probes=5)
+    a = layer_traces(coupled["loss"], coupled["params"], jax.random.key(6), linearize=True, **kw)
+    b = layer_traces(coupled["loss"], coupled["params"], jax.random.key(6), linearize=False, **kw)
+    np.testing.assert_allclose(np.asarray(a.traces), np.asarray(b.traces), rtol=1e-4, atol=1e-5)
