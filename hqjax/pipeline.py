@@ -171,17 +171,18 @@ def _layer_key(job: Job, index: int):
     return jax.random.fold_in(jax.random.PRNGKey(job.config.seed), index)
 
 
-def _hessian_layer(job: Job, f, index: int, name: str) -> dict:
+def _hessian_layer(job: Job, f, index: int, name: str, *, trace: bool = True) -> dict:
     """One layer's Hessian trace (per-layer Hutchinson on the layer's own function, adaptive)
     and, when the metric reads them, its top eigenvalues (Lanczos on the same function)."""
     from hqjax.curvature import block_function, hessian, layer_traces, top_eigenvalues
 
     c, params, blk = job.config, job.variables["params"], job.blocks
     k_trace, k_eig = jax.random.split(_layer_key(job, index))
-    res = layer_traces(f, params, k_trace, blocks=blk, names=[name], rtol=c.trace_rtol,
-                       min_probes=min(10, max(2, c.num_probes)), max_probes=max(2, c.num_probes))
-    out = {"trace": float(res.traces[0]), "trace_stderr": float(res.stderr[0]),
-           "num_probes": int(res.num_probes[0]), "top_eigenvalues": []}
+    out = {"top_eigenvalues": []}
+    if trace:
+        res = layer_traces(f, params, k_trace, blocks=blk, names=[name], rtol=c.trace_rtol,
+                           min_probes=min(10, max(2, c.num_probes)), max_probes=max(2, c.num_probes))
+        out.update(trace=float(res.traces[0]), trace_stderr=float(res.stderr[0]), num_probes=int(res.num_probes[0]))
     if _needs_eigenvalues(job):
         f_b, theta = block_function(f, params, blk, name)
         size = blk.sizes[blk.index(name)]
@@ -278,8 +279,7 @@ def stage_analyze(job: Job) -> None:
             if proxies is None:
                 curv = _hessian_layer(job, f, i, name)
             else:
-                curv = dict(proxies[name], top_eigenvalues=(_hessian_layer(job, f, i, name)["top_eigenvalues"]
-                                                            if _needs_eigenvalues(job) else []))
+                curv = dict(proxies[name], **_hessian_layer(job, f, i, name, trace=False))
             row = _layer_row(job, i, name, curv)
             work.write_json(unit, {"fingerprint": fp, "row": row})
             eig = row["top_eigenvalues"]
