@@ -121,7 +121,7 @@ def _one_layer(f_b, theta, key, *, rtol, min_probes, max_probes, chunk_size, dis
 def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array, *,
                  blocks: Blocks | None = None, names: Sequence[str] | None = None, rtol: float = 0.05,
                  min_probes: int = 10, max_probes: int = 200, chunk_size: int = 1, dist: str = "rademacher",
-                 loop: str = "auto", linearize: bool = True,
+                 loop: str = "auto", linearize: bool = False,
                  progress: Callable[[str, int, float, float], None] | None = None) -> LayerTraceResult:
     """Every layer's Hessian trace ``tr(H_bb)``, each from its own probes, to a relative error.
 
@@ -145,10 +145,11 @@ def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Arra
     loop : ``'host'`` (a Python loop over one jitted step per layer), ``'device'``
         (``lax.while_loop``) or ``'auto'`` (host on CPU outside ``jit``). Under ``jit`` the
         loop runs on the device and the adaptive stop still applies (both are traced).
-    linearize : linearize ``grad f_b`` once per layer and apply only the linear map per
-        probe (the primal forward and backward passes are not repeated), at the memory of
-        the residuals (about twice the activations) while that layer runs. ``False``
-        recomputes them in every product (forward-over-reverse).
+    linearize : if True, linearize ``grad f_b`` once per layer and apply only the linear
+        map per probe (the primal passes are not repeated), at the memory of the residuals
+        (about twice the activations) while that layer runs. Off by default: on XLA:CPU a
+        ResNet-20 layer's linearized product ran slower than forward-over-reverse (measured
+        once, on a loaded machine); measure before switching it on.
     progress : optional ``progress(name, num_probes, trace, stderr)`` called after each
         layer (host side; e.g. to advance a progress bar).
 
