@@ -11,12 +11,14 @@ imports.
 
 from hqjax.alloc import (
     Allocation, InfeasibleBudgetError, LayerCosts, LayerSensitivity, SensitivityTable, allocate, alpha, get_metric,
-    layer_shapes, measure_latency_table, metric_names, pareto_frontier, plot_pareto, register_metric,
+    layer_shapes, measure_latency_table, metric_names, metric_needs, pareto_frontier, plot_pareto, register_metric,
     save_latency_table, sensitivity_scores, sensitivity_table, weight_perturbations,
 )
 from hqjax.curvature import (
     DensityResult, EigenResult, TraceResult, activation_perturbations, activation_traces, block_top_eigenvalues,
     dataset_loss, density_on_grid, ggn, hessian, hvp, result_from_dict, spectral_density, top_eigenvalues, trace,
+    LayerTraceResult, layer_traces, deflated_layer_traces, ggn_layer_traces, empirical_fisher_layer_traces,
+    fisher_layer_traces,
 )
 from hqjax.quant import (
     IntegerModel, QATState, QuantizedModel, QuantizedNNXModel, coverage, group_wise_weights, init_qat_state,
@@ -35,6 +37,8 @@ __all__ = [
     "hvp", "hessian", "ggn", "dataset_loss", "trace", "top_eigenvalues", "block_top_eigenvalues",
     "spectral_density", "density_on_grid", "activation_traces", "activation_perturbations", "TraceResult",
     "EigenResult", "DensityResult", "result_from_dict",
+    "layer_traces", "deflated_layer_traces", "ggn_layer_traces", "empirical_fisher_layer_traces",
+    "fisher_layer_traces", "LayerTraceResult",
     # layers
     "Blocks", "blocks",
     # your own model
@@ -47,7 +51,7 @@ __all__ = [
     "save_integer_model", "load_integer_model", "to_qwix_rules", "qwix_rule_specs", "export_qwix", "qwix_apply",
     # allocation
     "sensitivity_table", "SensitivityTable", "LayerSensitivity", "weight_perturbations", "sensitivity_scores",
-    "register_metric", "get_metric", "metric_names", "layer_shapes", "LayerCosts", "measure_latency_table",
+    "register_metric", "get_metric", "metric_names", "metric_needs", "layer_shapes", "LayerCosts", "measure_latency_table",
     "save_latency_table", "alpha", "allocate", "Allocation", "InfeasibleBudgetError", "pareto_frontier",
     "plot_pareto",
 ]

@@ -29,7 +29,7 @@ __all__ = ["main", "build_parser", "resolve_config"]
 
 _COMMANDS = {
     "run": "all stages: train, analyze, allocate, quantize (QAT + integer), evaluate, report",
-    "analyze": "train if needed, then per-layer Hessian traces, top eigenvalues and the eigenvalue density",
+    "analyze": "train if needed, then per-layer traces (eigenvalues if the metric needs them) and the eigenvalue density",
     "allocate": "bits per layer under the budget (ILP), and the Pareto frontier",
     "quantize": "quantization-aware fine-tuning, calibration and integer-only conversion",
     "evaluate": "accuracy and size of every stage -> metrics.json",
@@ -68,7 +68,12 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="training batch" + d("batch_size"))
     g.add_argument("--learning-rate", dest="learning_rate", type=float, default=S, help=d("learning_rate").strip())
     g = p.add_argument_group("analysis")
-    g.add_argument("--probes", dest="num_probes", type=int, default=S, help="Hutchinson probes per layer" + d("num_probes"))
+    g.add_argument("--curvature", choices=("hessian", "ggn", "fisher", "empirical_fisher"), default=S,
+                   help="source of the per-layer traces" + d("curvature"))
+    g.add_argument("--probes", dest="num_probes", type=int, default=S,
+                   help="at most this many Hutchinson probes per layer" + d("num_probes"))
+    g.add_argument("--trace-rtol", dest="trace_rtol", type=float, default=S,
+                   help="stop a layer at this relative standard error of its trace" + d("trace_rtol"))
     g.add_argument("--hessian-examples", dest="hessian_examples", type=int, default=S,
                    help="training examples the Hessian is measured on" + d("hessian_examples"))
     g.add_argument("--hessian-batch", dest="hessian_batch", type=int, default=S,

@@ -29,7 +29,9 @@ __all__ = [
     "STAGES",
     "STAGE_FIELDS",
     "BUDGET_KINDS",
+    "CURVATURES",
     "stage_fingerprints",
+    "analysis_needs_eigenvalues",
     "load_config_file",
     "parse_budget",
 ]
@@ -37,6 +39,7 @@ __all__ = [
 
 STAGES = ("train", "analyze", "allocate", "quantize", "evaluate", "report")
 BUDGET_KINDS = ("size", "bops", "latency")
+CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,14 @@ class RunConfig:
     epochs, batch_size, learning_rate : full-precision training.
     hessian_examples, hessian_batch : training examples the curvature is measured on, and
         how they are stacked into batches (dataset-level Hessian, PyHessian Sec. 3).
-    num_probes : Hutchinson probes per layer (HAWQ-V2 Sec. 3.1).
-    top_k, eig_iters : top eigenvalues per layer and power iterations (HAWQ-V1).
+    curvature : where each layer's trace comes from: ``'hessian'`` (per-layer Hutchinson on
+        the layer's own function, HAWQ-V2 Sec. 3.1), ``'ggn'`` (exact Gauss-Newton trace),
+        ``'fisher'`` (Monte-Carlo Fisher, one sampled label per example) or
+        ``'empirical_fisher'`` (true labels); see ``hqjax.curvature.proxies``.
+    num_probes : at most this many Hutchinson probes per layer (``curvature='hessian'``).
+    trace_rtol : a layer stops probing once its trace's standard error is this fraction of it.
+    top_k, eig_iters : top Hessian eigenvalues per layer and Lanczos steps, computed only
+        when the metric needs eigenvalues (HAWQ-V1).
     density_steps : Lanczos steps of the eigenvalue density (SLQ, PyHessian Sec. 3.3).
     metric : sensitivity metric registered in ``hqjax.alloc``.
     budget_kind, budget : ``'size'``, ``'bops'`` or ``'latency'``; the budget is a fraction
@@ -80,9 +89,11 @@ class RunConfig:
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 3e-3
-    hessian_examples: int = 512
+    hessian_examples: int = 128
     hessian_batch: int = 128
+    curvature: str = "hessian"
     num_probes: int = 64
+    trace_rtol: float = 0.05
     top_k: int = 2
     eig_iters: int = 50
     density_steps: int = 60
@@ -127,6 +138,11 @@ class RunConfig:
         if bad_act_bits([self.act_bits]):
             raise UserError(f"act_bits={self.act_bits!r} is not a supported activation width; choose one of "
                             f"{list(ACT_BITS)} (e.g. --act-bits 8)")
+        if self.curvature not in CURVATURES:
+            raise UserError(f"unknown curvature {self.curvature!r}; choose one of {list(CURVATURES)}")
+        if isinstance(self.trace_rtol, bool) or not isinstance(self.trace_rtol, (int, float)) \
+                or not 0 < self.trace_rtol < 1:
+            raise UserError(f"trace_rtol must be a fraction between 0 and 1 (e.g. 0.05), got {self.trace_rtol!r}")
         if self.budget_kind not in BUDGET_KINDS:
             raise UserError(f"unknown budget kind {self.budget_kind!r}; choose one of {list(BUDGET_KINDS)}")
         parse_budget(self.budget)
@@ -154,8 +170,8 @@ class RunConfig:
 
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "train": ("model", "dataset", "data_dir", "variables", "seed", "epochs", "batch_size", "learning_rate"),
-    "analyze": ("hessian_examples", "hessian_batch", "num_probes", "top_k", "eig_iters", "density_steps",
-                "weight_bits"),
+    "analyze": ("hessian_examples", "hessian_batch", "curvature", "num_probes", "trace_rtol", "top_k", "eig_iters",
+                "density_steps", "weight_bits"),
     "allocate": ("metric", "budget_kind", "budget", "act_bits"),
     "quantize": ("qat_epochs", "qat_learning_rate", "calib_examples"),
     "evaluate": (),
@@ -168,9 +184,24 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
     out, prev = {}, ""
     d = config.to_dict()
     for stage in STAGES:
-        blob = json.dumps({"prev": prev, **{k: d[k] for k in STAGE_FIELDS[stage]}}, sort_keys=True, default=str)
+        fields = {k: d[k] for k in STAGE_FIELDS[stage]}
+        if stage == "analyze":
+            # The analysis computes eigenvalues only for metrics that read them: a metric
+            # change that needs eigenvalues re-runs it, any other is an allocation change.
+            fields["eigenvalues"] = analysis_needs_eigenvalues(config.metric)
+        blob = json.dumps({"prev": prev, **fields}, sort_keys=True, default=str)
         prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
+
+
+def analysis_needs_eigenvalues(metric: str) -> bool:
+    """Whether the metric reads per-layer eigenvalues (True for an unknown name: safe side)."""
+    try:
+        from hqjax.alloc.sensitivity import metric_needs
+
+        return "eigenvalues" in metric_needs(metric)
+    except KeyError:
+        return True
 
 
 # ----------------------------------------------------------------------------- budgets

@@ -221,63 +221,74 @@ def _hessian_batches(job: Job):
     return (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(masks)), jnp.asarray(counts)
 
 
-def _analysis_operator(job: Job):
-    """``hvp(params, v)``, jitted, of the mean loss over the analysis batches."""
-    from hqjax.curvature import dataset_loss, hvp
+def _analysis_loss(job: Job):
+    """The mean loss over the analysis batches as a function of the params."""
+    from hqjax.curvature import dataset_loss
 
     batches, counts = _hessian_batches(job)
     # Convolution gradients inside a scan body are slow on XLA:CPU; a few batches are
     # unrolled instead.
     unroll = True if counts.shape[0] <= 8 else 1
-    f = dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=unroll)
-    return jax.jit(_on_cpu_backend(lambda p, v: hvp(f, p, v)))
+    return dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=unroll)
 
 
-def _on_cpu_backend(fn):
-    """``fn`` through the opt-in CPU backend when JAX runs on the CPU (the command owns its
-    process, so it may); unchanged elsewhere."""
-    if jax.default_backend() != "cpu":
-        return fn
-    from hqjax.kernels.cpu import accelerate
+def _needs_eigenvalues(job: Job) -> bool:
+    from hqjax.config import analysis_needs_eigenvalues
 
-    return accelerate(fn)
+    return analysis_needs_eigenvalues(job.config.metric)
 
 
-def _layer_estimator(job: Job, hvp_fn):
-    """One jitted ``(params, mask, key) -> (trace, stderr, eigenvalues)`` for every layer.
-
-    The layer is a 0/1 mask argument (the diagonal block ``P_l H P_l``), not a closure, so
-    the estimators compile once for the whole model instead of once per layer (compilation
-    dominated the analysis of small models).
-    """
-    from hqjax.curvature import top_eigenvalues, trace
-
-    c = job.config
-
-    def masked(params, mask):
-        mul = lambda a, b: jax.tree.map(jnp.multiply, a, b)
-        return lambda v: mul(mask, hvp_fn(params, mul(mask, v)))
-
-    @jax.jit
-    def estimate(params, mask, key):
-        k_trace, k_eig = jax.random.split(key)
-        op = masked(params, mask)
-        tr = trace(op, params, k_trace, num_probes=c.num_probes)
-        eig = top_eigenvalues(op, params, k_eig, k=c.top_k, max_iters=c.eig_iters)
-        return tr.total, tr.total_stderr, tr.num_probes, eig.eigenvalues
-
-    return estimate
+def _layer_key(job: Job, index: int):
+    return jax.random.fold_in(jax.random.PRNGKey(job.config.seed), index)
 
 
-def _analyze_layer(job: Job, estimate, index: int, name: str) -> dict:
-    """One row of the sensitivity table: HAWQ-V2 trace, HAWQ-V1 top eigenvalues, perturbations."""
+def _hessian_layer(job: Job, f, index: int, name: str, *, trace: bool = True) -> dict:
+    """One layer's Hessian trace (per-layer Hutchinson on the layer's own function, adaptive)
+    and, when the metric reads them, its top eigenvalues (Lanczos on the same function)."""
+    from hqjax.curvature import block_function, hessian, layer_traces, top_eigenvalues
+
+    c, params, blk = job.config, job.variables["params"], job.blocks
+    k_trace, k_eig = jax.random.split(_layer_key(job, index))
+    out = {"top_eigenvalues": []}
+    if trace:
+        res = layer_traces(f, params, k_trace, blocks=blk, names=[name], rtol=c.trace_rtol,
+                           min_probes=min(10, max(2, c.num_probes)), max_probes=max(2, c.num_probes))
+        out.update(trace=float(res.traces[0]), trace_stderr=float(res.stderr[0]), num_probes=int(res.num_probes[0]))
+    if _needs_eigenvalues(job):
+        f_b, theta = block_function(f, params, blk, name)
+        size = blk.sizes[blk.index(name)]
+        eig = top_eigenvalues(hessian(f_b, theta), theta, k_eig, k=min(c.top_k, size), method="lanczos",
+                              max_iters=min(max(c.eig_iters, c.top_k), size), tol=1e-3)
+        out["top_eigenvalues"] = [float(x) for x in np.asarray(eig.eigenvalues)]
+    return out
+
+
+def _proxy_traces(job: Job) -> dict:
+    """Every layer's Gauss-Newton / Fisher trace at once (no probe noise for ``'ggn'``)."""
+    from hqjax.curvature import empirical_fisher_layer_traces, fisher_layer_traces, ggn_layer_traces
+
+    c, params, blk = job.config, job.variables["params"], job.blocks
+    (xs, ys, masks), _ = _hessian_batches(job)
+    keep = np.asarray(masks).reshape(-1)
+    x = jnp.asarray(np.asarray(xs).reshape(-1, *xs.shape[2:])[keep])
+    y = jnp.asarray(np.asarray(ys).reshape(-1)[keep])
+    rest = {k: v for k, v in job.variables.items() if k != "params"}
+    model_fn = lambda p, xb: job.model.apply({"params": p, **rest}, xb, train=False)
+    if c.curvature == "ggn":
+        res = ggn_layer_traces(model_fn, params, x, blocks=blk)
+    elif c.curvature == "empirical_fisher":
+        res = empirical_fisher_layer_traces(model_fn, params, x, y, blocks=blk)
+    else:
+        res = fisher_layer_traces(model_fn, params, x, _layer_key(job, 20_000), blocks=blk)
+    return {n: {"trace": t, "trace_stderr": se, "num_probes": int(np.asarray(res.num_probes)[i])}
+            for i, (n, (t, se)) in enumerate(res.per_block().items())}
+
+
+def _layer_row(job: Job, index: int, name: str, curvature: dict) -> dict:
+    """One row of the sensitivity table: the curvature numbers plus the weight perturbations."""
     from hqjax.quant import weight_perturbation
 
     c, params, blk = job.config, job.variables["params"], job.blocks
-    mask = jax.tree.map(lambda inside, x: jnp.full(jnp.shape(x), float(inside), jnp.result_type(x)),
-                        blk.mask(name), params)
-    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), index)
-    total, stderr, num_probes, eigenvalues = estimate(params, mask, key)
     w = blk.kernel(params, name)
     n = int(blk.sizes[blk.index(name)])
     pert = jax.jit(weight_perturbation, static_argnums=1)
@@ -286,30 +297,48 @@ def _analyze_layer(job: Job, estimate, index: int, name: str) -> dict:
         "index": index,
         "n_params": n,
         "n_weights": int(np.size(w)),
-        "trace": float(total),
-        "trace_stderr": float(stderr),
-        "num_probes": int(num_probes),
-        "avg_trace": float(total) / n,
-        "top_eigenvalues": [float(x) for x in np.asarray(eigenvalues)],
+        "curvature": c.curvature,
+        "trace": curvature["trace"],
+        "trace_stderr": curvature["trace_stderr"],
+        "num_probes": curvature["num_probes"],
+        "avg_trace": curvature["trace"] / n,
+        "top_eigenvalues": curvature.get("top_eigenvalues", []),
         "perturbation": {str(b): float(pert(w, b)) for b in c.weight_bits},
         "weight_norm_sq": float(np.sum(np.square(np.asarray(w, np.float64)))),
     }
 
 
-def _density(job: Job, hvp_fn) -> dict:
-    from hqjax.curvature import spectral_density
+def _density(job: Job, f) -> dict:
+    from hqjax.curvature import hessian, spectral_density
 
     c, params = job.config, job.variables["params"]
     key = jax.random.fold_in(jax.random.PRNGKey(c.seed), 10_000)
-    res = spectral_density(lambda v: hvp_fn(params, v), params, key, num_steps=c.density_steps)
+    res = spectral_density(hessian(f, params), params, key, num_steps=c.density_steps)
     return {"nodes": np.asarray(res.nodes).tolist(), "weights": np.asarray(res.weights).tolist()}
 
 
 def stage_analyze(job: Job) -> None:
-    """Per-layer sensitivity (resumable layer by layer) and the full-model eigenvalue density."""
-    fp, work, blk = job.fingerprints["analyze"], job.work, job.blocks
-    hvp_fn = _analysis_operator(job)
-    estimate = _layer_estimator(job, hvp_fn)
+    """Per-layer sensitivity (resumable layer by layer) and the full-model eigenvalue density.
+
+    The method follows the metric and the curvature source: with ``curvature='hessian'``
+    each layer's trace is Hutchinson on the layer's own (pruned) function, stopped at
+    ``trace_rtol``, one layer per unit of work; eigenvalues (per layer, Lanczos) only when
+    the metric reads them. With ``'ggn'`` / ``'fisher'`` / ``'empirical_fisher'`` every
+    layer's trace comes from one per-example pass (one unit of work), and eigenvalues, if
+    needed, from the per-layer Hessian as above.
+    """
+    fp, work, blk, c = job.fingerprints["analyze"], job.work, job.blocks, job.config
+    f = _analysis_loss(job)
+    t0 = time.perf_counter()
+    proxies = None
+    if c.curvature != "hessian":
+        unit = os.path.join("analysis", f"{c.curvature}.json")
+        if work.exists(unit) and work.read_json(unit).get("fingerprint") == fp:
+            proxies = work.read_json(unit)["layers"]
+        else:
+            proxies = _proxy_traces(job)
+            work.write_json(unit, {"fingerprint": fp, "layers": proxies})
+            job.unit_written()
     rows = []
     bar = progress_bar(total=len(blk) + 1, desc="analyze", enabled=job.progress)
     for i, name in enumerate(blk.names):
@@ -318,10 +347,16 @@ def stage_analyze(job: Job) -> None:
             row = work.read_json(unit)["row"]
             job.log(f"[analyze] {name}: done before, reused")
         else:
-            row = _analyze_layer(job, estimate, i, name)
+            if proxies is None:
+                curv = _hessian_layer(job, f, i, name)
+            else:
+                curv = dict(proxies[name], **_hessian_layer(job, f, i, name, trace=False))
+            row = _layer_row(job, i, name, curv)
             work.write_json(unit, {"fingerprint": fp, "row": row})
-            job.log(f"[analyze] {name}: trace {row['trace']:.4g} ± {row['trace_stderr']:.2g}, top eigenvalues "
-                    + ", ".join(f"{e:.4g}" for e in row["top_eigenvalues"]))
+            eig = row["top_eigenvalues"]
+            job.log(f"[analyze] {name}: {c.curvature} trace {row['trace']:.4g} ± {row['trace_stderr']:.2g} "
+                    f"({row['num_probes']} probes)" + (", top eigenvalues " + ", ".join(f"{e:.4g}" for e in eig)
+                                                      if eig else ""))
             job.unit_written()
         rows.append(row)
         bar.update(1)
@@ -329,16 +364,17 @@ def stage_analyze(job: Job) -> None:
     if work.exists(unit) and work.read_json(unit).get("fingerprint") == fp:
         density = work.read_json(unit)["density"]
     else:
-        density = _density(job, hvp_fn)
+        density = _density(job, f)
         work.write_json(unit, {"fingerprint": fp, "density": density})
         job.unit_written()
     bar.update(1)
     bar.close()
     c = job.config
     work.write_json("sensitivity.json", sensitivity_document(  # the one schema (hqjax._schema)
-        rows, model=c.model, dataset=c.dataset, seed=c.seed, num_probes=c.num_probes,
-        hessian_examples=c.hessian_examples, weight_bits=list(c.weight_bits)))
+        rows, model=c.model, dataset=c.dataset, seed=c.seed, curvature=c.curvature, num_probes=c.num_probes,
+        trace_rtol=c.trace_rtol, hessian_examples=c.hessian_examples, weight_bits=list(c.weight_bits)))
     work.write_json("density.json", density)
+    job.log(f"[analyze] {len(rows)} layers and the density in {time.perf_counter() - t0:.1f} s")
 
 
 # ----------------------------------------------------------------------------- allocate

@@ -128,8 +128,10 @@ def _layer_table(w: Workdir) -> list[str]:
     lines = [f"{'layer':<24}{'params':>8}{'trace':>12}{'± stderr':>10}{'top eig':>11}{'bits':>6}"]
     for r in layers:
         bits = bc.get(r["layer"], {}).get("weight_bits", "-")
+        # eigenvalues are computed only for metrics that read them
+        eig = f"{r['top_eigenvalues'][0]:>11.4g}" if r.get("top_eigenvalues") else f"{'-':>11}"
         lines.append(f"{r['layer']:<24}{r['n_params']:>8}{r['trace']:>12.4g}{r['trace_stderr']:>10.2g}"
-                     f"{r['top_eigenvalues'][0]:>11.4g}{bits!s:>6}")
+                     f"{eig}{bits!s:>6}")
     return lines
 
 

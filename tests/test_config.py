@@ -63,3 +63,16 @@ def test_config_file_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="cannot read config file"):
         load_config_file(str(bad))
+
+
+def test_analysis_reruns_for_a_metric_change_only_when_eigenvalues_become_needed():
+    v3 = stage_fingerprints(RunConfig(metric="hawq_v3"))
+    assert stage_fingerprints(RunConfig(metric="hawq_v2"))["analyze"] == v3["analyze"]
+    assert stage_fingerprints(RunConfig(metric="hawq_v1"))["analyze"] != v3["analyze"]
+    assert stage_fingerprints(RunConfig(curvature="ggn"))["analyze"] != v3["analyze"]
+
+
+@pytest.mark.parametrize("bad", [{"curvature": "fischer"}, {"trace_rtol": 0}, {"trace_rtol": 1.5}])
+def test_curvature_and_trace_rtol_are_validated(bad):
+    with pytest.raises(UserError, match=next(iter(bad))):
+        RunConfig(**bad)

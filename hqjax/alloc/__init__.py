@@ -12,7 +12,7 @@ from hqjax.alloc.costs import (
 )
 from hqjax.alloc.sensitivity import (
     LayerSensitivity, SensitivityTable, get_metric, hawq_v1_finetune_order, hawq_v1_order,
-    metric_names, register_metric, sensitivity_scores, sensitivity_table, weight_perturbations,
+    metric_names, metric_needs, register_metric, sensitivity_scores, sensitivity_table, weight_perturbations,
 )
 from hqjax.alloc.solve import (
     Allocation, Alpha, InfeasibleBudgetError, allocate, alpha,
@@ -24,7 +24,7 @@ from hqjax.alloc.pareto import (
 __all__ = [
     "COST_KINDS", "LayerCosts", "LayerShape", "layer_shapes", "load_latency_table",
     "measure_latency_table", "save_latency_table", "LayerSensitivity", "SensitivityTable",
-    "get_metric", "hawq_v1_finetune_order", "hawq_v1_order", "metric_names", "register_metric",
+    "get_metric", "hawq_v1_finetune_order", "hawq_v1_order", "metric_names", "metric_needs", "register_metric",
     "sensitivity_scores", "sensitivity_table", "weight_perturbations", "Allocation", "Alpha",
     "InfeasibleBudgetError", "allocate", "alpha", "ParetoFrontier", "pareto_frontier", "plot_pareto",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "register_metric",
     "get_metric",
     "metric_names",
+    "metric_needs",
     "sensitivity_scores",
     "hawq_v1_order",
     "hawq_v1_finetune_order",
@@ -263,15 +264,29 @@ def sensitivity_table(
 
 # ----------------------------------------------------------------------------- registry
 _METRICS: dict[str, Metric] = {}
+_NEEDS: dict[str, frozenset[str]] = {}
+# What a metric reads when it does not say: the curvature the job always computes plus the
+# per-layer eigenvalues, so an undeclared user metric never finds a field missing.
+_DEFAULT_NEEDS = frozenset({"trace", "eigenvalues"})
+_FIELDS = frozenset(f.name for f in dataclasses.fields(LayerSensitivity))
 
 
-def register_metric(name: str, fn: Metric | None = None, *, overwrite: bool = False):
+def register_metric(name: str, fn: Metric | None = None, *, overwrite: bool = False,
+                    needs: Iterable[str] | None = None):
     """Register ``fn(row: LayerSensitivity, bits: int) -> float`` under ``name``.
 
     Use as a decorator (``@register_metric("mine")``) or a call
     (``register_metric("mine", fn)``); afterwards ``allocate(..., metric="mine")`` and the
     command line's ``--metric mine`` find it. Returns ``fn``.
+
+    ``needs`` names the :class:`LayerSensitivity` fields the metric reads (e.g.
+    ``("trace",)``); the job computes only those (eigenvalues cost far more than traces).
+    Undeclared, it is ``{"trace", "eigenvalues"}``.
     """
+    need = _DEFAULT_NEEDS if needs is None else frozenset(needs)
+    unknown = sorted(need - _FIELDS)
+    if unknown:
+        raise ValueError(f"metric {name!r} needs unknown field(s) {unknown}; LayerSensitivity has {sorted(_FIELDS)}")
 
     def add(f: Metric) -> Metric:
         if not callable(f):
@@ -279,6 +294,7 @@ def register_metric(name: str, fn: Metric | None = None, *, overwrite: bool = Fa
         if name in _METRICS and not overwrite and _METRICS[name] is not f:
             raise ValueError(f"a metric named {name!r} is already registered; pass overwrite=True to replace it")
         _METRICS[name] = f
+        _NEEDS[name] = need
         return f
 
     return add if fn is None else add(fn)
@@ -298,6 +314,15 @@ def metric_names() -> list[str]:
     return sorted(_METRICS)
 
 
+def metric_needs(metric: str | Metric) -> frozenset[str]:
+    """The table fields a metric reads (declared at registration); a bare callable is assumed
+    to need ``{"trace", "eigenvalues"}``."""
+    if callable(metric):
+        return _DEFAULT_NEEDS
+    get_metric(metric)  # KeyError naming the registered metrics
+    return _NEEDS[metric]
+
+
 def _need(row: LayerSensitivity, field: str, metric: str):
     value = getattr(row, field)
     if value is None or (isinstance(value, tuple) and not value):
@@ -315,7 +340,7 @@ def _perturbation(row: LayerSensitivity, bits: int) -> float:
         ) from None
 
 
-@register_metric("hawq_v1")
+@register_metric("hawq_v1", needs=("eigenvalues", "perturbation"))
 def hawq_v1(row: LayerSensitivity, bits: int) -> float:
     """HAWQ-V1 sensitivity λ_max / n (Sec. 3.1) weighting the perturbation ``||Q_b(W)-W||^2``.
 
@@ -325,13 +350,13 @@ def hawq_v1(row: LayerSensitivity, bits: int) -> float:
     return float(_need(row, "eigenvalues", "hawq_v1")[0]) / row.n_params * _perturbation(row, bits)
 
 
-@register_metric("hawq_v2")
+@register_metric("hawq_v2", needs=("trace", "perturbation"))
 def hawq_v2(row: LayerSensitivity, bits: int) -> float:
     """HAWQ-V2 Eq. 5: average trace ``Tr(H) / n`` times ``||Q_b(W) - W||^2``."""
     return float(_need(row, "trace", "hawq_v2")) / row.n_params * _perturbation(row, bits)
 
 
-@register_metric("hawq_v3")
+@register_metric("hawq_v3", needs=("trace", "perturbation"))
 def hawq_v3(row: LayerSensitivity, bits: int) -> float:
     """HAWQ-V3 Eq. 12, the ILP objective: ``Ω_i(b) = (Tr(H_i) / n_i) · ||Q_b(W_i) - W_i||^2``.
 
@@ -344,7 +369,7 @@ def hawq_v3(row: LayerSensitivity, bits: int) -> float:
     return float(_need(row, "trace", "hawq_v3")) / row.n_params * _perturbation(row, bits)
 
 
-@register_metric("total_trace")
+@register_metric("total_trace", needs=("trace", "perturbation"))
 def total_trace(row: LayerSensitivity, bits: int) -> float:
     """``Tr(H_i) · ||Q_b(W_i) - W_i||^2`` with the total, not average, trace.
 
@@ -354,7 +379,7 @@ def total_trace(row: LayerSensitivity, bits: int) -> float:
     return float(_need(row, "trace", "total_trace")) * _perturbation(row, bits)
 
 
-@register_metric("qbert")
+@register_metric("qbert", needs=("eigenvalue_samples", "perturbation"))
 def qbert(row: LayerSensitivity, bits: int) -> float:
     """Q-BERT Sec. 3.2: ``Ω = |mean λ| + std λ`` over data subsets, times the perturbation."""
     lam = np.asarray(_need(row, "eigenvalue_samples", "qbert"), np.float64)

@@ -6,8 +6,11 @@ such matvec. See the README's Curvature section.
 """
 
 from hqjax.curvature.operators import dataset_loss, ggn, hessian, hvp
-from hqjax.curvature.results import DensityResult, EigenResult, TraceResult, result_from_dict
+from hqjax.curvature.results import DensityResult, EigenResult, LayerTraceResult, TraceResult, result_from_dict
 from hqjax.curvature.trace import trace
+from hqjax.curvature.layer_trace import block_function, layer_traces
+from hqjax.curvature.deflated import deflated_layer_traces
+from hqjax.curvature.proxies import empirical_fisher_layer_traces, fisher_layer_traces, ggn_layer_traces
 from hqjax.curvature.eigen import block_top_eigenvalues, top_eigenvalues
 from hqjax.curvature.density import density_on_grid, spectral_density
 from hqjax.curvature.activation import activation_perturbations, activation_traces
@@ -18,6 +21,12 @@ __all__ = [
     "ggn",
     "dataset_loss",
     "trace",
+    "layer_traces",
+    "block_function",
+    "deflated_layer_traces",
+    "ggn_layer_traces",
+    "empirical_fisher_layer_traces",
+    "fisher_layer_traces",
     "top_eigenvalues",
     "block_top_eigenvalues",
     "spectral_density",
@@ -25,6 +34,7 @@ __all__ = [
     "activation_traces",
     "activation_perturbations",
     "TraceResult",
+    "LayerTraceResult",
     "EigenResult",
     "DensityResult",
     "result_from_dict",

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import struct
 
-__all__ = ["TraceResult", "EigenResult", "DensityResult", "result_from_dict"]
+__all__ = ["TraceResult", "LayerTraceResult", "EigenResult", "DensityResult", "result_from_dict"]
 
 
 def _to_plain(x: Any) -> Any:
@@ -66,7 +66,9 @@ class TraceResult(_Serializable):
     total_stderr : its standard error (sample standard deviation / sqrt(num_probes); for
         Hutch++ the error of the stochastic part only, the low-rank part being exact).
     block_traces : ``[num_blocks]`` estimates of ``tr(M_bb)`` (``E[v_b . (M v)_b]``).
-    block_stderr : ``[num_blocks]`` standard errors.
+    block_stderr : ``[num_blocks]`` standard errors. From one pass they include every
+        cross-block term and are large on coupled layers; compare them with
+        ``block_traces`` before use (see :func:`hqjax.layer_traces`).
     num_probes : number of probes that entered the estimate (an array: under a tolerance
         stop it is only known at run time).
     block_names : static tuple of block names, aligned with ``block_traces``.
@@ -85,6 +87,43 @@ class TraceResult(_Serializable):
         """``{block name: (trace, stderr)}`` as Python floats."""
         t, s = np.asarray(self.block_traces), np.asarray(self.block_stderr)
         return {n: (float(t[i]), float(s[i])) for i, n in enumerate(self.block_names)}
+
+
+@struct.dataclass
+class LayerTraceResult(_Serializable):
+    """Per-layer traces ``tr(M_bb)``, each layer estimated (or computed) on its own.
+
+    Attributes
+    ----------
+    traces : ``[num_layers]`` trace of each layer's diagonal block.
+    stderr : ``[num_layers]`` standard errors (0 for exact methods such as the Gauss-Newton
+        trace of :func:`hqjax.curvature.ggn_layer_traces`).
+    num_probes : ``[num_layers]`` probes (or, for exact and per-example methods, label
+        samples or passes) spent on each layer.
+    block_names : static tuple of layer names, aligned with the arrays.
+    method : how the numbers were obtained: ``'hutchinson'`` (per-layer probes),
+        ``'deflated'`` (one pass, top eigenvectors exact), ``'exact'``, ``'per_example'``,
+        ``'monte_carlo'``.
+    curvature : which matrix: ``'hessian'``, ``'ggn'``, ``'empirical_fisher'`` or ``'fisher'``.
+    """
+
+    traces: Any
+    stderr: Any
+    num_probes: Any
+    block_names: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    method: str = struct.field(pytree_node=False, default="hutchinson")
+    curvature: str = struct.field(pytree_node=False, default="hessian")
+
+    def per_block(self) -> dict[str, tuple[float, float]]:
+        """``{layer name: (trace, stderr)}`` as Python floats (what ``hqjax.sensitivity_table`` reads)."""
+        t, s = np.asarray(self.traces), np.asarray(self.stderr)
+        return {n: (float(t[i]), float(s[i])) for i, n in enumerate(self.block_names)}
+
+    def relative_stderr(self) -> Any:
+        """``stderr / |traces|`` per layer (inf where a trace is 0)."""
+        t = np.abs(np.asarray(self.traces, np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(t > 0, np.asarray(self.stderr, np.float64) / t, np.inf)
 
 
 @struct.dataclass
@@ -148,7 +187,7 @@ class DensityResult(_Serializable):
         return jnp.mean(jnp.sum(self.weights * self.nodes**p, axis=-1))
 
 
-_TYPES = {c.__name__: c for c in (TraceResult, EigenResult, DensityResult)}
+_TYPES = {c.__name__: c for c in (TraceResult, LayerTraceResult, EigenResult, DensityResult)}
 
 
 def result_from_dict(d: dict[str, Any]):

@@ -1,5 +1,7 @@
 """Stochastic trace estimation: Hutchinson and Hutch++, total and per block in one pass.
 
+(Per-layer traces of coupled networks: see :mod:`hqjax.curvature.layer_trace`.)
+
 For a probe ``v`` with ``E[v v^T] = I`` (Rademacher or Gaussian), ``E[v^T M v] = tr(M)``
 (Hutchinson 1989) and, restricting both sides to a block ``b``, ``E[v_b . (M v)_b] = tr(M_bb)``:
 one matvec per probe gives the total and every layer's trace (HAWQ-V2, Dong et al. 2020,
@@ -127,6 +129,13 @@ def trace(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *,
 
     Notes
     -----
+    The per-block values are unbiased, but each carries every cross-layer term
+    ``v_b . M_bc v_c`` in its variance, and ``block_stderr`` states it: on networks whose
+    layers are coupled (CNNs, ResNets) it is often as large as the traces themselves at
+    affordable probe counts, and some blocks can come out negative. For per-layer
+    sensitivities use :func:`hqjax.layer_traces` (each layer probed on its own function)
+    or :func:`hqjax.deflated_layer_traces`; this function is the right tool for the total.
+
     Works under ``jit`` (``loop`` then falls back to the device). Outside ``jit`` a
     non-finite result raises ``FloatingPointError``; under ``jit`` NaNs propagate into the
     result (wrap with ``jax.experimental.checkify`` to catch them).

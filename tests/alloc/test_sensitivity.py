@@ -103,3 +103,17 @@ def test_hawq_v1_orders_are_deterministic():
     # Ω = λ ||Q(W)-W||^2 at the assigned bits: a 40*0.1=4, c 20*1=20, b 1*1=1.
     cfg = {"a": {"weight_bits": 8, "act_bits": 8}, "c": 4, "b": 4}
     assert hqjax.alloc.hawq_v1_finetune_order(table, cfg) == ["c", "a", "b"]
+
+
+def test_metrics_declare_what_they_read_and_undeclared_ones_get_the_safe_default():
+    assert "eigenvalues" not in hqjax.alloc.metric_needs("hawq_v3") and "trace" in hqjax.alloc.metric_needs("hawq_v3")
+    assert "eigenvalues" in hqjax.alloc.metric_needs("hawq_v1") and "trace" not in hqjax.alloc.metric_needs("hawq_v1")
+    name = "test_needs_default"
+    hqjax.register_metric(name, lambda row, bits: 0.0)
+    try:
+        assert hqjax.alloc.metric_needs(name) == {"trace", "eigenvalues"}
+    finally:
+        sens._METRICS.pop(name, None)
+    with pytest.raises(ValueError, match="unknown field"):
+        hqjax.register_metric("test_bad_needs", lambda row, bits: 0.0, needs=("traces",))
+    assert "test_bad_needs" not in hqjax.metric_names()

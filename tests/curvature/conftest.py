@@ -6,6 +6,7 @@ exact spectrum are paid for once.
 
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +87,41 @@ def ex():
     """Helpers for explicit operators (pytest's importlib mode cannot import helper modules)."""
     return types.SimpleNamespace(PARAMS=PARAMS, operator=explicit_operator, symmetric=random_symmetric,
                                  block_indices=block_indices, top_by_magnitude=top_by_magnitude)
+
+
+# ---- a small CNN whose layers are coupled (a residual), with exact per-block Hessian traces
+
+class CoupledCNN(nn.Module):
+    """conv -> conv with a residual -> dense: every layer's curvature depends on the others."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Conv(3, (3, 3), name="conv1")(x))
+        h = h + jnp.tanh(nn.Conv(3, (3, 3), name="conv2")(h))
+        return nn.Dense(4, name="dense")(h.reshape(h.shape[0], -1))
+
+
+@pytest.fixture(scope="session")
+def coupled():
+    """The model, its loss and the exact per-block Hessian traces (``jax.hessian`` per block)."""
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (16, 5, 5, 1))
+    y = jax.random.randint(ky, (16,), 0, 4)
+    model = CoupledCNN()
+    params = model.init(kp, x)["params"]
+    # Larger weights than the default initialization couple the layers more strongly.
+    params = jax.tree.map(lambda p: 2.0 * p + 0.1, params)
+
+    def model_fn(p, xb):
+        return model.apply({"params": p}, xb)
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(model_fn(p, x), y).mean()
+
+    blk = hqjax.blocks(params)
+    exact = {}
+    for name in blk.names:
+        f_b, theta = hqjax.block_function(loss, params, blk, name)
+        flat, unravel = ravel_pytree(theta)
+        exact[name] = float(np.trace(np.asarray(jax.jit(jax.hessian(lambda z: f_b(unravel(z))))(flat), np.float64)))
+    return dict(model_fn=model_fn, loss=loss, params=params, x=x, y=y, blocks=blk, exact=exact)
