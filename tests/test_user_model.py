@@ -31,7 +31,6 @@ SMALL_KW = dict(num_probes=2, hessian_examples=32, hessian_batch=32, top_k=1, ei
 PACKAGE = '''
 import flax.linen as nn
 from flax import nnx
-from hqjax.models import CNN
 
 
 class Net(nn.Module):
@@ -58,10 +57,6 @@ def factory():
 
 def nnx_factory():
     return NNet(nnx.Rngs(0))
-
-
-def cnn_factory():  # hqjax's own CNN, built in the user's package
-    return CNN(num_classes=10)
 
 
 def not_a_model():
@@ -108,7 +103,7 @@ def project(tmp_path_factory):
     np.savez(root / "no_labels.npz", x_train=xtr, y_train=ytr, x_test=xte)
     sys.path.insert(0, str(root))
     try:
-        from tests_pkg.nets import Net, cnn_factory, nnx_factory
+        from tests_pkg.nets import Net, nnx_factory
     finally:
         sys.path.remove(str(root))
     v = Net().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
@@ -119,10 +114,7 @@ def project(tmp_path_factory):
     (root / "corrupt.msgpack").write_bytes(b"\x93not msgpack at all")
     import orbax.checkpoint as ocp
 
-    cnn_v = cnn_factory().init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(str(root / "cnn_ckpt"), jax.tree.map(np.asarray, cnn_v))
-    ckpt.wait_until_finished()
     _, nnx_v = hqjax.from_nnx(nnx_factory())
     ckpt.save(str(root / "nnet_ckpt"), jax.tree.map(np.asarray, nnx_v))
     ckpt.wait_until_finished()
@@ -144,30 +136,19 @@ def _hqjax(project, cwd, *args, timeout=600):
     ("tests_pkg.nets:nnx_factory", "nnet_ckpt", ["conv", "head"]),  # NNX, Orbax checkpoint folder
 ])
 def test_user_model_variables_and_npz_from_an_unrelated_folder(project, tmp_path, factory, variables, layers):
-    """``hqjax allocate --model tests_pkg.nets:factory --variables ckpt --dataset data.npz``
-    from another folder: pretrained, so nothing is trained; the allocation names the user's
-    layers; a metric from --import is used."""
+    """``hqjax run --model tests_pkg.nets:factory --variables ckpt --dataset data.npz`` from
+    another folder, end to end to the integer-only model and the report: pretrained, so
+    nothing is trained; the allocation names the user's layers; a metric from --import is used."""
     out = tmp_path / "out"
-    r = _hqjax(project, tmp_path, "allocate", "--model", factory, "--variables",
+    r = _hqjax(project, tmp_path, "run", "--model", factory, "--variables",
                str(project / variables), "--dataset", str(project / "data.npz"), "--out", str(out),
                "--import", "tests_pkg.metrics", "--metric", "size_blind", *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     train = json.loads((out / "train.json").read_text())
     assert train["pretrained"] is True and train["n_train"] == 96 and train["n_test"] == 48
-    bits = json.loads((out / "bit_config.json").read_text())
+    bits = hqjax.load_bit_config(out / "bit_config.json")
     assert sorted(bits) == layers
     assert json.loads((out / "pareto.json").read_text())["metric"] == "size_blind"
-
-
-@pytest.mark.slow
-def test_run_from_an_orbax_checkpoint_through_the_integer_model(project, tmp_path):
-    """``hqjax run`` end to end (to the integer-only model and the report) from a user
-    package's factory and an Orbax checkpoint folder."""
-    out = tmp_path / "out"
-    r = _hqjax(project, tmp_path, "run", "--model", "tests_pkg.nets:cnn_factory", "--variables",
-               str(project / "cnn_ckpt"), "--dataset", str(project / "data.npz"), "--out", str(out), *SMALL)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "train.json").read_text())["pretrained"] is True
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["stages"]) >= {"full_precision", "qat_fake_quant", "integer_only"}
     assert (out / "report.md").exists()

@@ -4,8 +4,8 @@ HAWQ-V2 (Dong et al. 2020, Eq. 4) needs ``tr(H_bb)`` for every layer ``b``. The 
 estimate of :func:`hqjax.trace` reads ``v_b . (H v)_b`` from full-model probes; its mean is
 ``tr(H_bb)`` but its variance carries every cross-layer term ``v_b . H_bc v_c``, which on a
 coupled network (a CNN, a ResNet) dominates: relative standard errors of tens to hundreds
-of percent per layer at a few dozen probes (PERF_NOTES, "Per-layer traces on a coupled
-CNN"). Here each layer gets its own Rademacher probes ``v_b`` on the *pruned* per-layer
+of percent per layer at a few dozen probes (measured on ResNet-20; see
+``benchmarks/hawq_task.py``). Here each layer gets its own Rademacher probes ``v_b`` on the *pruned* per-layer
 function ``f_b(theta_b) = f(params with block b replaced by theta_b)``: its Hessian is
 exactly ``H_bb``, so the Hutchinson variance is that of ``H_bb`` alone
 (``2 ||H_bb||_F^2 - 2 sum diag(H_bb)^2``, Avron & Toledo 2011), and autodiff computes the

@@ -114,6 +114,10 @@ class SweepReport:
 _barrier_calls = itertools.count()  # barrier ids must be unique per call and agree across processes
 
 
+# JAX versions [from, to) whose private coordination client _barrier may use.
+_BARRIER_JAX = ((0, 5), (0, 11))
+
+
 def _barrier(name: str, timeout_s: float) -> None:
     """Wait until every process gets here.
 
@@ -123,12 +127,16 @@ def _barrier(name: str, timeout_s: float) -> None:
     """
     if jax.process_count() == 1:
         return
-    try:  # JAX has no public API for the coordination service's barrier (README, "Architecture")
-        from jax._src import distributed
+    client = None
+    # JAX has no public API for the coordination service's barrier (README, "Architecture"):
+    # the private client is used only on the JAX versions it was tested with.
+    if _BARRIER_JAX[0] <= tuple(jax.__version_info__[:2]) < _BARRIER_JAX[1]:
+        try:
+            from jax._src import distributed
 
-        client = distributed.global_state.client
-    except (ImportError, AttributeError):  # a JAX that moved it: the collective below still works
-        client = None
+            client = distributed.global_state.client
+        except (ImportError, AttributeError):  # moved after all: the collective below still works
+            client = None
     if client is None:  # initialized by other means: fall back to a device collective
         from jax.experimental import multihost_utils
 

@@ -121,7 +121,7 @@ def coupled():
     blk = hqjax.blocks(params)
     exact = {}
     for name in blk.names:
-        f_b, theta = hqjax.block_function(loss, params, blk, name)
+        f_b, theta = hqjax.curvature.block_function(loss, params, blk, name)
         flat, unravel = ravel_pytree(theta)
         exact[name] = float(np.trace(np.asarray(jax.jit(jax.hessian(lambda z: f_b(unravel(z))))(flat), np.float64)))
     return dict(model_fn=model_fn, loss=loss, params=params, x=x, y=y, blocks=blk, exact=exact)
