@@ -141,7 +141,7 @@ def _act_lookup(qmodel, stats: dict):
 
 def _trace(qmodel, variables, input_shape):
     """``(traced, flat variables, flat stats, params pure dict)`` of a Linen or NNX fake-quant model."""
-    from hqjax.quant.nnx_transform import QuantizedNNXModel
+    from hqjax.quant.nnx_transform import QuantizedNNXApply, QuantizedNNXModel
 
     example = jnp.zeros((1, *input_shape), jnp.float32)
     if isinstance(qmodel, QuantizedModel):
@@ -162,6 +162,18 @@ def _trace(qmodel, variables, input_shape):
         traced = trace_nnx(qmodel.graphdef, params, rest, example)
         pure = nnx.to_pure_dict(params)
         return traced, {**_flat(nnx.to_pure_dict(rest)), **_flat(pure)}, _flat(stats or {}), pure
+    if isinstance(qmodel, QuantizedNNXApply):  # an NNX model in Linen's convention (hqjax.from_nnx)
+        from flax import nnx
+
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise TypeError("for a QuantizedNNXApply, variables is the calibrated variables dict "
+                            f"(params, batch_stats, {STATS!r})")
+        module = qmodel.model.merge({k: v for k, v in variables.items() if k != STATS})
+        qmodel.model.set_mode(module, False)
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+        traced = trace_nnx(graphdef, params, rest, example)
+        pure = nnx.to_pure_dict(params)
+        return traced, {**_flat(nnx.to_pure_dict(rest)), **_flat(pure)}, _flat(variables.get(STATS, {})), pure
     raise TypeError(f"to_integer takes a QuantizedModel (hqjax.quantize_model) or a QuantizedNNXModel "
                     f"(hqjax.quantize_nnx_model), got {type(qmodel).__name__}")
 

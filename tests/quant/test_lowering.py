@@ -134,6 +134,18 @@ def _all_vars(jaxpr):
             yield from _all_vars(sub)
 
 
+@pytest.mark.slow  # trains an NNX model briefly, then calibrates and lowers it
+def test_nnx_model_in_linen_convention_lowers_like_the_job_does(digits):
+    """The job's NNX route: ``hqjax.from_nnx`` -> ``quantize_model`` (a QuantizedNNXApply)
+    -> calibrate -> ``to_integer``; integers agree with fake-quant."""
+    model, v = hqjax.from_nnx(train_nnx(um.NNXCNN(nnx.Rngs(0)), digits))
+    qm = quantize_model(model, _mixed(hqjax.blocks(v["params"]).names))
+    vq = qm.calibrate(v, digits.x_train[:512])
+    im = to_integer(qm, vq, digits.x_train.shape[1:])
+    fake = np.asarray(qm.apply(vq, digits.x_test)).argmax(-1)
+    assert np.mean(np.asarray(_run(im, digits.x_test)).argmax(-1) == fake) >= 0.999
+
+
 @pytest.mark.slow  # trains and lowers each user model once (module fixture)
 @pytest.mark.parametrize("name", [*sorted(um.LINEN_MODELS), *sorted(um.NNX_MODELS)])
 def test_integer_forward_has_no_float_value(name, linen_lowered, nnx_lowered, digits):
