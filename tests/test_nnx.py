@@ -1,5 +1,6 @@
 """NNX models through the whole flow (hqjax/_nnx.py and its consumers): blocks, per-layer
-traces, costs, sensitivity tables, allocation, calibration and QAT, on models the tests define.
+traces, costs, sensitivity tables and allocation, on models the tests define (each user model
+through the whole flow: tests/test_user_models_flow.py).
 
 The twin test holds the strongest claim: one network written in Linen and in NNX with equal
 weights gives identical blocks, per-layer traces (same key), costs, allocation and
@@ -115,35 +116,3 @@ def test_twins_give_the_same_blocks_traces_costs_allocation_and_quantized_output
     ql, qn = hqjax.quantize_model(linen, allocs[0].bit_config), hqjax.quantize_model(module, allocs[0].bit_config)
     vl, vn = jax.jit(ql.calibrate)(v, x), jax.jit(qn.calibrate)(nv, x)
     np.testing.assert_array_equal(jax.jit(ql.apply)(vl, x), jax.jit(qn.apply)(vn, x))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(um.NNX_MODELS))
-def test_nnx_user_models_through_traces_allocation_calibration_and_qat(name):
-    """Each NNX model: per-layer traces of a loss of its params State, costs, a table, an
-    allocation under half the INT8 size, calibration and QAT steps that lower the loss."""
-    module = um.NNX_MODELS[name](nnx.Rngs(0))
-    x, y = _data(128)
-    model, variables = hqjax.from_nnx(module)
-    f = _loss(model.apply, variables, x, y)
-    tr = hqjax.trace(lambda u: hqjax.hvp(f, variables["params"], u), variables["params"], jax.random.key(0),
-                     num_probes=4)
-    costs = hqjax.LayerCosts.from_model(module, x[:1])
-    assert tr.block_names == costs.names == hqjax.blocks(variables["params"]).names
-    table = hqjax.sensitivity_table(variables["params"], [2, 4, 8], traces=tr)
-    budget = {"size": 0.5 * sum(costs.size_bytes(n, 8) for n in costs.names)}
-    alloc = hqjax.allocate(table, costs, budget, candidates=(2, 4, 8), act_candidates=(8,))
-    assert alloc.costs["size"] <= budget["size"]
-    qm = hqjax.quantize_model(module, alloc.bit_config)
-    vq = jax.jit(qm.calibrate)(variables, x)
-    assert set(vq["quant_stats"]) == set(costs.names)
-    opt = optax.adam(3e-3)
-    step = jax.jit(hqjax.make_qat_step(qm, opt))
-    state = hqjax.init_qat_state(vq, opt)
-    losses = []
-    for _ in range(15):
-        state, m = step(state, x, y)
-        losses.append(float(m["loss"]))
-    assert losses[-1] < losses[0] - 0.05, losses
-    out = jax.jit(qm.apply)(hqjax.state_variables(state), x)
-    assert out.shape == (128, 10) and bool(jnp.all(jnp.isfinite(out)))
