@@ -122,12 +122,12 @@ def second_order_check(job, bits=(2, 3, 4)) -> list[dict]:
     import jax
 
     from hqjax.curvature import dataset_loss
-    from hqjax.pipeline import _hessian_batches
+    from hqjax._analyze import analysis_batches
     from hqjax.quant import quantize_params
     from hqjax.train import make_loss_fn
 
     params = job.variables["params"]
-    batches, counts = _hessian_batches(job)
+    batches, counts = analysis_batches(job)
     f = jax.jit(dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=True))
     base = float(f(params))
     out = []

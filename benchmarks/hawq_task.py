@@ -9,6 +9,8 @@ relative standard error of at most ``--rtol`` (5%):
   function, adaptive per layer;
 - ``deflated``: :func:`hqjax.deflated_layer_traces`, all layers from one set of full-model
   probes with the top Lanczos eigendirections exact;
+- ``split``: :func:`hqjax.hessian_layer_traces`, the exact Gauss-Newton trace plus
+  per-layer Hutchinson on the remainder ``H - G`` (0 on ReLU networks);
 - ``ggn``: :func:`hqjax.ggn_layer_traces`, exact Gauss-Newton traces (no probe noise);
 - ``emp-fisher`` / ``mc-fisher``: empirical and Monte-Carlo Fisher traces;
 
@@ -22,6 +24,7 @@ or hqjax's per-layer ones with ``--no-torch``). The last line is the headline fi
 How to run (PyTorch in its own venv, see curvature_vs_pyhessian.py)::
 
     python benchmarks/hawq_task.py                       # full size
+    python benchmarks/hawq_task.py --models resnet20 --layers 4   # per-layer loops on 4 layers only
     python benchmarks/hawq_task.py --quick               # tiny sizes, proves the pipeline
     python benchmarks/hawq_task.py --quick --no-torch    # without PyTorch
 """
@@ -37,7 +40,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -88,25 +90,27 @@ def make_problem(name: str, quick: bool, seed: int = 0):
     return cfg, model_fn, loss, params, stats, x, y
 
 
-def jax_methods(model_fn, loss, params, x, y, args):
+def jax_methods(model_fn, loss, params, x, y, args, loop_layers):
     key = jax.random.key(args.seed)
     kw = dict(rtol=args.rtol, min_probes=args.min_probes, max_probes=args.max_probes)
     return {
-        "per-layer": lambda: hqjax.layer_traces(loss, params, key, **kw),
+        "per-layer": lambda: hqjax.layer_traces(loss, params, key, names=loop_layers, **kw),
         "deflated": lambda: hqjax.deflated_layer_traces(hqjax.hessian(loss, params), params, key, k=args.deflate_k,
                                                         lanczos_steps=args.lanczos_steps,
                                                         **dict(kw, max_probes=args.deflated_max_probes)),
+        "split": lambda: hqjax.hessian_layer_traces(model_fn, params, x, y, key, chunk_size=args.chunk_size,
+                                                    **dict(kw, min_probes=args.split_min_probes)),
         "ggn": lambda: hqjax.ggn_layer_traces(model_fn, params, x, chunk_size=args.chunk_size),
         "emp-fisher": lambda: hqjax.empirical_fisher_layer_traces(model_fn, params, x, y, chunk_size=args.chunk_size),
         "mc-fisher": lambda: hqjax.fisher_layer_traces(model_fn, params, x, key, chunk_size=args.chunk_size),
     }
 
 
-def run_jax(model_fn, loss, params, x, y, args):
+def run_jax(model_fn, loss, params, x, y, args, loop_layers):
     out = {}
-    for name, call in jax_methods(model_fn, loss, params, x, y, args).items():
-        if name not in args.methods:
-            continue
+    methods = jax_methods(model_fn, loss, params, x, y, args, loop_layers)
+    for name in args.methods:
+        call = methods[name]
         start = len(_EVENTS)
         t = time.perf_counter()
         res = jax.block_until_ready(call())
@@ -139,38 +143,55 @@ def spearman(a, b) -> float:
 
 
 def tables(model, blocks, jres, tres, args):
-    ref_name = "PyHessian" if tres else "per-layer"
-    ref = (np.array([tres["layers"][b]["trace"] for b in blocks]) if tres
-           else np.asarray(jres["per-layer"]["result"].traces) if "per-layer" in jres else None)
+    """The summary table and the per-layer values.
+
+    With ``--layers K`` the per-layer loops (PyHessian's and ``per-layer``) cover the first
+    ``K`` layers only while the other methods cover all of them: PyHessian's time on ``K``
+    layers against a method's time on all layers is then a lower bound of the speed-up
+    (marked ``>=``), and ``per-layer`` against PyHessian is a like-for-like ratio.
+    """
+    py = tres["layers"] if tres else {}
     t_py = tres["seconds"] if tres else None
+    ref_name = "PyHessian" if tres else "split"
+    ref = ({b: py[b]["trace"] for b in py} if tres else
+           dict(zip(jres["split"]["result"].block_names, np.asarray(jres["split"]["result"].traces).tolist()))
+           if "split" in jres else {})
     lines = [f"### {model}: every layer's trace to {100 * args.rtol:g}% relative standard error", "",
-             f"| method | seconds to target | compile (s) | PyHessian / method | max rel. stderr | layers at target | "
-             f"Spearman vs {ref_name} |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| method | layers | seconds to target | compile (s) | PyHessian / method | max rel. stderr | "
+             f"layers at target | Spearman vs {ref_name} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     speedups = {}
     if tres:
-        rse = np.array([tres["layers"][b]["stderr"] / abs(tres["layers"][b]["trace"]) for b in blocks])
-        lines.append(f"| PyHessian per-layer loop | {t_py:.2f} | - | 1.00x | {rse.max():.3f} | "
-                     f"{int(np.sum(rse <= args.rtol))}/{len(blocks)} | - |")
+        rse = np.array([py[b]["stderr"] / abs(py[b]["trace"]) for b in py])
+        lines.append(f"| PyHessian per-layer loop | {len(py)} | {t_py:.2f} | - | 1.00x | {rse.max():.3f} | "
+                     f"{int(np.sum(rse <= args.rtol))}/{len(py)} | - |")
     for name, r in jres.items():
         res, rse = r["result"], r["result"].relative_stderr()
+        names = list(res.block_names)
         exact = res.method in ("exact", "per_example")
-        sp = t_py / r["seconds"] if t_py else None
         reached = exact or bool(np.all(rse <= args.rtol))
+        bound = bool(tres) and len(names) > len(py)  # more layers than PyHessian covered
+        sp = t_py / r["seconds"] if t_py else None
         if sp is not None:
-            speedups[name] = (sp, res.curvature, reached)
-        rho = spearman(np.asarray(res.traces), ref) if ref is not None else float("nan")
-        lines.append(f"| {name} ({res.curvature}) | {r['seconds']:.2f} | {r['compile']:.2f} | "
-                     f"{'-' if sp is None else f'{sp:.2f}x'} | {'exact' if exact else f'{np.max(rse):.3f}'} | "
-                     f"{len(blocks) if exact else int(np.sum(rse <= args.rtol))}/{len(blocks)} | {rho:.3f} |")
+            speedups[name] = (sp, res.curvature, reached, bound)
+        common = [b for b in names if b in ref]
+        vals = dict(zip(names, np.asarray(res.traces).tolist()))
+        rho = spearman([vals[b] for b in common], [ref[b] for b in common]) if len(common) > 2 else float("nan")
+        lines.append(f"| {name} ({res.curvature}) | {len(names)} | {r['seconds']:.2f} | {r['compile']:.2f} | "
+                     f"{'-' if sp is None else ('>=' if bound else '') + f'{sp:.2f}x'} | "
+                     f"{'exact' if exact else f'{np.max(rse):.3f}'} | "
+                     f"{len(names) if exact else int(np.sum(rse <= args.rtol))}/{len(names)} | {rho:.3f} |")
     cols = (["PyHessian"] if tres else []) + list(jres)
     lines += ["", "| layer | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    for i, b in enumerate(blocks):
+    for b in blocks:
         cells = []
         if tres:
-            t = tres["layers"][b]
-            cells.append(f"{t['trace']:.4g} ± {t['stderr']:.2g} ({t['num_probes']})")
+            cells.append(f"{py[b]['trace']:.4g} ± {py[b]['stderr']:.2g} ({py[b]['num_probes']})" if b in py else "-")
         for name, r in jres.items():
             res = r["result"]
+            if b not in res.block_names:
+                cells.append("-")
+                continue
+            i = res.block_names.index(b)
             se = float(np.asarray(res.stderr)[i])
             cells.append(f"{float(np.asarray(res.traces)[i]):.4g}" + (f" ± {se:.2g} ({int(np.asarray(res.num_probes)[i])})"
                                                                        if se > 0 else ""))
@@ -181,15 +202,20 @@ def tables(model, blocks, jres, tres, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="resnet20,encoder")
-    ap.add_argument("--methods", default="per-layer,deflated,ggn,emp-fisher,mc-fisher")
+    ap.add_argument("--methods", default="split,ggn,emp-fisher,mc-fisher,deflated,per-layer",
+                    help="in this order")
     ap.add_argument("--rtol", type=float, default=0.05, help="target relative standard error per layer")
     ap.add_argument("--min-probes", type=int, default=10)
     ap.add_argument("--max-probes", type=int, default=1000)
+    ap.add_argument("--split-min-probes", type=int, default=4, help="min_probes of 'split' (on the remainder)")
     ap.add_argument("--deflate-k", type=int, default=20, help="eigendirections deflated by 'deflated'")
     ap.add_argument("--deflated-max-probes", type=int, default=200,
                     help="probe cap of 'deflated' (all layers share its probes; the table shows the error it reached)")
     ap.add_argument("--lanczos-steps", type=int, default=60)
     ap.add_argument("--chunk-size", type=int, default=16, help="examples per vmap step (GGN / Fisher)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="run the per-layer loops (PyHessian's and 'per-layer') on the first K layers only "
+                         "(0: all); the all-at-once methods still cover every layer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny models and batches, loose caps: proves it runs")
     ap.add_argument("--no-torch", action="store_true", help="hqjax methods only")
@@ -212,8 +238,9 @@ def main(argv=None):
             blocks = hqjax.blocks(params).names
             n = sum(np.size(a) for a in jax.tree.leaves(params))
             print(f"\n== {model}: {n:,} parameters, {len(blocks)} layers, batch {x.shape[0]}", flush=True)
-            jres = run_jax(model_fn, loss, params, x, y, args)
-            tres = None if args.no_torch else run_torch(model, cfg, params, stats, x, y, blocks, args, tmp)
+            loop_layers = blocks[: args.layers] if args.layers else blocks
+            jres = run_jax(model_fn, loss, params, x, y, args, loop_layers)
+            tres = None if args.no_torch else run_torch(model, cfg, params, stats, x, y, loop_layers, args, tmp)
             lines, speedups = tables(model, blocks, jres, tres, args)
             print("\n" + "\n".join(lines), flush=True)
             all_speedups.update({f"{model}/{k}": v for k, v in speedups.items()})
@@ -232,12 +259,13 @@ def main(argv=None):
         print(f"\nheadline: no hqjax method reached {100 * args.rtol:g}% in every layer within its probe cap "
               f"(see the tables for the errors reached)")
         return
+    fmt = lambda k, v: f"{k}, {'at least ' if v[3] else ''}{v[0]:.2f}x faster than PyHessian's per-layer loop"
     best = max(done, key=lambda k: done[k][0])
     best_h = max(hess, key=lambda k: hess[k][0]) if hess else None
-    print(f"\nheadline: best hqjax method at target, {best} ({done[best][1]}), is {done[best][0]:.2f}x faster than "
-          f"PyHessian's per-layer loop; best Hessian-trace method at target: "
-          + (f"{best_h} at {hess[best_h][0]:.2f}x" if best_h else "none within its probe cap"))
-
+    # The Hessian trace is what HAWQ asks for; a proxy only counts as a faster substitute.
+    print("\nheadline: best Hessian-trace method at target: "
+          + (fmt(best_h, hess[best_h]) if best_h else "none within its probe cap")
+          + f"; fastest method at target (any curvature): {fmt(best, done[best])} ({done[best][1]})")
 
 if __name__ == "__main__":
     main()

@@ -17,8 +17,8 @@ from hqjax.alloc import (
 from hqjax.curvature import (
     DensityResult, EigenResult, TraceResult, activation_perturbations, activation_traces, block_top_eigenvalues,
     dataset_loss, density_on_grid, ggn, hessian, hvp, result_from_dict, spectral_density, top_eigenvalues, trace,
-    LayerTraceResult, layer_traces, deflated_layer_traces, ggn_layer_traces, empirical_fisher_layer_traces,
-    fisher_layer_traces,
+    LayerTraceResult, layer_traces, hessian_layer_traces, deflated_layer_traces, ggn_layer_traces,
+    empirical_fisher_layer_traces, fisher_layer_traces,
 )
 from hqjax.quant import (
     IntegerModel, QATState, QuantizedModel, QuantizedNNXModel, coverage, group_wise_weights, init_qat_state,
@@ -37,7 +37,7 @@ __all__ = [
     "hvp", "hessian", "ggn", "dataset_loss", "trace", "top_eigenvalues", "block_top_eigenvalues",
     "spectral_density", "density_on_grid", "activation_traces", "activation_perturbations", "TraceResult",
     "EigenResult", "DensityResult", "result_from_dict",
-    "layer_traces", "deflated_layer_traces", "ggn_layer_traces", "empirical_fisher_layer_traces",
+    "layer_traces", "hessian_layer_traces", "deflated_layer_traces", "ggn_layer_traces", "empirical_fisher_layer_traces",
     "fisher_layer_traces", "LayerTraceResult",
     # layers
     "Blocks", "blocks",

@@ -143,7 +143,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 def _run_command(args: argparse.Namespace) -> int:
     from hqjax.pipeline import report_only, run_stages
     from hqjax.user_model import import_modules
-    from hqjax.workdir import check_writable
+    from hqjax._workdir import check_writable
 
     configure_logging(args.quiet, args.verbose)
     if os.getcwd() not in sys.path and "" not in sys.path:  # `--model pkg.mod:factory` from the current folder
@@ -159,7 +159,7 @@ def _run_command(args: argparse.Namespace) -> int:
         until = "report" if args.command == "run" else args.command
         job = run_stages(config, until, log=log, progress=args.progress, force=tuple(args.force))
     if args.command in ("run", "report"):
-        from hqjax.report import summary_table
+        from hqjax._report import summary_table
 
         print(summary_table(job.work.root))
     else:

@@ -60,11 +60,13 @@ class RunConfig:
     epochs, batch_size, learning_rate : full-precision training.
     hessian_examples, hessian_batch : training examples the curvature is measured on, and
         how they are stacked into batches (dataset-level Hessian, PyHessian Sec. 3).
-    curvature : where each layer's trace comes from: ``'hessian'`` (per-layer Hutchinson on
-        the layer's own function, HAWQ-V2 Sec. 3.1), ``'ggn'`` (exact Gauss-Newton trace),
+    curvature : where each layer's trace comes from: ``'hessian'`` (HAWQ-V2 Sec. 3.1's
+        Hessian trace, as the exact Gauss-Newton trace plus per-layer Hutchinson on the
+        remainder, ``hqjax.curvature.gn_split``), ``'ggn'`` (exact Gauss-Newton trace),
         ``'fisher'`` (Monte-Carlo Fisher, one sampled label per example) or
         ``'empirical_fisher'`` (true labels); see ``hqjax.curvature.proxies``.
-    num_probes : at most this many Hutchinson probes per layer (``curvature='hessian'``).
+    num_probes : at most this many Hutchinson probes per layer on the remainder
+        (``curvature='hessian'``).
     trace_rtol : a layer stops probing once its trace's standard error is this fraction of it.
     top_k, eig_iters : top Hessian eigenvalues per layer and Lanczos steps, computed only
         when the metric needs eigenvalues (HAWQ-V1).

@@ -1,12 +1,10 @@
 """The end-to-end job: train, analyze, allocate, quantize, evaluate, report.
 
-Each stage is a function of a :class:`Job` (the configuration, the output folder and lazily
-loaded state) that reads what earlier stages wrote to the output folder and writes its own
-files there atomically; :func:`run_stages` runs the stages up to a target, skipping those
+Each stage is a function of a :class:`Job` (``hqjax._job``: the configuration, the output
+folder and lazily loaded, checked inputs) that reads what earlier stages wrote to the output
+folder and writes its own files there atomically; :func:`run_stages` runs the stages up to a target, skipping those
 whose marker carries the current fingerprint (see ``hqjax.config.stage_fingerprints``). The
-analysis is resumable per layer: every layer's row of the sensitivity table is its own file,
-computed from a PRNG key derived from the seed and the layer's index only, so a resumed run
-produces exactly the result of an uninterrupted one.
+analysis (``hqjax._analyze``) is resumable per layer.
 
 The numerical work is the public API of the other areas: ``hqjax.curvature`` (HAWQ-V2
 Hutchinson traces, HAWQ-V1 top eigenvalues, PyHessian's SLQ density), ``hqjax.quant``
@@ -16,7 +14,6 @@ Hutchinson traces, HAWQ-V1 top eigenvalues, PyHessian's SLQ density), ``hqjax.qu
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import time
@@ -26,155 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hqjax._schema import sensitivity_document
-from hqjax.config import STAGES, RunConfig, UserError, stage_fingerprints
-from hqjax.train import (TrainConfig, accuracy, load_variables, make_loss_fn, progress_bar, save_variables,
-                         train_cached)
-from hqjax.workdir import Workdir
+from hqjax._analyze import stage_analyze
+from hqjax._job import Job, check_names
+from hqjax.config import STAGES, RunConfig, UserError
+from hqjax.train import accuracy, load_variables, progress_bar, save_variables, train_cached
 
 __all__ = ["Job", "run", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
            "sensitivity_from_rows", "layer_costs", "uniform_cost", "resolve_budget"]
-
-
-def check_names(config: RunConfig, *, model_given: bool = False, data_given: bool = False) -> None:
-    """Fail before any work when a model, data set or metric name is unknown (a user model
-    ``'package.module:factory'`` and an ``.npz`` path are checked when the job loads them)."""
-    from hqjax.data import DATASETS
-    from hqjax.models import MODELS
-
-    if not model_given and ":" not in config.model and config.model not in MODELS:
-        raise UserError(f"unknown model {config.model!r}; valid models: {', '.join(sorted(MODELS))}, "
-                        f"or your own as 'package.module:factory'")
-    if (not data_given and not config.dataset.endswith(".npz") and config.dataset not in DATASETS
-            and config.data_dir is None):
-        raise UserError(
-            f"unknown dataset {config.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}, "
-            f"an .npz file with x_train, y_train, x_test, y_test, "
-            f"or a TensorFlow Datasets name together with --data-dir (its prepared folder)")
-    _check_metric(config.metric)
-
-
-def _check_metric(name: str) -> None:
-    from hqjax.alloc import metric_names
-
-    if name not in metric_names():
-        raise UserError(f"unknown metric {name!r}; registered metrics: {', '.join(metric_names())}")
-
-
-class Job:
-    """A configuration, its output folder, and state loaded on first use.
-
-    Parameters
-    ----------
-    config : the run's configuration.
-    model : a Flax model object (Linen, or NNX) used instead of ``config.model``.
-    variables : its pretrained variables (a Linen variables dict, or an NNX model's
-        ``hqjax.from_nnx`` variables); an NNX ``model`` without them brings its own weights.
-    data : arrays instead of ``config.dataset`` (see ``hqjax.data.dataset_from_arrays``).
-    log : where one-line progress messages go (``print`` by default).
-    progress : show progress bars (``None``: only when stderr is a terminal).
-    """
-
-    def __init__(self, config: RunConfig, *, model=None, variables=None, data=None,
-                 log: Callable[[str], None] = print, progress: bool | None = None):
-        self.config = config
-        self.work = Workdir(config.out)
-        self.fingerprints = stage_fingerprints(config)
-        self.log = log
-        self.progress = progress
-        self.units_written = 0
-        self._given = {"model": model, "variables": variables, "data": data}
-
-    @functools.cached_property
-    def dataset(self):
-        from hqjax.data import dataset_from_arrays, load_dataset
-
-        c = self.config
-        try:
-            if self._given["data"] is not None:
-                return dataset_from_arrays(self._given["data"])
-            return load_dataset(c.dataset, c.data_dir, seed=c.seed)
-        except (FileNotFoundError, ImportError) as e:  # tfds folder not prepared, optional extra missing
-            raise UserError(str(e)) from None
-        except ValueError as e:  # an unknown data set name, an .npz without a key
-            raise UserError(str(e)) from None
-
-    @functools.cached_property
-    def _model_and_own(self):
-        """``(model in Linen convention, variables it brings or None)``."""
-        from hqjax.user_model import as_flax_model, load_factory
-
-        c = self.config
-        if self._given["model"] is not None:
-            return as_flax_model(self._given["model"], "the model")
-        if c.model.startswith("object:") or (c.variables or "").startswith("object:"):
-            raise UserError(f"{c.out!r} was made by hqjax.run with a model or variables object; run it again "
-                            f"from Python with the same objects, or give --model and --variables")
-        if ":" in c.model:
-            factory = load_factory(c.model)
-            try:
-                obj = factory()
-            except Exception as e:  # noqa: BLE001 - user code failing is bad input, reported in one line
-                raise UserError(f"--model {c.model!r}: calling it failed ({type(e).__name__}: {e})") from None
-            model, _ = as_flax_model(obj, f"what --model {c.model!r} returned")
-            return model, None  # a factory's fresh NNX module is an initialisation, not trained weights
-        from hqjax.models import get_model
-
-        return get_model(c.model, num_classes=self.dataset.num_classes), None
-
-    @property
-    def model(self):
-        return self._model_and_own[0]
-
-    @property
-    def user_model(self) -> bool:
-        """True for a model hqjax does not ship (an object or a factory)."""
-        return self._given["model"] is not None or ":" in self.config.model
-
-    @functools.cached_property
-    def pretrained(self):
-        """Pretrained variables, checked against the model, or None (then the job trains)."""
-        from hqjax.user_model import check_variables, load_variables_file
-
-        c, given = self.config, self._given["variables"]
-        where = "the variables"
-        if given is None and c.variables and self._given["model"] is None:
-            given, where = load_variables_file(c.variables), f"--variables {c.variables!r}"
-        if given is None:
-            given = self._model_and_own[1]
-        if given is None:
-            return None
-        return check_variables(self.model, given, self.dataset.input_shape, where)
-
-    def check_inputs(self) -> None:
-        """Load and check the data, the model and pretrained variables (before any work)."""
-        from hqjax.train import init_variables
-        from hqjax.tree import blocks
-
-        _ = self.dataset, self.model, self.pretrained
-        shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), self.dataset.input_shape))
-        if not blocks(shapes["params"]).names:
-            raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
-                            f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
-
-    @property
-    def train_config(self) -> TrainConfig:
-        c = self.config
-        return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate, seed=c.seed)
-
-    @functools.cached_property
-    def variables(self):
-        """Full-precision variables written by the train stage."""
-        return load_variables(self.work.path("fp_model.msgpack"))
-
-    @functools.cached_property
-    def blocks(self):
-        from hqjax.tree import blocks
-
-        return blocks(self.variables["params"]).require(f"the params of {self.config.model}")
-
-    def unit_written(self) -> None:
-        self.units_written += 1
 
 
 # ----------------------------------------------------------------------------- train
@@ -207,174 +62,6 @@ def stage_train(job: Job) -> None:
                                        "n_train": int(len(d.x_train)), "n_test": int(len(d.x_test))})
     how = " (pretrained, not trained)" if pretrained else " (loaded from cache)" if cached else ""
     job.log(f"[train] {c.model} on {d.name}: test accuracy {acc:.4f}, {n_params} parameters{how}")
-
-
-# ----------------------------------------------------------------------------- analyze
-def _hessian_batches(job: Job):
-    """The (seeded) training subset the curvature is measured on, as stacked masked batches."""
-    from hqjax.data import stack_batches
-
-    c, d = job.config, job.dataset
-    idx = np.random.default_rng(c.seed).permutation(len(d.x_train))[: c.hessian_examples]
-    xs, ys, counts = stack_batches(d.x_train[idx], d.y_train[idx], min(c.hessian_batch, len(idx)))
-    masks = np.arange(xs.shape[1])[None, :] < counts[:, None]
-    return (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(masks)), jnp.asarray(counts)
-
-
-def _analysis_loss(job: Job):
-    """The mean loss over the analysis batches as a function of the params."""
-    from hqjax.curvature import dataset_loss
-
-    batches, counts = _hessian_batches(job)
-    # Convolution gradients inside a scan body are slow on XLA:CPU; a few batches are
-    # unrolled instead.
-    unroll = True if counts.shape[0] <= 8 else 1
-    return dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=unroll)
-
-
-def _needs_eigenvalues(job: Job) -> bool:
-    from hqjax.config import analysis_needs_eigenvalues
-
-    return analysis_needs_eigenvalues(job.config.metric)
-
-
-def _layer_key(job: Job, index: int):
-    return jax.random.fold_in(jax.random.PRNGKey(job.config.seed), index)
-
-
-def _hessian_layer(job: Job, f, index: int, name: str, *, trace: bool = True) -> dict:
-    """One layer's Hessian trace (per-layer Hutchinson on the layer's own function, adaptive)
-    and, when the metric reads them, its top eigenvalues (Lanczos on the same function)."""
-    from hqjax.curvature import block_function, hessian, layer_traces, top_eigenvalues
-
-    c, params, blk = job.config, job.variables["params"], job.blocks
-    k_trace, k_eig = jax.random.split(_layer_key(job, index))
-    out = {"top_eigenvalues": []}
-    if trace:
-        res = layer_traces(f, params, k_trace, blocks=blk, names=[name], rtol=c.trace_rtol,
-                           min_probes=min(10, max(2, c.num_probes)), max_probes=max(2, c.num_probes))
-        out.update(trace=float(res.traces[0]), trace_stderr=float(res.stderr[0]), num_probes=int(res.num_probes[0]))
-    if _needs_eigenvalues(job):
-        f_b, theta = block_function(f, params, blk, name)
-        size = blk.sizes[blk.index(name)]
-        eig = top_eigenvalues(hessian(f_b, theta), theta, k_eig, k=min(c.top_k, size), method="lanczos",
-                              max_iters=min(max(c.eig_iters, c.top_k), size), tol=1e-3)
-        out["top_eigenvalues"] = [float(x) for x in np.asarray(eig.eigenvalues)]
-    return out
-
-
-def _proxy_traces(job: Job) -> dict:
-    """Every layer's Gauss-Newton / Fisher trace at once (no probe noise for ``'ggn'``)."""
-    from hqjax.curvature import empirical_fisher_layer_traces, fisher_layer_traces, ggn_layer_traces
-
-    c, params, blk = job.config, job.variables["params"], job.blocks
-    (xs, ys, masks), _ = _hessian_batches(job)
-    keep = np.asarray(masks).reshape(-1)
-    x = jnp.asarray(np.asarray(xs).reshape(-1, *xs.shape[2:])[keep])
-    y = jnp.asarray(np.asarray(ys).reshape(-1)[keep])
-    rest = {k: v for k, v in job.variables.items() if k != "params"}
-    model_fn = lambda p, xb: job.model.apply({"params": p, **rest}, xb, train=False)
-    if c.curvature == "ggn":
-        res = ggn_layer_traces(model_fn, params, x, blocks=blk)
-    elif c.curvature == "empirical_fisher":
-        res = empirical_fisher_layer_traces(model_fn, params, x, y, blocks=blk)
-    else:
-        res = fisher_layer_traces(model_fn, params, x, _layer_key(job, 20_000), blocks=blk)
-    return {n: {"trace": t, "trace_stderr": se, "num_probes": int(np.asarray(res.num_probes)[i])}
-            for i, (n, (t, se)) in enumerate(res.per_block().items())}
-
-
-def _layer_row(job: Job, index: int, name: str, curvature: dict) -> dict:
-    """One row of the sensitivity table: the curvature numbers plus the weight perturbations."""
-    from hqjax.quant import weight_perturbation
-
-    c, params, blk = job.config, job.variables["params"], job.blocks
-    w = blk.kernel(params, name)
-    n = int(blk.sizes[blk.index(name)])
-    pert = jax.jit(weight_perturbation, static_argnums=1)
-    return {
-        "layer": name,
-        "index": index,
-        "n_params": n,
-        "n_weights": int(np.size(w)),
-        "curvature": c.curvature,
-        "trace": curvature["trace"],
-        "trace_stderr": curvature["trace_stderr"],
-        "num_probes": curvature["num_probes"],
-        "avg_trace": curvature["trace"] / n,
-        "top_eigenvalues": curvature.get("top_eigenvalues", []),
-        "perturbation": {str(b): float(pert(w, b)) for b in c.weight_bits},
-        "weight_norm_sq": float(np.sum(np.square(np.asarray(w, np.float64)))),
-    }
-
-
-def _density(job: Job, f) -> dict:
-    from hqjax.curvature import hessian, spectral_density
-
-    c, params = job.config, job.variables["params"]
-    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), 10_000)
-    res = spectral_density(hessian(f, params), params, key, num_steps=c.density_steps)
-    return {"nodes": np.asarray(res.nodes).tolist(), "weights": np.asarray(res.weights).tolist()}
-
-
-def stage_analyze(job: Job) -> None:
-    """Per-layer sensitivity (resumable layer by layer) and the full-model eigenvalue density.
-
-    The method follows the metric and the curvature source: with ``curvature='hessian'``
-    each layer's trace is Hutchinson on the layer's own (pruned) function, stopped at
-    ``trace_rtol``, one layer per unit of work; eigenvalues (per layer, Lanczos) only when
-    the metric reads them. With ``'ggn'`` / ``'fisher'`` / ``'empirical_fisher'`` every
-    layer's trace comes from one per-example pass (one unit of work), and eigenvalues, if
-    needed, from the per-layer Hessian as above.
-    """
-    fp, work, blk, c = job.fingerprints["analyze"], job.work, job.blocks, job.config
-    f = _analysis_loss(job)
-    t0 = time.perf_counter()
-    proxies = None
-    if c.curvature != "hessian":
-        unit = os.path.join("analysis", f"{c.curvature}.json")
-        if work.exists(unit) and work.read_json(unit).get("fingerprint") == fp:
-            proxies = work.read_json(unit)["layers"]
-        else:
-            proxies = _proxy_traces(job)
-            work.write_json(unit, {"fingerprint": fp, "layers": proxies})
-            job.unit_written()
-    rows = []
-    bar = progress_bar(total=len(blk) + 1, desc="analyze", enabled=job.progress)
-    for i, name in enumerate(blk.names):
-        unit = os.path.join("analysis", f"layer_{i:03d}.json")
-        if work.exists(unit) and work.read_json(unit).get("fingerprint") == fp:
-            row = work.read_json(unit)["row"]
-            job.log(f"[analyze] {name}: done before, reused")
-        else:
-            if proxies is None:
-                curv = _hessian_layer(job, f, i, name)
-            else:
-                curv = dict(proxies[name], **_hessian_layer(job, f, i, name, trace=False))
-            row = _layer_row(job, i, name, curv)
-            work.write_json(unit, {"fingerprint": fp, "row": row})
-            eig = row["top_eigenvalues"]
-            job.log(f"[analyze] {name}: {c.curvature} trace {row['trace']:.4g} ± {row['trace_stderr']:.2g} "
-                    f"({row['num_probes']} probes)" + (", top eigenvalues " + ", ".join(f"{e:.4g}" for e in eig)
-                                                      if eig else ""))
-            job.unit_written()
-        rows.append(row)
-        bar.update(1)
-    unit = os.path.join("analysis", "density.json")
-    if work.exists(unit) and work.read_json(unit).get("fingerprint") == fp:
-        density = work.read_json(unit)["density"]
-    else:
-        density = _density(job, f)
-        work.write_json(unit, {"fingerprint": fp, "density": density})
-        job.unit_written()
-    bar.update(1)
-    bar.close()
-    c = job.config
-    work.write_json("sensitivity.json", sensitivity_document(  # the one schema (hqjax._schema)
-        rows, model=c.model, dataset=c.dataset, seed=c.seed, curvature=c.curvature, num_probes=c.num_probes,
-        trace_rtol=c.trace_rtol, hessian_examples=c.hessian_examples, weight_bits=list(c.weight_bits)))
-    work.write_json("density.json", density)
-    job.log(f"[analyze] {len(rows)} layers and the density in {time.perf_counter() - t0:.1f} s")
 
 
 # ----------------------------------------------------------------------------- allocate
@@ -614,7 +301,7 @@ def stage_evaluate(job: Job) -> None:
 # ----------------------------------------------------------------------------- report
 def stage_report(job: Job) -> None:
     """Plots and ``report.md`` from whatever the earlier stages wrote."""
-    from hqjax.report import make_plots, write_report
+    from hqjax._report import make_plots, write_report
 
     paths = make_plots(job.work.root)
     paths.append(write_report(job.work.root))

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import flax
@@ -165,11 +166,15 @@ def train(model, x: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig
     step = make_train_step(model, optimizer)
     rng = np.random.default_rng(config.seed)
     bar = progress_bar(total=config.epochs * steps_per_epoch, desc=desc, enabled=progress)
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
         for idx in _epoch_batches(rng, len(x), config.batch_size):
             variables, opt_state, loss = step(variables, opt_state, x[idx], y[idx])
             bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}")
+        if bar.disable:  # a log or a pipe: one line per epoch instead of the bar
+            logging.getLogger("hqjax").info("[%s] epoch %d/%d: last batch loss %.3f (%.1f s)", desc, epoch + 1,
+                                            config.epochs, float(loss), time.perf_counter() - t0)
     bar.close()
     return variables
 

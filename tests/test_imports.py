@@ -40,7 +40,7 @@ def test_library_and_device_check_imports_leave_heavy_packages_out():
 def test_the_heavy_packages_load_when_their_feature_is_used():
     # the check above is only meaningful if these imports do pull the packages in
     code = ("import sys\nfrom hqjax.data import load_digits\nload_digits()\n"
-            "from hqjax.alloc.backends import solve_choice_program\nimport numpy as np\n"
+            "from hqjax.alloc._backends import solve_choice_program\nimport numpy as np\n"
             "solve_choice_program(np.array([[1.0, 0.0], [0.0, 1.0]]), np.ones((2, 2), bool),\n"
             "                     [np.array([[2.0, 1.0], [1.0, 2.0]])], [3.0], reduce=False)\n"
             "print('sklearn' in sys.modules, 'ortools' in sys.modules)\n")

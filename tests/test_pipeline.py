@@ -43,7 +43,7 @@ def job(tmp_path_factory, cache_dir):
 
 def _json(out, name):
     """A job's JSON output without its schema stamp (checked by read_json)."""
-    from hqjax.workdir import read_json
+    from hqjax._workdir import read_json
 
     return read_json(os.path.join(out, name))
 
@@ -75,6 +75,12 @@ def test_outputs_agree(job):
         # hawq_v3 reads traces only: no eigenvalues are computed for it
         assert r["trace_stderr"] >= 0 and r["n_params"] > 0 and r["top_eigenvalues"] == []
         assert 2 <= r["num_probes"] <= 4 and r["curvature"] == "hessian"
+    # The ReLU CNN is piecewise linear in each layer: its Hessian blocks are the Gauss-Newton
+    # blocks, so the probed remainder is 0 and every trace is the exact Gauss-Newton one.
+    ggn = _json(job, os.path.join("analysis", "ggn.json"))["result"]
+    assert ggn["block_names"] == [r["layer"] for r in sens]
+    for r, g in zip(sens, ggn["traces"]):
+        assert r["trace"] == pytest.approx(g, rel=1e-5) and r["trace_stderr"] <= 1e-6 * abs(r["trace"])
         p = {int(b): v for b, v in r["perturbation"].items()}
         assert p[2] > p[4] > p[8] >= 0  # fewer bits, larger ||Q(W) - W||^2
     assert all(b["weight_bits"] in (2, 4, 8) and b["act_bits"] == 8 for b in bits.values())
@@ -146,13 +152,14 @@ def test_killed_analysis_resumes_to_identical_results(job, tmp_path, cache_dir, 
     proc = subprocess.run(killed_after_units(2, *argv), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     done = sorted(os.listdir(os.path.join(out, "analysis")))
-    assert done == ["layer_000.json", "layer_001.json"]  # killed after two layers, nothing half-written
+    # killed after the Gauss-Newton pass and one layer, nothing half-written
+    assert done == ["ggn.json", "layer_000.json"]
     assert not os.path.exists(os.path.join(out, "sensitivity.json"))
     mtimes = {f: os.stat(os.path.join(out, "analysis", f)).st_mtime_ns for f in done}
     proc = subprocess.run([sys.executable, "-m", "hqjax.cli", *argv], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("done before, reused") == 2  # finished layers are not recomputed
+    assert proc.stdout.count("done before, reused") == 1  # finished layers are not recomputed
     assert {f: os.stat(os.path.join(out, "analysis", f)).st_mtime_ns for f in done} == mtimes
     assert _json(out, "sensitivity.json") == _json(job, "sensitivity.json")
     assert _json(out, "density.json") == _json(job, "density.json")

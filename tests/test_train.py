@@ -23,10 +23,14 @@ def test_cross_entropy_mask_ignores_padded_rows():
     assert np.allclose(cross_entropy(logits, y, mask), cross_entropy(logits[:4], y[:4]), rtol=1e-6)
 
 
-def test_training_learns_and_cache_returns_the_same_weights(digits, tmp_path):
+def test_training_learns_and_cache_returns_the_same_weights(digits, tmp_path, caplog):
     model = get_model("mlp")
     cfg = TrainConfig(epochs=4, batch_size=64, seed=1)
-    v1, cached1 = train_cached(model, "mlp", digits, cfg, cache_dir=str(tmp_path), progress=False)
+    with caplog.at_level("INFO", logger="hqjax"):
+        v1, cached1 = train_cached(model, "mlp", digits, cfg, cache_dir=str(tmp_path), progress=False)
+    # without a progress bar (a log, a pipe) every epoch says where training is
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "epoch" in r.getMessage()] == \
+        [f"[train] epoch {e}/4" for e in range(1, 5)]
     v2, cached2 = train_cached(model, "mlp", digits, cfg, cache_dir=str(tmp_path), progress=False)
     assert (cached1, cached2) == (False, True)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)))

@@ -1,11 +1,11 @@
-"""Atomic writes and stage markers (hqjax/workdir.py)."""
+"""Atomic writes and stage markers (hqjax/_workdir.py)."""
 
 import json
 import os
 
 import pytest
 
-from hqjax.workdir import Workdir, atomic_write_json
+from hqjax._workdir import Workdir, atomic_write_json
 
 
 def test_atomic_write_leaves_only_the_file(tmp_path):

@@ -22,7 +22,7 @@ from hqjax._bits import ACT_BITS, DEFAULT_ACT_BITS, WEIGHT_BITS, bad_act_bits, b
 from hqjax._errors import (ArgumentParser, DefaultsHelpFormatter, UserError, add_logging_flags, configure_logging,
                            one_line, run_main)
 from hqjax._schema import read_json
-from hqjax.alloc.backends import BACKENDS
+from hqjax.alloc._backends import BACKENDS
 from hqjax.alloc.costs import LayerCosts
 from hqjax.alloc.sensitivity import SensitivityTable, metric_names, sensitivity_scores
 from hqjax.alloc.solve import FOLLOW_WEIGHTS, InfeasibleBudgetError, alpha, allocate

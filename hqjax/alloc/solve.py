@@ -22,7 +22,7 @@ import numpy as np
 from hqjax._schema import unstamp
 from hqjax._bits import DEFAULT_ACT_BITS
 from hqjax.alloc._json import dump_json
-from hqjax.alloc.backends import solve_choice_program
+from hqjax.alloc._backends import solve_choice_program
 from hqjax.alloc.sensitivity import SensitivityTable, get_metric, sensitivity_scores
 
 __all__ = ["Alpha", "alpha", "Allocation", "InfeasibleBudgetError", "allocate", "FOLLOW_WEIGHTS"]

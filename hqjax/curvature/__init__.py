@@ -11,6 +11,7 @@ from hqjax.curvature.trace import trace
 from hqjax.curvature.layer_trace import block_function, layer_traces
 from hqjax.curvature.deflated import deflated_layer_traces
 from hqjax.curvature.proxies import empirical_fisher_layer_traces, fisher_layer_traces, ggn_layer_traces
+from hqjax.curvature.gn_split import hessian_layer_traces
 from hqjax.curvature.eigen import block_top_eigenvalues, top_eigenvalues
 from hqjax.curvature.density import density_on_grid, spectral_density
 from hqjax.curvature.activation import activation_perturbations, activation_traces
@@ -22,6 +23,7 @@ __all__ = [
     "dataset_loss",
     "trace",
     "layer_traces",
+    "hessian_layer_traces",
     "block_function",
     "deflated_layer_traces",
     "ggn_layer_traces",

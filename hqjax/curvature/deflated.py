@@ -28,6 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from hqjax.curvature._stats import stderr, welford_merge
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import make_while, map_chunks, resolve_loop
 from hqjax.curvature.eigen import top_eigenvalues
@@ -38,16 +39,6 @@ __all__ = ["deflated_layer_traces"]
 
 PyTree = Any
 
-
-def _welford(state, x, w):
-    """Chan et al.'s parallel update of ``(n, mean [d], m2 [d])`` with samples ``x [c, d]``."""
-    n, mean, m2 = state
-    nc = jnp.sum(w)
-    mean_c = jnp.sum(w[:, None] * x, 0) / jnp.maximum(nc, 1)
-    m2_c = jnp.sum(w[:, None] * (x - mean_c) ** 2, 0)
-    tot = n + nc
-    delta = mean_c - mean
-    return tot, mean + delta * nc / jnp.maximum(tot, 1), m2 + m2_c + delta**2 * n * nc / jnp.maximum(tot, 1)
 
 
 def deflated_layer_traces(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, k: int = 10,
@@ -127,12 +118,12 @@ def deflated_layer_traces(matvec: Callable[[PyTree], PyTree], params: PyTree, ke
         c, n, mean, m2, limits = s
         js = c * chunk_size + jnp.arange(chunk_size)
         vals = jax.vmap(quad)(js) if chunk_size > 1 else quad(js[0])[None]
-        n, mean, m2 = _welford((n, mean, m2), vals.astype(mean.dtype), (js < limits[1]).astype(mean.dtype))
+        n, mean, m2 = welford_merge((n, mean, m2), vals.astype(mean.dtype), (js < limits[1]).astype(mean.dtype))
         return c + 1, n, mean, m2, limits
 
     def cond(s):
         c, n, mean, m2, limits = s
-        se = jnp.sqrt(m2 / jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
+        se = stderr(n, m2)
         converged = (n >= limits[2]) & jnp.all(se <= limits[3] * jnp.abs(mean + exact))
         return (c < limits[0]) & jnp.logical_not(converged)
 
@@ -140,7 +131,7 @@ def deflated_layer_traces(matvec: Callable[[PyTree], PyTree], params: PyTree, ke
     limits = jnp.asarray([num_chunks, int(max_probes), int(min_probes), rtol], f)
     init = (jnp.int32(0), jnp.zeros((), f), jnp.zeros((nb,), f), jnp.zeros((nb,), f), limits)
     _, n, mean, m2, _ = make_while(cond, body, init, loop)(init)
-    se = jnp.sqrt(m2 / jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
+    se = stderr(n, m2)
     res = LayerTraceResult(exact + mean, se, jnp.full((nb,), n, jnp.int32), tuple(blk.names), "deflated",
                            curvature)
     raise_if_not_finite(res.traces, what="deflated per-layer trace estimate")

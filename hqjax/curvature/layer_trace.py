@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from hqjax.curvature._stats import stderr, welford_merge
 from hqjax.curvature._checks import raise_if_not_finite
 from hqjax.curvature._loop import _hoist, make_while, resolve_loop
 from hqjax.curvature.operators import is_concrete
@@ -62,19 +63,18 @@ def block_function(f: Callable[[PyTree], jax.Array], params: PyTree, blk: Blocks
     return f_b, [leaves[i] for i in idx]
 
 
-def _welford(state, x, w):
-    """Chan et al.'s parallel update of ``(n, mean, m2)`` with samples ``x [c]`` weighted 0/1."""
-    n, mean, m2 = state
-    nc = jnp.sum(w)
-    mean_c = jnp.sum(w * x) / jnp.maximum(nc, 1)
-    m2_c = jnp.sum(w * (x - mean_c) ** 2)
-    tot = n + nc
-    delta = mean_c - mean
-    return tot, mean + delta * nc / jnp.maximum(tot, 1), m2 + m2_c + delta**2 * n * nc / jnp.maximum(tot, 1)
+def _check_probing(*, dist, rtol, min_probes, max_probes, chunk_size) -> None:
+    if dist not in ("rademacher", "gaussian", "normal"):
+        raise ValueError(f"unknown probe distribution {dist!r}: use 'rademacher' or 'gaussian'")
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"rtol must be a finite number >= 0 (e.g. 0.05 for 5%), got {rtol!r}")
+    if int(max_probes) < 2 or int(min_probes) < 2 or int(min_probes) > int(max_probes):
+        raise ValueError(f"need 2 <= min_probes <= max_probes (a standard error needs 2 probes); "
+                         f"got min_probes={min_probes}, max_probes={max_probes}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _stderr(n, m2):
-    return jnp.sqrt(m2 / jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
 
 
 def _linearized_hvp(f_b, theta):
@@ -87,8 +87,12 @@ def _linearized_hvp(f_b, theta):
     return lin
 
 
-def _one_layer(f_b, theta, key, *, rtol, min_probes, max_probes, chunk_size, dist, loop, linearize):
-    """Adaptive Hutchinson on the pruned function; returns ``(n, mean, stderr)``."""
+def _one_layer(f_b, theta, key, *, rtol, min_probes, max_probes, chunk_size, dist, loop, linearize, offset=0.0):
+    """Adaptive Hutchinson on the pruned function; returns ``(n, mean, stderr)``.
+
+    The stop compares the standard error with ``rtol * |offset + mean|``: ``offset`` is an
+    exactly known part of the trace when the probes estimate only the remainder (the
+    Gauss-Newton split of :mod:`hqjax.curvature.gn_split`)."""
     hvp = _linearized_hvp(f_b, theta) if linearize else (lambda v: jax.jvp(jax.grad(f_b), (theta,), (v,))[1])
 
     def quad(j):
@@ -102,20 +106,20 @@ def _one_layer(f_b, theta, key, *, rtol, min_probes, max_probes, chunk_size, dis
         c, n, mean, m2, limits = s
         js = c * chunk_size + jnp.arange(chunk_size)
         vals = jax.vmap(quad)(js) if chunk_size > 1 else quad(js[0])[None]
-        n, mean, m2 = _welford((n, mean, m2), vals.astype(dtype), (js < limits[1]).astype(dtype))
+        n, mean, m2 = welford_merge((n, mean, m2), vals.astype(dtype), (js < limits[1]).astype(dtype))
         return c + 1, n, mean, m2, limits
 
     def cond(s):
         c, n, mean, m2, limits = s
-        converged = (n >= limits[2]) & (_stderr(n, m2) <= limits[3] * jnp.abs(mean))
+        converged = (n >= limits[2]) & (stderr(n, m2) <= limits[3] * jnp.abs(limits[4] + mean))
         return (c < limits[0]) & jnp.logical_not(converged)
 
     # Counts and tolerance are loop state, not constants: one compiled step per layer serves
     # every rtol / probe budget.
-    limits = jnp.asarray([num_chunks, max_probes, min_probes, rtol], dtype)
+    limits = jnp.stack([jnp.asarray(v, dtype) for v in (num_chunks, max_probes, min_probes, rtol, offset)])
     init = (jnp.int32(0), jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.zeros((), dtype), limits)
     _, n, mean, m2, _ = make_while(cond, body, init, loop)(init)
-    return n, mean, _stderr(n, m2)
+    return n, mean, stderr(n, m2)
 
 
 def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array, *,
@@ -167,15 +171,7 @@ def layer_traces(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Arra
     ``sqrt(num_probes)``. Stopping on it slightly favours runs whose sample variance came
     out low; ``min_probes`` keeps that effect small.
     """
-    if dist not in ("rademacher", "gaussian", "normal"):
-        raise ValueError(f"unknown probe distribution {dist!r}: use 'rademacher' or 'gaussian'")
-    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
-        raise ValueError(f"rtol must be a finite number >= 0 (e.g. 0.05 for 5%), got {rtol!r}")
-    if int(max_probes) < 2 or int(min_probes) < 2 or int(min_probes) > int(max_probes):
-        raise ValueError(f"need 2 <= min_probes <= max_probes (a standard error needs 2 probes); "
-                         f"got min_probes={min_probes}, max_probes={max_probes}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_probing(dist=dist, rtol=rtol, min_probes=min_probes, max_probes=max_probes, chunk_size=chunk_size)
     if not jax.tree.leaves(params):
         raise ValueError("params has no leaves: there is nothing to take the curvature of")
     blk = make_blocks(params) if blocks is None else blocks

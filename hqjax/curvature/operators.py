@@ -10,6 +10,8 @@ over stacked batches with ``lax.scan``, so the dataset-level Hessian (PyHessian'
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import jax
@@ -136,7 +138,8 @@ def dataset_loss(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: PyTree
         give the number of valid rows (``hqjax.data.stack_batches`` returns both).
     batches : pytree whose leaves share a leading axis ``num_batches``.
     counts : ``[num_batches]`` examples per batch (weights); ``None`` means equal batches.
-    unroll : passed to ``lax.scan``. On XLA:CPU convolution gradients inside a loop body
+    unroll : passed to ``lax.scan``; ``True`` (or at least ``num_batches``) writes the sum
+        out batch by batch with no loop. On XLA:CPU convolution gradients inside a loop body
         are slow; for conv models on CPU with few batches, ``unroll=True`` trades compile
         time for speed.
 
@@ -165,7 +168,15 @@ def dataset_loss(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: PyTree
                 raise ValueError(f"counts must be non-negative with a positive sum (an empty dataset has none); got {c.tolist()}")
         weights = counts / jnp.sum(counts)
 
+    straight = unroll is True or (not isinstance(unroll, bool) and int(unroll) >= num_batches)
+
     def f(params):
+        if straight:
+            # No loop at all: a fully unrolled scan still lowers to a one-trip while loop,
+            # and XLA:CPU runs convolution gradients in a loop body much slower.
+            parts = [weights[b] * loss_fn(params, jax.tree.map(lambda a: a[b], batches)) for b in range(num_batches)]
+            return functools.reduce(jnp.add, parts)
+
         def body(acc, xs):
             batch, w = xs
             return acc + w * loss_fn(params, batch), None

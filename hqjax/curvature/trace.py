@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from hqjax.curvature._stats import stderr, welford_merge
 from hqjax.curvature._checks import check_matvec, raise_if_not_finite
 from hqjax.curvature._loop import make_while, map_chunks, resolve_loop
 from hqjax.curvature.results import TraceResult
@@ -29,20 +30,6 @@ PyTree = Any
 
 def _probe(key, j, params, dist):
     return tree_random_like(jax.random.fold_in(key, j), params, dist)
-
-
-def _welford_merge(state, x, w):
-    """Merge weighted samples ``x [c, d]`` (weights 0/1 ``w [c]``) into ``(n, mean, m2)``
-    with Chan et al.'s parallel update, which stays accurate in float32."""
-    n, mean, m2 = state
-    nc = jnp.sum(w)
-    mean_c = jnp.sum(w[:, None] * x, 0) / jnp.maximum(nc, 1)
-    m2_c = jnp.sum(w[:, None] * (x - mean_c) ** 2, 0)
-    tot = n + nc
-    delta = mean_c - mean
-    mean = mean + delta * nc / jnp.maximum(tot, 1)
-    m2 = m2 + m2_c + delta**2 * n * nc / jnp.maximum(tot, 1)
-    return tot, mean, m2
 
 
 def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_size, tol, loop,
@@ -82,7 +69,7 @@ def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_siz
     def body(s):
         c, n, mean, m2, prev, limits, _ = s
         vals, w = chunk_values(c, limits[1])
-        n, mean, m2 = _welford_merge((n, mean, m2), vals, w)
+        n, mean, m2 = welford_merge((n, mean, m2), vals, w)
         # PyHessian's stopping rule, on |running mean| (its signed version stops after two
         # probes when the mean is negative).
         done = (c >= 1) & (jnp.abs(mean[0] - prev) / (jnp.abs(prev) + 1e-6) < limits[2])
@@ -94,9 +81,6 @@ def _hutchinson(matvec, params, key, blk: Blocks, *, num_probes, dist, chunk_siz
     _, n, mean, m2, _, _, _ = make_while(cond, body, init, loop)(init)
     return n, mean, m2
 
-
-def _stderr(n, m2):
-    return jnp.sqrt(m2 / jnp.maximum(n - 1, 1) / jnp.maximum(n, 1))
 
 
 def trace(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, num_probes: int = 100,
@@ -164,7 +148,7 @@ def trace(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *,
     else:
         n, mean, m2, lowrank = _hutchpp(matvec, params, key, blk, int(num_probes), dist, chunk_size, loop)
     est = mean + lowrank
-    se = _stderr(n, m2)
+    se = stderr(n, m2)
     res = TraceResult(est[0], se[0], est[1:], se[1:], n.astype(jnp.int32), tuple(blk.names), method)
     raise_if_not_finite(res.total, res.block_traces, what="trace estimate")
     return res

@@ -119,7 +119,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     """
     from hqjax.data import DATASETS
     from hqjax.models import MODELS
-    from hqjax.workdir import check_writable
+    from hqjax._workdir import check_writable
 
     metrics = [m for m in args.metrics.split(",") if m]
     unknown = [m for m in metrics if m not in METRICS]

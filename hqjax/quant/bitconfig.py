@@ -72,7 +72,7 @@ def save_bit_config(bit_config: Mapping, path: str | os.PathLike) -> None:
     """Write a validated BitConfig as indented JSON, stamped with its schema version
     (``hqjax._schema``: the keys ``schema``, ``schema_version`` and ``versions`` sit next to
     the layer entries)."""
-    from hqjax.workdir import atomic_write_json
+    from hqjax._workdir import atomic_write_json
 
     cfg = validate_bit_config(unstamp(bit_config, "bit_config"))
     atomic_write_json(os.fspath(path), stamp("bit_config", cfg))  # never half-written

@@ -6,7 +6,7 @@ def test_native_solver_output_goes_to_the_log_not_stdout(capfd, caplog):
     import ctypes
     import logging
 
-    from hqjax.alloc.backends import _native_output_to_log
+    from hqjax.alloc._backends import _native_output_to_log
 
     libc = ctypes.CDLL(None)
     with caplog.at_level(logging.DEBUG, logger="hqjax"):

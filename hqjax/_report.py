@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 
-from hqjax.workdir import Workdir, atomic_write_bytes
+from hqjax._workdir import Workdir, atomic_write_bytes
 
 __all__ = ["plot_density", "plot_traces", "plot_bits", "plot_pareto", "write_report", "summary_table", "make_plots"]
 

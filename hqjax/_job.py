@@ -1,0 +1,160 @@
+"""The job's state: a configuration, its output folder, and inputs loaded and checked on first use.
+
+The stages of :mod:`hqjax.pipeline` are functions of a :class:`Job`. User inputs (a model
+object or factory, pretrained variables, arrays or a data set name) are resolved here, and
+every check that can fail on bad input runs before any long work (``Job.check_inputs``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+
+from hqjax._workdir import Workdir
+from hqjax.config import RunConfig, UserError, stage_fingerprints
+from hqjax.train import TrainConfig, load_variables
+
+__all__ = ["Job", "check_names"]
+
+
+def check_names(config: RunConfig, *, model_given: bool = False, data_given: bool = False) -> None:
+    """Fail before any work when a model, data set or metric name is unknown (a user model
+    ``'package.module:factory'`` and an ``.npz`` path are checked when the job loads them)."""
+    from hqjax.data import DATASETS
+    from hqjax.models import MODELS
+
+    if not model_given and ":" not in config.model and config.model not in MODELS:
+        raise UserError(f"unknown model {config.model!r}; valid models: {', '.join(sorted(MODELS))}, "
+                        f"or your own as 'package.module:factory'")
+    if (not data_given and not config.dataset.endswith(".npz") and config.dataset not in DATASETS
+            and config.data_dir is None):
+        raise UserError(
+            f"unknown dataset {config.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}, "
+            f"an .npz file with x_train, y_train, x_test, y_test, "
+            f"or a TensorFlow Datasets name together with --data-dir (its prepared folder)")
+    _check_metric(config.metric)
+
+
+def _check_metric(name: str) -> None:
+    from hqjax.alloc import metric_names
+
+    if name not in metric_names():
+        raise UserError(f"unknown metric {name!r}; registered metrics: {', '.join(metric_names())}")
+
+
+class Job:
+    """A configuration, its output folder, and state loaded on first use.
+
+    Parameters
+    ----------
+    config : the run's configuration.
+    model : a Flax model object (Linen, or NNX) used instead of ``config.model``.
+    variables : its pretrained variables (a Linen variables dict, or an NNX model's
+        ``hqjax.from_nnx`` variables); an NNX ``model`` without them brings its own weights.
+    data : arrays instead of ``config.dataset`` (see ``hqjax.data.dataset_from_arrays``).
+    log : where one-line progress messages go (``print`` by default).
+    progress : show progress bars (``None``: only when stderr is a terminal).
+    """
+
+    def __init__(self, config: RunConfig, *, model=None, variables=None, data=None,
+                 log: Callable[[str], None] = print, progress: bool | None = None):
+        self.config = config
+        self.work = Workdir(config.out)
+        self.fingerprints = stage_fingerprints(config)
+        self.log = log
+        self.progress = progress
+        self.units_written = 0
+        self._given = {"model": model, "variables": variables, "data": data}
+
+    @functools.cached_property
+    def dataset(self):
+        from hqjax.data import dataset_from_arrays, load_dataset
+
+        c = self.config
+        try:
+            if self._given["data"] is not None:
+                return dataset_from_arrays(self._given["data"])
+            return load_dataset(c.dataset, c.data_dir, seed=c.seed)
+        except (FileNotFoundError, ImportError) as e:  # tfds folder not prepared, optional extra missing
+            raise UserError(str(e)) from None
+        except ValueError as e:  # an unknown data set name, an .npz without a key
+            raise UserError(str(e)) from None
+
+    @functools.cached_property
+    def _model_and_own(self):
+        """``(model in Linen convention, variables it brings or None)``."""
+        from hqjax.user_model import as_flax_model, load_factory
+
+        c = self.config
+        if self._given["model"] is not None:
+            return as_flax_model(self._given["model"], "the model")
+        if c.model.startswith("object:") or (c.variables or "").startswith("object:"):
+            raise UserError(f"{c.out!r} was made by hqjax.run with a model or variables object; run it again "
+                            f"from Python with the same objects, or give --model and --variables")
+        if ":" in c.model:
+            factory = load_factory(c.model)
+            try:
+                obj = factory()
+            except Exception as e:  # noqa: BLE001 - user code failing is bad input, reported in one line
+                raise UserError(f"--model {c.model!r}: calling it failed ({type(e).__name__}: {e})") from None
+            model, _ = as_flax_model(obj, f"what --model {c.model!r} returned")
+            return model, None  # a factory's fresh NNX module is an initialisation, not trained weights
+        from hqjax.models import get_model
+
+        return get_model(c.model, num_classes=self.dataset.num_classes), None
+
+    @property
+    def model(self):
+        return self._model_and_own[0]
+
+    @property
+    def user_model(self) -> bool:
+        """True for a model hqjax does not ship (an object or a factory)."""
+        return self._given["model"] is not None or ":" in self.config.model
+
+    @functools.cached_property
+    def pretrained(self):
+        """Pretrained variables, checked against the model, or None (then the job trains)."""
+        from hqjax.user_model import check_variables, load_variables_file
+
+        c, given = self.config, self._given["variables"]
+        where = "the variables"
+        if given is None and c.variables and self._given["model"] is None:
+            given, where = load_variables_file(c.variables), f"--variables {c.variables!r}"
+        if given is None:
+            given = self._model_and_own[1]
+        if given is None:
+            return None
+        return check_variables(self.model, given, self.dataset.input_shape, where)
+
+    def check_inputs(self) -> None:
+        """Load and check the data, the model and pretrained variables (before any work)."""
+        from hqjax.train import init_variables
+        from hqjax.tree import blocks
+
+        _ = self.dataset, self.model, self.pretrained
+        shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), self.dataset.input_shape))
+        if not blocks(shapes["params"]).names:
+            raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
+                            f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
+
+    @property
+    def train_config(self) -> TrainConfig:
+        c = self.config
+        return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate, seed=c.seed)
+
+    @functools.cached_property
+    def variables(self):
+        """Full-precision variables written by the train stage."""
+        return load_variables(self.work.path("fp_model.msgpack"))
+
+    @functools.cached_property
+    def blocks(self):
+        from hqjax.tree import blocks
+
+        return blocks(self.variables["params"]).require(f"the params of {self.config.model}")
+
+    def unit_written(self) -> None:
+        self.units_written += 1
