@@ -28,3 +28,18 @@ def test_your_own_model_section_runs(tmp_path, monkeypatch):
     assert namespace["nnx_bits"] == namespace["bit_config"]
     assert set(namespace["bit_config"]) == {"conv1", "conv2", "head"}
     assert (tmp_path / "runs" / "nnx" / "bit_config.json").exists()
+
+
+@pytest.mark.slow
+def test_curvature_section_runs(tmp_path, monkeypatch):
+    """The curvature example: its per-layer Hessian traces are exact on the ReLU CNN (the
+    Gauss-Newton split needs no probe beyond the minimum) and the other estimators run."""
+    blocks = _section_blocks("Curvature")
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    layers = namespace["layers"]
+    assert layers.curvature == "hessian" and layers.block_names == ("conv1", "conv2", "dense")
+    assert all(abs(se) <= 1e-6 * abs(t) for t, se in layers.per_block().values())
+    assert (tmp_path / "trace.json").exists()
