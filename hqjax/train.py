@@ -172,7 +172,8 @@ def train(model, x: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig
             variables, opt_state, loss = step(variables, opt_state, x[idx], y[idx])
             bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}")
-        if bar.disable:  # a log or a pipe: one line per epoch instead of the bar
+        if bar.disable and ((epoch + 1) % max(1, config.epochs // 10) == 0 or epoch + 1 == config.epochs):
+            # a log or a pipe: about ten lines instead of the bar
             logging.getLogger("hqjax").info("[%s] epoch %d/%d: last batch loss %.3f (%.1f s)", desc, epoch + 1,
                                             config.epochs, float(loss), time.perf_counter() - t0)
     bar.close()
