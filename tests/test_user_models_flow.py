@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 import hqjax
 from hqjax.train import cross_entropy
@@ -45,6 +46,19 @@ def test_user_model_through_traces_allocation_calibration_qat_and_integer(name):
     loss = lambda p: cross_entropy(model.apply({"params": p, **rest}, x, train=False), y)  # noqa: E731
     names = hqjax.blocks(variables["params"]).names
     tr = hqjax.layer_traces(loss, variables["params"], jax.random.key(0), min_probes=4, max_probes=4)
+    # the job's default estimator on the same model: every model here is piecewise linear in
+    # each layer (ReLU, ReLU6, max pooling, inference BatchNorm), so it is exact after 2 probes
+    model_fn = lambda p, xb: model.apply({"params": p, **rest}, xb, train=False)  # noqa: E731
+    split = hqjax.hessian_layer_traces(model_fn, variables["params"], x, y, jax.random.key(0), min_probes=2)
+    assert split.block_names == names and np.all(np.asarray(split.num_probes) == 2)
+    assert np.all(np.abs(np.asarray(split.stderr)) <= 1e-5 * np.abs(np.asarray(split.traces)))
+    # and equals the exact Hessian block trace (jax.hessian) of the model's smallest layer
+    blk = hqjax.blocks(variables["params"])
+    small = min(names, key=lambda n: blk.sizes[blk.index(n)])
+    f_b, theta = hqjax.curvature.block_function(loss, variables["params"], blk, small)
+    flat, unravel = ravel_pytree(theta)
+    exact = float(np.trace(np.asarray(jax.jit(jax.hessian(lambda z: f_b(unravel(z))))(flat), np.float64)))
+    np.testing.assert_allclose(split.per_block()[small][0], exact, rtol=1e-4)
     costs = (hqjax.LayerCosts.from_model(module, x[:1]) if name in um.NNX_MODELS
              else hqjax.LayerCosts.from_model(module, variables, x[:1], train=False))
     assert tr.block_names == names and set(costs.names) == set(names) and len(names) >= 3
