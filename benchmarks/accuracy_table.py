@@ -1,27 +1,25 @@
-"""Accuracy of Hessian-aware mixed precision against uniform, random and reversed allocations.
+"""Does the Hessian-aware allocation beat uniform, random and reversed ones at equal budget?
 
-The ablation of HAWQ-V2 (Dong et al. 2020, Sec. 4.3) and HAWQ-V3 (Yao et al. 2021, Sec. 4):
-at the same model size, does the allocation chosen from Hessian traces (HAWQ-V3 Eq. 12)
-beat a random allocation and the reversed one (most sensitive layers get the fewest bits)?
+The ablation of HAWQ-V2 (Dong et al. 2020, Sec. 4.3) and HAWQ-V3 (Yao et al. 2021, Sec. 4) on
+a 19-layer ResNet: for each seed, the job's own stages train the full-precision model and
+measure per-layer Hessian traces (``hqjax.pipeline.run_stages(..., until='analyze')``); the
+Gauss-Newton traces come with that analysis, the empirical Fisher traces and the per-layer top
+eigenvalues (HAWQ-V1, Q-BERT) are measured here. Every method of ``_ablation.METHODS`` then
+picks bits at every budget, and every distinct configuration is calibrated, fine-tuned with
+QAT and converted to integer-only (``hqjax.pipeline.quantize_finetune``).
 
-For each data set and seed, the job's own stages train the full-precision CNN and measure
-per-layer Hessian traces (``hqjax.pipeline.run_stages(..., until='analyze')``); then every
-configuration below is calibrated, fine-tuned with QAT for the same number of epochs and
-converted to integer-only (``hqjax.pipeline.quantize_finetune``):
+Budgets (the first and last layer at 8 bits throughout, as in HAWQ-V3): model sizes and BOPS
+of uniform-equivalent widths between W2 and W4 (``--widths``), one measured-latency budget,
+and the HAWQ-V3 setting where activations follow the weights (candidates 4 and 8, a BOPS
+budget a quarter of the way from uniform W4A4 to W8A8).
 
-- uniform W8A8, W4A8, W3A8, W2A8;
-- at the size of uniform W4 and of uniform W3 (bytes, biases at 32 bits), with that width
-  removed from the candidates (so every allocation mixes bit widths: W4 size from {2,3,8},
-  W3 size from {2,4,8}):
-  ``hawq``: the ILP with the HAWQ-V3 metric ``Tr(H_l) ||Q_b(W_l) - W_l||^2``;
-  ``random``: a uniformly random configuration using 90-100% of the budget;
-  ``reversed``: the same ILP with the traces given to the layers in reversed rank order
-  (the most sensitive layer gets the smallest trace, so the fewest bits).
+Reports fake-quant and integer-only test accuracy, mean ± std over seeds, and per budget the
+paired per-seed difference of every method against uniform and against the mean of the
+random draws, with a verdict (win / tie / loss: the 95% t-interval of the mean difference).
+Progress is saved after every configuration: re-running the command resumes.
 
-Reports fake-quant and integer-only test accuracy, mean ± std over seeds.
-
-    python benchmarks/accuracy_table.py --datasets digits --seeds 0 1 2
-    python benchmarks/accuracy_table.py --datasets mnist_subset --seeds 0 1 2
+    python benchmarks/accuracy_table.py --model resnet20 --dataset mnist_subset --seeds 0 1 2
+    python benchmarks/accuracy_table.py --quick          # one seed, one budget, one epoch
 """
 
 from __future__ import annotations
@@ -35,231 +33,324 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def _scores_with_traces(rows, traces: dict[str, float], bits) -> dict[str, dict[int, float]]:
-    """``{layer: {b: t_l * ||Q_b(W_l) - W_l||^2}}`` (HAWQ-V3 Eq. 12 with ``t_l`` the average trace)."""
-    return {r["layer"]: {b: traces[r["layer"]] * r["perturbation"][str(b)] for b in bits} for r in rows}
-
-
-def _reversed_average_traces(rows) -> dict[str, float]:
-    """Average traces ``Tr(H_l)/n_l`` handed out in reversed rank order (most sensitive gets the least)."""
-    avg = {r["layer"]: r["trace"] / r["n_params"] for r in rows}
-    by_rank = sorted(avg, key=lambda n: -avg[n])
-    return {n: avg[by_rank[len(by_rank) - 1 - i]] for i, n in enumerate(by_rank)}
+import _ablation as ab  # noqa: E402
 
 
-def random_allocation(names, costs, bits, act_bits, limit, rng, fill: float = 0.9) -> dict:
-    """A uniformly random BitConfig among those within the limit using at least ``fill`` of
-    the largest size that fits (enumerated: the models here have a handful of layers)."""
-    configs = np.array(np.meshgrid(*[bits] * len(names), indexing="ij")).reshape(len(names), -1).T
-    sizes = np.array([sum(costs.size_bytes(n, int(b)) for n, b in zip(names, c)) for c in configs])
-    fits = sizes <= limit * (1 + 1e-12)
-    ok = np.flatnonzero(fits & (sizes >= fill * sizes[fits].max()))
-    pick = configs[rng.choice(ok)]
-    return {n: {"weight_bits": int(b), "act_bits": act_bits} for n, b in zip(names, pick)}
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
 
 
-def allocations(rows, costs, bits, act_bits, limit, rng, kinds=("hawq", "random", "reversed")) -> dict[str, dict]:
-    """The hawq / random / reversed (and the total-trace ablation) BitConfigs at one size limit (bytes).
-
-    ``hawq`` is the registered ``hawq_v3`` metric, ``Tr(H_l)/n_l ||Q_b(W_l) - W_l||^2``;
-    ``total-trace`` the ``total_trace`` ablation ``Tr(H_l) ||Q_b(W_l) - W_l||^2``.
-    """
-    from hqjax.alloc import allocate
-    from hqjax.pipeline import sensitivity_from_rows
-
-    reversed_traces = _reversed_average_traces(rows)
-    budget = {"size": limit * (1 + 1e-12)}
-    out = {}
-    for kind in kinds:
-        if kind == "random":
-            out[kind] = random_allocation([r["layer"] for r in rows], costs, bits, act_bits, limit, rng)
-            continue
-        if kind == "reversed":
-            table, metric = _scores_with_traces(rows, reversed_traces, bits), None
-        else:
-            table, metric = sensitivity_from_rows(rows), {"hawq": "hawq_v3", "total-trace": "total_trace", "hawq-v2": "hawq_v2"}[kind]
-        out[kind] = allocate(table, costs, budget, candidates=bits, act_candidates=(act_bits,),
-                             **({"metric": metric} if metric else {})).bit_config
-    return out
+def _write(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
-def frontier_divergence(rows, costs, bits, act_bits, num: int = 40) -> dict:
-    """Where along the size axis do the hawq and reversed allocations differ?
-
-    Solves both ILPs at ``num`` budgets from all-lowest to all-highest bits and counts the
-    budgets where they choose different bits, and how many configurations lie within
-    90-100% of each budget (the freedom the budget leaves to any sensitivity ordering).
-    """
-    from hqjax.alloc import allocate
-
-    names = [r["layer"] for r in rows]
-    traces = {r["layer"]: r["trace"] / r["n_params"] for r in rows}
-    rev = _reversed_average_traces(rows)
-    configs = np.array(np.meshgrid(*[bits] * len(names), indexing="ij")).reshape(len(names), -1).T
-    sizes = np.array([sum(costs.size_bytes(n, int(b)) for n, b in zip(names, c)) for c in configs])
-    lo, hi = sizes.min(), sizes.max()
-    differ, freedom = [], []
-    for limit in np.linspace(lo, hi, num):
-        pick = [allocate(_scores_with_traces(rows, t, bits), costs, {"size": limit * (1 + 1e-12)}, candidates=bits,
-                         act_candidates=(act_bits,)).weight_bits for t in (traces, rev)]
-        freedom.append(int(np.sum((sizes <= limit * (1 + 1e-12)) & (sizes >= 0.9 * limit))))
-        if pick[0] != pick[1]:
-            differ.append({"size": float(limit), "hawq": "/".join(str(pick[0][n]) for n in names),
-                           "reversed": "/".join(str(pick[1][n]) for n in names)})
-    return {"budgets": num, "differ": differ, "median_freedom": float(np.median(freedom)),
-            "share_of_weights": {n: costs.n_weights[n] / sum(costs.n_weights.values()) for n in names}}
-
-
-def second_order_check(job, bits=(2, 3, 4)) -> list[dict]:
-    """Does the quadratic model behind the HAWQ metrics predict the loss of quantizing a layer?
-
-    For each layer alone and each width, the measured training-loss increase
-    ``L(Q_l(W)) - L(W)`` (weights of that layer fake-quantized, everything else float)
-    against HAWQ-V2's prediction ``1/2 Tr(H_l)/n_l ||Q_b(W_l) - W_l||^2`` (Eq. 4, the gradient
-    taken as zero at the trained point).
-    """
+def seed_analysis(job, args) -> dict:
+    """The per-layer inputs of every method, measured once per seed and saved in the job's folder."""
     import jax
 
-    from hqjax.curvature import dataset_loss
-    from hqjax._analyze import analysis_batches
-    from hqjax.quant import quantize_params
-    from hqjax.train import make_loss_fn
+    from hqjax._analyze import _analysis_examples, _model_fn
+    from hqjax.curvature import LayerTraceResult, empirical_fisher_layer_traces
 
-    params = job.variables["params"]
-    batches, counts = analysis_batches(job)
-    f = jax.jit(dataset_loss(make_loss_fn(job.model, job.variables), batches, counts, unroll=True))
-    base = float(f(params))
-    out = []
-    for r in job.work.read_json("sensitivity.json")["layers"]:
-        for b in bits:
-            q = quantize_params(params, {r["layer"]: {"weight_bits": b, "act_bits": None}})
-            predicted = 0.5 * r["trace"] / r["n_params"] * r["perturbation"][str(b)]
-            out.append({"layer": r["layer"], "bits": b, "measured": float(f(q)) - base, "predicted": predicted})
+    path = job.work.path("ablation_inputs.json")
+    if os.path.exists(path):
+        return _read(path)
+    t0 = time.perf_counter()
+    params, blk = job.variables["params"], job.blocks
+    x, y = _analysis_examples(job)
+    ggn = LayerTraceResult.from_dict(job.work.read_json("analysis/ggn.json")["result"]).per_block()
+    fisher = empirical_fisher_layer_traces(_model_fn(job), params, x, y, blocks=blk).per_block()
+    eig = ab.layer_eigenvalue_samples(_model_fn(job), params, blk, x, y, jax.random.PRNGKey(10_000 + job.config.seed),
+                                      subsets=args.eig_subsets, iters=args.eig_iters)
+    out = {"ggn": {n: float(t) for n, (t, _) in ggn.items()}, "fisher": {n: float(t) for n, (t, _) in fisher.items()},
+           "eigenvalue_samples": eig, "seconds": round(time.perf_counter() - t0, 1)}
+    _write(path, out)
     return out
 
 
-def run_seed(dataset: str, seed: int, args) -> list[dict]:
-    from hqjax.config import RunConfig
-    from hqjax.pipeline import integer_accuracy, layer_costs, quantize_finetune, run_stages, uniform_cost
-    from hqjax.quant import uniform_bit_config
-    from hqjax.train import accuracy
+def budgets(costs, names, args, latency_costs=None) -> list[ab.Budget]:
+    out = [ab.budget_at(costs, "size", names, w, candidates=args.bits) for w in args.widths]
+    out += [ab.budget_at(costs, "bops", names, w, candidates=args.bits) for w in args.bops_widths]
+    if latency_costs is not None and args.latency_width:
+        b = ab.budget_at(latency_costs, "latency", names, args.latency_width, candidates=args.bits)
+        out.append(b)
+    if args.act_follows:
+        lo = ab.config_cost(costs, "bops", names, ab.uniform_bits(names, 4), "weights")
+        hi = ab.config_cost(costs, "bops", names, ab.uniform_bits(names, 8), "weights")
+        out.append(ab.Budget("W4A4+25%", "bops", lo + 0.25 * (hi - lo), (4, 8), "weights"))
+    return out
 
-    cfg = RunConfig(model="cnn", dataset=dataset, seed=seed, out=os.path.join(args.work, f"{dataset}-s{seed}"),
-                    epochs=args.epochs, num_probes=args.probes, qat_epochs=args.qat_epochs,
-                    hessian_examples=args.hessian_examples,
-                    weight_bits=tuple(args.bits), density_steps=8, eig_iters=10, top_k=1)
-    job = run_stages(cfg, "analyze", log=lambda s: None, progress=False)
+
+def _accuracy(fn, x, y) -> float:
+    """Top-1 accuracy of ``fn`` over equal batches (one compiled shape: compilation, not the
+    arithmetic, dominates a configuration's evaluation on the CPU)."""
+    import jax
+
+    n = len(x)
+    size = -(-n // -(-n // 512))
+    pad = -n % size
+    xp = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+    f = jax.jit(fn)
+    logits = np.concatenate([np.asarray(f(xp[i : i + size])) for i in range(0, len(xp), size)])[:n]
+    return float(np.mean(logits.argmax(-1) == y))
+
+
+def evaluate(job, bits: dict, act) -> dict:
+    """PTQ, QAT (fake-quant) and integer-only test accuracy of one configuration."""
+    from hqjax.pipeline import quantize_finetune
+
     d = job.dataset
+    t0 = time.perf_counter()
+    qmodel, ptq, qat, integer = quantize_finetune(job, ab.bit_config(bits, act))
+    fq = lambda v: lambda xb: qmodel.apply(v, xb, train=False)  # noqa: E731
+    return {"ptq": _accuracy(fq(ptq), d.x_test, d.y_test), "fake_quant": _accuracy(fq(qat), d.x_test, d.y_test),
+            "integer": _accuracy(integer.__call__, d.x_test, d.y_test), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_seed(seed: int, args, log) -> list[dict]:
+    """Train, analyze, allocate with every method at every budget, and evaluate (resumable)."""
+    from hqjax.alloc import layer_shapes, measure_latency_table
+    from hqjax.config import RunConfig
+    from hqjax.pipeline import layer_costs, run_stages
+    from hqjax.train import accuracy, progress_bar
+
+    cfg = RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, seed=seed,
+                    out=os.path.join(args.work, f"{args.model}-{args.dataset}-s{seed}"), epochs=args.epochs,
+                    batch_size=args.batch_size, learning_rate=args.learning_rate, qat_epochs=args.qat_epochs,
+                    num_probes=args.probes, hessian_examples=args.hessian_examples,
+                    weight_bits=tuple(sorted(set(args.bits) | {4, 8})), density_steps=4, top_k=1, eig_iters=4)
+    t0 = time.perf_counter()
+    job = run_stages(cfg, "analyze", log=lambda s: None, progress=False)
+    inputs = seed_analysis(job, args)
     rows = job.work.read_json("sensitivity.json")["layers"]
-    names = [r["layer"] for r in rows]
     costs = layer_costs(job)
+    names = list(costs.names)
+    latency_costs = None
+    if args.latency_width:
+        path = os.path.join(args.work, f"latency_{args.model}_{args.dataset}.json")
+        if not os.path.exists(path):  # one table per model and input (it depends on shapes only)
+            import jax
+            import jax.numpy as jnp
+
+            shapes = layer_shapes(job.model, job.variables, jax.ShapeDtypeStruct((1, *job.dataset.input_shape),
+                                                                                  jnp.float32), train=False)
+            _write(path, measure_latency_table(shapes, sorted(set(args.bits) | {8})))
+        latency_costs = costs.with_latency(path)
+    fp = accuracy(job.model.apply, job.variables, job.dataset.x_test, job.dataset.y_test)
+    log(f"seed {seed}: float {fp:.4f} after {args.epochs} epochs; analysis and proxies in "
+        f"{time.perf_counter() - t0:.0f} s")
+    tables = ab.tables(rows, inputs["ggn"], inputs["fisher"], inputs["eigenvalue_samples"])
     rng = np.random.default_rng(1000 + seed)
-    configs = {}
-    if not args.skip_uniform:
-        configs["full precision"] = None
-        for b in (8, 4, 3, 2):
-            configs[f"uniform W{b}A8"] = uniform_bit_config(names, b, 8)
-    for b in args.budgets:
-        # a budget "W b" is the size of uniform b-bit weights (interpolated for fractional b).
-        # An integer width is left out of the candidates: with it, every allocation picked
-        # uniform b on these models (the layer sizes leave no cheaper trade; RESULTS.md)
-        lo, frac = int(np.floor(b)), b - np.floor(b)
-        limit = (1 - frac) * uniform_cost(costs, "size", names, lo, 8) + frac * uniform_cost(costs, "size", names, lo + 1, 8)
-        cands = [x for x in args.bits if x != b] if frac == 0 else list(args.bits)
-        for kind, bc in allocations(rows, costs, cands, 8, limit, rng, args.kinds).items():
-            configs[f"{kind} @W{b:g} size"] = bc
-    results = []
-    for label, bc in configs.items():
-        t0 = time.perf_counter()
-        if bc is None:
-            fq = accuracy(job.model.apply, job.variables, d.x_test, d.y_test)
-            res = {"config": label, "fake_quant": fq, "integer": None, "size": uniform_cost(costs, "size", names, 32, 8)}
-        else:
-            qmodel, _, qat, integer = quantize_finetune(job, bc)
-            res = {"config": label, "fake_quant": accuracy(qmodel.apply, qat, d.x_test, d.y_test),
-                   "integer": integer_accuracy(integer, d.x_test, d.y_test),
-                   "size": float(sum(costs.size_bytes(n, bc[n]["weight_bits"]) for n in names))}
-        res.update(dataset=dataset, seed=seed, bits="/".join(str(bc[n]["weight_bits"]) for n in names) if bc else "32",
-                   seconds=round(time.perf_counter() - t0, 2))
-        results.append(res)
-        print(f"  {dataset} seed {seed} {label:<20} bits {res['bits']:<8} size {res['size']:>9.0f} B  "
-              f"fake-quant {res['fake_quant']:.4f}  integer {res['integer'] if res['integer'] is None else round(res['integer'], 4)}"
-              f"  ({res['seconds']} s)", flush=True)
-    traces = ", ".join(f"{r['layer']} {r['trace']:.3g}±{r['trace_stderr']:.2g} (n={r['n_params']})" for r in rows)
-    print(f"  {dataset} seed {seed} traces: {traces}", flush=True)
-    div = frontier_divergence(rows, costs, args.bits, 8)
-    print(f"  {dataset} seed {seed} hawq and reversed allocations differ at {len(div['differ'])} of {div['budgets']} "
-          f"size budgets (W2..W8); configurations within 90-100% of a budget: median {div['median_freedom']:.0f}; "
-          f"share of weights: " + ", ".join(f"{n} {v:.0%}" for n, v in div["share_of_weights"].items()), flush=True)
-    for d in div["differ"][:6]:
-        print(f"    at {d['size']:.0f} B: hawq {d['hawq']} vs reversed {d['reversed']}", flush=True)
-    for c in second_order_check(job):
-        print(f"  {dataset} seed {seed} {c['layer']:<6} W{c['bits']}: measured loss increase {c['measured']:.4g}, "
-              f"second-order prediction {c['predicted']:.4g} (ratio {c['measured'] / c['predicted']:.2g})", flush=True)
-    return results
+    plan = []
+    for b in budgets(costs, names, args, latency_costs):
+        cost_of = latency_costs if b.kind == "latency" else costs
+        for label, bits in ab.allocations(tables, cost_of, b, names, rng, args.random).items():
+            plan.append((b, label, bits, ab.config_cost(cost_of, b.kind, names, bits, b.act) / b.limit))
+    done_path = job.work.path("ablation_results.json")
+    done = _read(done_path) if os.path.exists(done_path) else {}
+    todo = {_key(bits, b.act) for b, _, bits, _ in plan} - set(done)
+    bar = progress_bar(total=len(todo), desc=f"seed {seed} QAT", enabled=args.progress)
+    for b, label, bits, used in plan:
+        key = _key(bits, b.act)
+        if key not in done:
+            done[key] = evaluate(job, bits, b.act)
+            _write(done_path, done)
+            bar.update(1)
+    bar.close()
+    size8 = ab.config_cost(costs, "size", names, {n: 8 for n in names}, 8)
+    out = [{"seed": seed, "budget": "full precision", "kind": "-", "method": "float", "bits": "32", "used": 1.0,
+            "size_frac": 4.0, "ptq": fp, "fake_quant": fp, "integer": None}]
+    for b, label, bits, used in plan:
+        out.append({"seed": seed, "budget": b.label, "kind": b.kind, "act": b.act, "method": label,
+                    "bits": "".join(str(bits[n]) for n in names), "used": used,
+                    "size_frac": ab.config_cost(costs, "size", names, bits, 8) / size8, **done[_key(bits, b.act)]})
+    log(f"seed {seed}: {len(todo)} configurations evaluated ({len(plan)} rows) in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
-def _fmt(values) -> str:
+def _key(bits: dict, act) -> str:
+    return "".join(map(str, bits.values())) + f"/a{act}"
+
+
+# ----------------------------------------------------------------------------- tables
+def _ms(values) -> str:
     v = np.array([x for x in values if x is not None], float) * 100
     return "—" if v.size == 0 else f"{v.mean():.2f} ± {v.std():.2f}"
 
 
-def table(results: list[dict]) -> str:
-    lines = []
-    for dataset in dict.fromkeys(r["dataset"] for r in results):
-        rs = [r for r in results if r["dataset"] == dataset]
-        seeds = sorted({r["seed"] for r in rs})
-        lines += [f"\n{dataset} (seeds {seeds}; accuracy % mean ± std)",
-                  f"| configuration | weight bits per layer (seed {seeds[0]}) | size (bytes) | fake-quant | integer-only |",
-                  "|---|---|---|---|---|"]
-        for label in dict.fromkeys(r["config"] for r in rs):
-            g = [r for r in rs if r["config"] == label]
-            lines.append(f"| {label} | {g[0]['bits']} | {np.mean([r['size'] for r in g]):.0f} | "
-                         f"{_fmt(r['fake_quant'] for r in g)} | {_fmt(r['integer'] for r in g)} |")
-    return "\n".join(lines)
+def _by_seed(rs, method):
+    """Per-seed accuracy of a method (random: the mean of its draws)."""
+    out = {}
+    for s in sorted({r["seed"] for r in rs}):
+        v = [r["fake_quant"] for r in rs if r["seed"] == s and (r["method"] == method or
+                                                               (method == "random" and r["method"].startswith("random")))]
+        if v:
+            out[s] = float(np.mean(v))
+    return out
+
+
+def _diff(rs, method, ref) -> str:
+    a, b = _by_seed(rs, method), _by_seed(rs, ref)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return "—"
+    mean, se, verdict = ab.paired_verdict([(a[s] - b[s]) * 100 for s in common])
+    return f"{mean:+.2f}" + ("" if np.isnan(se) else f" ± {se:.2f}") + f" {verdict}"
+
+
+def table(results: list[dict]) -> tuple[str, list[dict]]:
+    """The markdown tables (one per budget) and the per-budget verdicts of hawq-v3."""
+    lines, verdicts = [], []
+    seeds = sorted({r["seed"] for r in results})
+    fp = [r for r in results if r["method"] == "float"]
+    lines.append(f"full precision: {_ms(r['fake_quant'] for r in fp)} % (seeds {seeds})")
+    for label in dict.fromkeys(r["budget"] for r in results if r["method"] != "float"):
+        for kind in dict.fromkeys(r["kind"] for r in results if r["budget"] == label):
+            rs = [r for r in results if r["budget"] == label and r["kind"] == kind]
+            lines += ["", f"**{kind} budget {label}** (accuracy % mean ± std over seeds {seeds}; differences in "
+                          "points, mean ± s.e. of per-seed differences)",
+                      "| method | bits per layer (seed %d) | budget used | size / INT8 | PTQ | QAT fake-quant | "
+                      "integer-only | vs uniform | vs random |" % seeds[0], "|---|---|---|---|---|---|---|---|---|"]
+            methods = [m for m in dict.fromkeys(r["method"] for r in rs) if not m.startswith("random")] + ["random"]
+            for m in methods:
+                g = [r for r in rs if r["method"] == m or (m == "random" and r["method"].startswith("random"))]
+                if not g:
+                    continue
+                first = g[0]
+                name = f"random (×{len({r['method'] for r in g})})" if m == "random" else m
+                lines.append(
+                    f"| {name} | {first['bits'] if m != 'random' else 'various'} | "
+                    f"{np.mean([r['used'] for r in g]):.1%} | {np.mean([r['size_frac'] for r in g]):.3f} | "
+                    f"{_ms(r['ptq'] for r in g)} | {_ms(r['fake_quant'] for r in g)} | {_ms(r['integer'] for r in g)} | "
+                    f"{_diff(rs, m, 'uniform') if m != 'uniform' else ''} | "
+                    f"{_diff(rs, m, 'random') if m != 'random' else ''} |")
+            verdicts.append({"budget": f"{kind} {label}", "vs_uniform": _diff(rs, "hawq-v3", "uniform"),
+                             "vs_random": _diff(rs, "hawq-v3", "random")})
+    return "\n".join(lines), verdicts
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Accuracy against size (size budgets) and BOPS budgets per method, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind in zip(axes, ("size", "bops")):
+        rs = [r for r in results if r["kind"] == kind and r.get("act") == 8]
+        for i, m in enumerate(["uniform", *ab.METHODS]):
+            xs, ys, es = [], [], []
+            for label in dict.fromkeys(r["budget"] for r in rs):
+                per = _by_seed([r for r in rs if r["budget"] == label], m)
+                if per:
+                    xs.append(float(label.lstrip("W")))
+                    ys.append(np.mean(list(per.values())) * 100)
+                    es.append(np.std(list(per.values())) * 100)
+            if xs:
+                ax.errorbar(np.array(xs) + (i - 4) * 0.012, ys, yerr=es, marker="o", ms=3, capsize=2,
+                            lw=1.8 if m.startswith("hawq-v3") else 1, label=m)
+        ax.set_xlabel(f"{kind} budget (uniform-equivalent weight bits, first/last at 8)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("QAT fake-quant test accuracy (%)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run_parallel(args, argv, log) -> list[dict]:
+    """One single-threaded process per seed. Compilation is single-threaded and dominates
+    here, so processes overlap it where one process's two threads would not."""
+    import subprocess
+
+    os.makedirs(args.work, exist_ok=True)
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                      "intra_op_parallelism_threads=1").strip())
+    drop = {"--seeds", "--json", "--plot", "--jobs"}
+    base, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a.split("=")[0] in drop
+        if not skip:
+            base.append(a)
+    procs = []
+    for seed in args.seeds:
+        path = os.path.join(args.work, f"rows_{args.model}_{args.dataset}_s{seed}.json")
+        logf = open(os.path.join(args.work, f"log_{args.model}_{args.dataset}_s{seed}.txt"), "w")
+        cmd = [sys.executable, os.path.abspath(__file__), *base, "--seeds", str(seed), "--json", path, "--jobs", "1"]
+        procs.append((seed, path, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf))
+    results = []
+    for seed, path, proc, logf in procs:
+        rc = proc.wait()
+        logf.close()
+        if rc:
+            raise SystemExit(f"seed {seed} failed (exit {rc}); see {logf.name}")
+        log(f"seed {seed} done")
+        results += _read(path)
+    return results
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["digits"])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--dataset", default="mnist_subset")
+    p.add_argument("--data-dir", default=None, help="prepared tfds folder (e.g. for cifar10)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--qat-epochs", type=int, default=5)
-    p.add_argument("--probes", type=int, default=64)
-    p.add_argument("--hessian-examples", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--qat-epochs", type=int, default=1)
+    p.add_argument("--probes", type=int, default=16)
+    p.add_argument("--hessian-examples", type=int, default=256)
+    p.add_argument("--eig-subsets", type=int, default=3)
+    p.add_argument("--eig-iters", type=int, default=12)
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
+    p.add_argument("--widths", nargs="+", type=float, default=[2.5, 2.75, 3, 3.5, 4],
+                   help="size budgets as uniform-equivalent weight widths (first/last layer at 8)")
+    p.add_argument("--bops-widths", nargs="*", type=float, default=[2.5, 2.75, 3, 3.5, 4])
+    p.add_argument("--latency-width", type=float, default=3.0, help="0 for no latency budget")
+    p.add_argument("--no-act-follows", dest="act_follows", action="store_false",
+                   help="leave out the budget where activations follow weights")
+    p.add_argument("--random", type=int, default=5, help="random draws per budget")
+    p.add_argument("--quick", action="store_true", help="one seed, one size budget, one epoch: a smoke test")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run as this many parallel processes (1: in turn)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hqjax_accuracy_table"))
-    p.add_argument("--budgets", nargs="+", type=float, default=[4, 3, 2.5],
-                   help="size budgets as uniform-equivalent weight bits (2.5: halfway between W2 and W3)")
-    p.add_argument("--kinds", nargs="+", default=["hawq", "random", "reversed"],
-                   choices=["hawq", "total-trace", "hawq-v2", "random", "reversed"], help="allocations to compare")
-    p.add_argument("--skip-uniform", action="store_true", help="only the allocations (e.g. to add a budget)")
-    p.add_argument("--json", default=None, help="also write every result to this JSON file")
-    p.add_argument("--from-json", nargs="+", default=None, help="only print the table of these saved results")
+    p.add_argument("--json", default=None, help="also write every result row to this JSON file")
+    p.add_argument("--plot", default=None, help="write the accuracy-vs-budget plot to this PNG")
+    p.add_argument("--from-json", nargs="+", default=None, help="only print the tables of saved results")
     args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.widths, args.bops_widths = args.seeds[:1], 1, [3.0], []
+        args.latency_width, args.act_follows, args.random = 0, False, 1
+        args.hessian_examples, args.probes, args.eig_iters = 32, 4, 3
     t0 = time.perf_counter()
+    log = lambda s: print(s, flush=True)  # noqa: E731
     results = []
     if args.from_json:
         for path in args.from_json:
-            with open(path) as f:
-                results += json.load(f)
+            results += _read(path)
+    elif args.jobs > 1 and len(args.seeds) > 1:
+        results = _run_parallel(args, argv if argv is not None else sys.argv[1:], log)
     else:
-        for dataset in args.datasets:
-            for seed in args.seeds:
-                results += run_seed(dataset, seed, args)
+        for seed in args.seeds:
+            results += run_seed(seed, args, log)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    print(table(results))
-    summary = []
-    for dataset in dict.fromkeys(r["dataset"] for r in results):
-        for label in dict.fromkeys(r["config"].split(" ", 1)[1] for r in results if "@" in r["config"]):
-            acc = {k: [r["fake_quant"] for r in results if r["dataset"] == dataset and r["config"] == f"{k} {label}"]
-                   for k in ("hawq", "total-trace", "hawq-v2", "random", "reversed")}
-            summary.append(f"{dataset} {label}: " + " vs ".join(f"{k} {np.mean(v) * 100:.2f}" for k, v in acc.items() if v))
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        _write(args.json, results)
+    text, verdicts = table(results)
+    print(text)
+    if args.plot:
+        plot(results, args.plot)
     print(f"(total {time.perf_counter() - t0:.0f} s)")
-    print("key figure (fake-quant accuracy %, mean over seeds): " + "; ".join(summary))
+    print("key figure (hawq-v3, QAT fake-quant accuracy, points): "
+          + "; ".join(f"{v['budget']}: vs uniform {v['vs_uniform']}, vs random {v['vs_random']}" for v in verdicts))
     return 0
 
 

@@ -44,6 +44,15 @@ def _default(field: str) -> str:
     return f" (default: {value})"
 
 
+def _edge_bits(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit width (e.g. 8) or 'none', got {text!r}") from None
+
+
 def _add_options(p: argparse.ArgumentParser) -> None:
     # Absent flags stay absent (SUPPRESS), so saved and file settings show through; the
     # defaults shown in --help are RunConfig's.
@@ -91,6 +100,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help=f"candidate weight bits from {','.join(map(str, WEIGHT_BITS))}" + d("weight_bits"))
     g.add_argument("--act-bits", dest="act_bits", type=int, default=S,
                    help=f"activation bits of every layer, one of {','.join(map(str, ACT_BITS))}" + d("act_bits"))
+    g.add_argument("--edge-bits", dest="edge_bits", type=_edge_bits, default=S,
+                   help="weight bits of the first and last layer, kept out of the allocation; "
+                        "'none' allocates them too" + d("edge_bits"))
     g = p.add_argument_group("quantization")
     g.add_argument("--qat-epochs", dest="qat_epochs", type=int, default=S,
                    help="quantization-aware fine-tuning epochs" + d("qat_epochs"))

@@ -73,8 +73,13 @@ class RunConfig:
     density_steps : Lanczos steps of the eigenvalue density (SLQ, PyHessian Sec. 3.3).
     metric : sensitivity metric registered in ``hqjax.alloc``.
     budget_kind, budget : ``'size'``, ``'bops'`` or ``'latency'``; the budget is a fraction
-        of the INT8 model's cost (``0.5``, ``'50%'``) or an absolute cost with an optional
-        k/M/G multiplier (``'12k'``: bytes for size, BOPs for bops, the latency table's unit).
+        of the INT8 cost (``0.5``, ``'50%'``) of the layers the allocator chooses for, with
+        the layers ``edge_bits`` pins added at their pinned cost, or an absolute cost of the
+        whole model with an optional k/M/G multiplier (``'12k'``: bytes for size, BOPs for
+        bops, the latency table's unit).
+    edge_bits : weight bits of the first and last layer (in call order), kept out of the
+        allocation; HAWQ-V3 (Sec. 4, its released configurations) keeps both at 8 bits.
+        ``None`` lets the allocator choose them like any other layer.
     weight_bits : candidate weight bit-widths per layer.
     act_bits : activation bit-width of every layer (8 by default, the policy of
         ``hqjax.allocate`` too; see ``hqjax._bits``).
@@ -102,6 +107,7 @@ class RunConfig:
     metric: str = "hawq_v3"
     budget_kind: str = "size"
     budget: Any = 0.5
+    edge_bits: int | None = 8
     weight_bits: tuple[int, ...] = (2, 3, 4, 8)
     act_bits: int = DEFAULT_ACT_BITS
     qat_epochs: int = 5
@@ -140,6 +146,9 @@ class RunConfig:
         if bad_act_bits([self.act_bits]):
             raise UserError(f"act_bits={self.act_bits!r} is not a supported activation width; choose one of "
                             f"{list(ACT_BITS)} (e.g. --act-bits 8)")
+        if self.edge_bits is not None and (isinstance(self.edge_bits, bool) or bad_weight_bits([self.edge_bits])):
+            raise UserError(f"edge_bits={self.edge_bits!r} cannot be quantized; choose a weight width from "
+                            f"{list(WEIGHT_BITS)} (e.g. --edge-bits 8), or --edge-bits none to allocate them too")
         if self.curvature not in CURVATURES:
             raise UserError(f"unknown curvature {self.curvature!r}; choose one of {list(CURVATURES)}")
         if isinstance(self.trace_rtol, bool) or not isinstance(self.trace_rtol, (int, float)) \
@@ -174,7 +183,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "train": ("model", "dataset", "data_dir", "variables", "seed", "epochs", "batch_size", "learning_rate"),
     "analyze": ("hessian_examples", "hessian_batch", "curvature", "num_probes", "trace_rtol", "top_k", "eig_iters",
                 "density_steps", "weight_bits"),
-    "allocate": ("metric", "budget_kind", "budget", "act_bits"),
+    "allocate": ("metric", "budget_kind", "budget", "act_bits", "edge_bits"),
     "quantize": ("qat_epochs", "qat_learning_rate", "calib_examples"),
     "evaluate": (),
     "report": (),

@@ -95,13 +95,24 @@ def uniform_cost(costs, kind: str, names, weight_bits: int, act_bits: int) -> fl
     return float(sum(costs.cost(kind, n, weight_bits, act_bits) for n in names))
 
 
+def edge_layers(config: RunConfig, names) -> dict[str, tuple[int, int]]:
+    """``{layer: (w, a)}`` for the first and last layer (call order) when ``edge_bits`` pins them."""
+    if config.edge_bits is None or not names:
+        return {}
+    return {n: (config.edge_bits, config.act_bits) for n in (names[0], names[-1])}
+
+
 def resolve_budget(config: RunConfig, costs, names) -> float:
-    """The absolute budget: a fraction of the INT8 model's cost, or the absolute value given."""
+    """The absolute budget: a fraction of the INT8 cost of the allocated layers plus the pinned
+    layers at their pinned cost, or the absolute value given."""
     from hqjax.config import parse_budget
 
     form, value = parse_budget(config.budget)
     if form == "fraction":
-        return value * uniform_cost(costs, config.budget_kind, names, 8, config.act_bits)
+        pinned = edge_layers(config, names)
+        free = [n for n in names if n not in pinned]
+        return (value * uniform_cost(costs, config.budget_kind, free, 8, config.act_bits)
+                + sum(costs.cost(config.budget_kind, n, *wa) for n, wa in pinned.items()))
     return value
 
 
@@ -114,14 +125,16 @@ def _allocate(table, costs, config: RunConfig, limit: float):
     kind = config.budget_kind
     try:
         return allocate(table, costs, {kind: limit}, candidates=config.weight_bits, metric=config.metric,
-                        act_candidates=(config.act_bits,))
+                        act_candidates=(config.act_bits,), fixed=edge_layers(config, costs.names))
     except InfeasibleBudgetError as e:
         int8 = uniform_cost(costs, kind, costs.names, 8, config.act_bits)
         smallest = e.minimal[kind]
         raise UserError(
             f"{kind} budget {config.budget!r} = {limit:.6g} {_UNITS[kind]} is infeasible with candidate bits "
             f"{list(config.weight_bits)}: the smallest feasible {kind} budget is {smallest:.6g} {_UNITS[kind]} "
-            f"(--budget {smallest:.6g}, or {smallest / int8:.4f} of the INT8 model)") from None
+            f"(--budget {smallest:.6g}, or {smallest / int8:.4f} of the INT8 model)"
+            + (f"; the first and last layer are pinned at {config.edge_bits} bits (--edge-bits none allocates them too)"
+               if config.edge_bits is not None else "")) from None
 
 
 def check_budget(job: Job) -> None:
@@ -145,9 +158,11 @@ def check_budget(job: Job) -> None:
 def pareto_points(table, costs, config: RunConfig, num: int = 24) -> list[dict]:
     """The cost/sensitivity frontier: the optimal allocation at ``num`` budgets between the
     cheapest and the dearest configuration (HAWQ-V2 Sec. 3.3's Pareto frontier)."""
-    kind, names = config.budget_kind, table.names
-    lo = uniform_cost(costs, kind, names, min(config.weight_bits), config.act_bits)
-    hi = uniform_cost(costs, kind, names, max(config.weight_bits), config.act_bits)
+    kind, pinned = config.budget_kind, edge_layers(config, costs.names)
+    free = [n for n in table.names if n not in pinned]
+    fixed = sum(costs.cost(kind, n, *wa) for n, wa in pinned.items())
+    lo = fixed + uniform_cost(costs, kind, free, min(config.weight_bits), config.act_bits)
+    hi = fixed + uniform_cost(costs, kind, free, max(config.weight_bits), config.act_bits)
     points, seen = [], set()
     for limit in np.linspace(lo, hi, num):
         a = _allocate(table, costs, config, float(limit) * (1 + 1e-12))
@@ -166,7 +181,7 @@ def stage_allocate(job: Job) -> None:
     rows = work.read_json("sensitivity.json")["layers"]
     table = sensitivity_from_rows(rows)
     costs = layer_costs(job)
-    limit = resolve_budget(c, costs, table.names)
+    limit = resolve_budget(c, costs, costs.names)
     alloc = _allocate(table, costs, c, limit)
     scores = sensitivity_scores(table, c.weight_bits, c.metric)
     uniform = [{"bits": b, "cost": uniform_cost(costs, c.budget_kind, table.names, b, c.act_bits),
@@ -180,7 +195,8 @@ def stage_allocate(job: Job) -> None:
                                                "bits": alloc.weight_bits}})
     job.log(f"[allocate] {c.metric}, {c.budget_kind} budget {limit:.6g} {_UNITS[c.budget_kind]}: "
             + ", ".join(f"{n}={b}" for n, b in alloc.weight_bits.items())
-            + f" (cost {alloc.costs[c.budget_kind]:.6g}, {alloc.status.lower()})")
+            + f" (cost {alloc.costs[c.budget_kind]:.6g}, {alloc.status.lower()}"
+            + (f"; first and last pinned at {c.edge_bits} bits)" if c.edge_bits is not None else ")"))
 
 
 # ----------------------------------------------------------------------------- quantize

@@ -43,6 +43,17 @@ def test_weight_bits_from_string_and_validation():
         RunConfig(budget_kind="energy")
 
 
+def test_edge_bits_setting():
+    assert RunConfig().edge_bits == 8
+    with pytest.raises(UserError, match="edge_bits=9.*--edge-bits none"):
+        RunConfig(edge_bits=9)
+    args = build_parser().parse_args(["run", "--edge-bits", "none"])
+    assert resolve_config(args).edge_bits is None
+    assert resolve_config(build_parser().parse_args(["run", "--edge-bits", "4"])).edge_bits == 4
+    assert stage_fingerprints(RunConfig(edge_bits=None))["analyze"] == stage_fingerprints(RunConfig())["analyze"]
+    assert stage_fingerprints(RunConfig(edge_bits=None))["allocate"] != stage_fingerprints(RunConfig())["allocate"]
+
+
 def test_precedence_saved_then_file_then_flags(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -32,39 +32,10 @@ def test_unknown_dataset_names_the_valid_ones():
 
 def _build_tiny_tfds(data_dir, n_train=12, n_test=5):
     """Prepare a tiny real-format tfds data set (array_record, PNG-encoded images) offline."""
-    import io
-
-    import tensorflow_datasets as tfds
-    from PIL import Image
+    from tfds_fixture import prepare_tfds
 
     d = load_digits(seed=0)
-
-    def png(img):
-        buf = io.BytesIO()
-        Image.fromarray(np.round(img[..., 0] * 255).astype(np.uint8)).save(buf, format="PNG")
-        return buf.getvalue()
-
-    class TinyDigits(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(8, 8, 1)),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(d.x_train[:n_train], d.y_train[:n_train]),
-                    "test": self._generate_examples(d.x_test[:n_test], d.y_test[:n_test])}
-
-        def _generate_examples(self, xs, ys):
-            for i, (x, y) in enumerate(zip(xs, ys)):
-                yield i, {"image": png(x), "label": int(y)}
-
-    TinyDigits(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    prepare_tfds(data_dir, "TinyDigits", d.x_train[:n_train], d.y_train[:n_train], d.x_test[:n_test], d.y_test[:n_test])
     return d
 
 
@@ -87,3 +58,32 @@ def test_tfds_loader_says_how_to_prepare_a_missing_dataset(tmp_path):
         load_tfds("cifar10", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="download_and_prepare"):
         load_tfds("cifar10", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_cifar10_job_end_to_end_from_a_prepared_tfds_folder(tmp_path, monkeypatch):
+    """``hqjax run --model resnet20 --dataset cifar10 --data-dir DIR``: a CIFAR-10-shaped tfds
+    folder (32x32 RGB PNGs, as tfds prepares the real one) through every stage."""
+    from tfds_fixture import prepare_tfds
+
+    from hqjax.cli import main
+
+    monkeypatch.setenv("HQJAX_CACHE", str(tmp_path / "cache"))
+    d = load_digits(seed=0)
+    rgb = lambda x: np.repeat(np.kron(x, np.ones((1, 4, 4, 1)))[:, :32, :32], 3, axis=-1)  # noqa: E731
+    assert prepare_tfds(tmp_path / "tfds", "Cifar10", rgb(d.x_train[:48]), d.y_train[:48], rgb(d.x_test[:16]),
+                        d.y_test[:16]) == "cifar10"
+    out = tmp_path / "out"
+    argv = ["run", "--out", str(out), "--model", "resnet20", "--dataset", "cifar10", "--data-dir", str(tmp_path / "tfds"),
+            "--epochs", "1", "--batch-size", "16", "--probes", "2", "--hessian-examples", "16", "--hessian-batch", "16",
+            "--density-steps", "2", "--qat-epochs", "1", "--calib-examples", "16", "--bits", "4,8", "--budget", "0.8",
+            "--no-progress"]
+    assert main(argv) == 0
+    from hqjax._workdir import read_json
+
+    train = read_json(str(out / "train.json"))
+    assert (train["n_train"], train["n_test"]) == (48, 16)
+    bits = read_json(str(out / "bit_config.json"))
+    assert len(bits) == 20 and bits["stem"]["weight_bits"] == bits["fc"]["weight_bits"] == 8
+    stages = read_json(str(out / "metrics.json"))["stages"]
+    assert 0 <= stages["integer_only"]["accuracy"] <= 1

@@ -89,8 +89,11 @@ def test_outputs_agree(job):
     size = sum(costs["n_weights"][n] * b["weight_bits"] / 8 + costs["n_bias"][n] * 4 for n, b in bits.items())
     budget = metrics["budget"]
     assert budget["kind"] == "size" and size == pytest.approx(budget["used"]) and size <= budget["value"] * (1 + 1e-9)
-    int8 = sum(costs["n_weights"][n] + costs["n_bias"][n] * 4 for n in bits)
-    assert budget["value"] == pytest.approx(0.45 * int8)
+    # a fractional budget is a fraction of the allocated layers' INT8 size; the first and
+    # last layer are pinned at 8 bits (edge_bits) and counted at that size
+    int8 = {n: costs["n_weights"][n] + costs["n_bias"][n] * 4 for n in bits}
+    assert budget["value"] == pytest.approx(0.45 * int8["conv2"] + int8["conv1"] + int8["dense"])
+    assert bits["conv1"]["weight_bits"] == bits["dense"]["weight_bits"] == 8
     stages = metrics["stages"]
     assert set(stages) == {"full_precision", "ptq_fake_quant", "qat_fake_quant", "integer_only"}
     assert all(0.0 <= s["accuracy"] <= 1.0 for s in stages.values())
@@ -214,3 +217,34 @@ def test_ggn_source_and_an_eigenvalue_metric_change_what_is_computed(job, tmp_pa
         # the Gauss-Newton trace is within a factor of a few of the Hessian trace
         assert 0.2 < r["trace"] / b["trace"] < 5
     assert os.path.exists(os.path.join(out, "analysis", "ggn.json"))
+
+
+def test_edge_bits_pin_the_first_and_last_layer_in_call_order():
+    """Call order, not name order, decides the edges; the ILP then chooses the rest exactly."""
+    import itertools
+
+    from hqjax.alloc import LayerCosts
+    from hqjax.pipeline import _allocate, edge_layers, resolve_budget
+
+    names = ["z_stem", "b", "a", "c", "head"]  # the order layer_shapes records calls in
+    n = dict(zip(names, (72, 900, 1400, 600, 330)))
+    costs = LayerCosts(n_weights=n, macs={k: 10 * v for k, v in n.items()}, n_bias={k: 8 for k in names})
+    scores = {k: {b: (i + 1) * 4.0 ** -b for b in (2, 4, 8)} for i, k in enumerate(names)}
+    cfg = RunConfig(budget=0.4, weight_bits=(2, 4, 8))
+    assert edge_layers(cfg, costs.names) == {"z_stem": (8, 8), "head": (8, 8)}
+    size = lambda k, b: costs.cost("size", k, b, 8)  # noqa: E731
+    limit = resolve_budget(cfg, costs, costs.names)
+    assert limit == pytest.approx(0.4 * sum(size(k, 8) for k in ("b", "a", "c")) + size("z_stem", 8) + size("head", 8))
+    got = _allocate(scores, costs, cfg, limit).weight_bits
+    best = min((c for c in itertools.product((2, 4, 8), repeat=3)
+                if size("z_stem", 8) + size("head", 8) + sum(size(k, b) for k, b in zip(("b", "a", "c"), c)) <= limit),
+               key=lambda c: sum(scores[k][b] for k, b in zip(("b", "a", "c"), c)))
+    assert got == {"z_stem": 8, "b": best[0], "a": best[1], "c": best[2], "head": 8}
+    free = cfg.replace(edge_bits=None)
+    assert edge_layers(free, costs.names) == {}
+    assert resolve_budget(free, costs, costs.names) == pytest.approx(0.4 * sum(size(k, 8) for k in names))
+    limit = resolve_budget(free, costs, costs.names)
+    best = min((c for c in itertools.product((2, 4, 8), repeat=5) if sum(size(k, b) for k, b in zip(names, c)) <= limit),
+               key=lambda c: sum(scores[k][b] for k, b in zip(names, c)))
+    assert _allocate(scores, costs, free, limit).weight_bits == dict(zip(names, best))
+    assert best[0] < 8 or best[-1] < 8  # the pins mattered

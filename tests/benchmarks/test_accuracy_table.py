@@ -1,0 +1,148 @@
+"""benchmarks/accuracy_table.py and its allocations (benchmarks/_ablation.py)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import _ablation as ab  # noqa: E402
+
+from hqjax.alloc import LayerCosts  # noqa: E402
+
+NAMES = ["first", "a", "b", "c", "d", "last"]
+
+
+def _costs():
+    rng = np.random.default_rng(0)
+    n = {k: int(v) for k, v in zip(NAMES, rng.integers(50, 2000, len(NAMES)))}
+    macs = {k: int(v) for k, v in zip(NAMES, rng.integers(1_000, 90_000, len(NAMES)))}
+    return LayerCosts(n_weights=n, macs=macs)
+
+
+def _rows(seed=0):
+    rng = np.random.default_rng(seed)
+    c = _costs()
+    return [{"layer": n, "n_params": c.n_weights[n], "trace": float(rng.uniform(0.1, 50)), "trace_stderr": 0.0,
+             "perturbation": {str(b): float(c.n_weights[n] * 4.0 ** -b * rng.uniform(0.5, 2)) for b in (2, 3, 4, 8)},
+             "weight_norm_sq": 1.0} for n in NAMES]
+
+
+def _brute(scores, costs, budget):
+    best = None
+    for combo in itertools.product(budget.candidates, repeat=len(NAMES) - 2):
+        bits = dict(zip(NAMES, (8, *combo, 8)))
+        if ab.config_cost(costs, budget.kind, NAMES, bits, budget.act) <= budget.limit * (1 + 1e-9):
+            s = sum(scores(n, bits[n]) for n in NAMES)
+            if best is None or s < best[0] - 1e-12:
+                best = (s, bits)
+    return best[1]
+
+
+@pytest.mark.parametrize("kind,width,act", [("size", 2.5, 8), ("bops", 3.25, 8), ("bops", 5.0, "weights")])
+def test_every_ilp_method_is_the_brute_force_optimum_of_its_scores_with_edges_at_8(kind, width, act):
+    costs, rows = _costs(), _rows()
+    eig = {n: [float(i + 1), float(i + 2), float(i + 4)] for i, n in enumerate(NAMES)}
+    tables = ab.tables(rows, {r["layer"]: 2 * r["trace"] for r in rows}, {r["layer"]: 1.0 for r in rows}, eig)
+    cands = (2, 3, 4, 8) if act == 8 else (4, 8)
+    budget = ab.budget_at(costs, kind, NAMES, width, act, candidates=cands)
+    allocs = ab.allocations(tables, costs, budget, NAMES, np.random.default_rng(0), n_random=3)
+    from hqjax.alloc import get_metric
+
+    for m in ("hawq-v3", "hawq-v1", "q-bert", "ggn", "fisher", "reversed"):
+        table, metric = tables[m]
+        fn = get_metric(metric)
+        want = _brute(lambda n, b: fn(table[n], b), costs, budget)
+        assert allocs[m] == want, m
+    # HAWQ-V2's frontier pick is a feasible point no better than the optimum
+    v2 = allocs["hawq-v2"]
+    fn = get_metric("hawq_v2")
+    score = lambda bits: sum(fn(tables["hawq-v2"][0][n], bits[n]) for n in NAMES)
+    assert ab.config_cost(costs, kind, NAMES, v2, act) <= budget.limit * (1 + 1e-9)
+    assert score(v2) >= score(allocs["hawq-v3"]) - 1e-9
+    # reversed: the layer with the largest average trace gets the smallest one
+    avg = {r["layer"]: r["trace"] / r["n_params"] for r in rows}
+    rev = tables["reversed"][0]
+    top, bottom = max(avg, key=avg.get), min(avg, key=avg.get)
+    assert rev[top].trace / rev[top].n_params == pytest.approx(avg[bottom])
+    for k in range(3):
+        bits = allocs[f"random #{k}"]
+        used = ab.config_cost(costs, kind, NAMES, bits, act) / budget.limit
+        assert 0.9 <= used <= 1 + 1e-9 and bits["first"] == bits["last"] == 8
+    assert allocs["uniform"] == ab.uniform_bits(NAMES, max(b for b in cands if b <= width))
+
+
+def test_random_draws_differ_and_fail_clearly_when_the_band_is_empty():
+    costs = _costs()
+    budget = ab.budget_at(costs, "size", NAMES, 3.0)
+    rng = np.random.default_rng(1)
+    draws = {tuple(ab.random_bits(costs, budget, NAMES, rng).values()) for _ in range(20)}
+    assert len(draws) > 5
+    tight = ab.Budget("W2", "size", ab.config_cost(costs, "size", NAMES, ab.uniform_bits(NAMES, 2), 8) * 0.99,
+                      (2, 3, 4, 8))
+    with pytest.raises(ValueError, match="no random configuration"):
+        ab.random_bits(costs, tight, NAMES, rng)
+
+
+def test_paired_verdict():
+    assert ab.paired_verdict([1.0, 1.2, 0.9])[2] == "win"
+    assert ab.paired_verdict([-1.0, -1.2, -0.9])[2] == "loss"
+    assert ab.paired_verdict([1.0, -1.0, 0.1])[2] == "tie"
+    mean, se, _ = ab.paired_verdict([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and se == pytest.approx(np.std([1, 2, 3], ddof=1) / np.sqrt(3))
+
+
+def test_eigenvalue_samples_match_eigh_of_each_diagonal_block():
+    import jax
+    import jax.numpy as jnp
+
+    from hqjax import blocks
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(24, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 24))
+    params = {"h": {"kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32) * 0.7},
+              "o": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) * 0.7}}
+    model_fn = lambda p, xb: jnp.tanh(xb @ p["h"]["kernel"]) @ p["o"]["kernel"]  # noqa: E731
+    blk = blocks(params)
+    got = ab.layer_eigenvalue_samples(model_fn, params, blk, x, y, jax.random.PRNGKey(0), subsets=2, iters=300)
+    compared = 0
+    for name in ("h", "o"):
+        for i, (xb, yb) in enumerate(zip(np.array_split(np.asarray(x), 2), np.array_split(np.asarray(y), 2))):
+            def loss_b(k):
+                p = {**params, name: {"kernel": k.reshape(params[name]["kernel"].shape)}}
+                logits = model_fn(p, xb)
+                return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=1))
+            h = jax.hessian(loss_b)(params[name]["kernel"].reshape(-1))
+            ev = np.linalg.eigvalsh(np.asarray(h, np.float64))
+            mags = np.sort(np.abs(ev))
+            if mags[-1] < 1.1 * mags[-2]:
+                continue  # power iteration cannot separate two eigenvalues of almost equal magnitude
+            top = ev[np.argmax(np.abs(ev))]  # power iteration finds the largest magnitude
+            assert got[name][i] == pytest.approx(top, rel=1e-3), (name, i)
+            compared += 1
+    assert compared >= 3
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_end_to_end(tmp_path):
+    out = tmp_path / "rows.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy_table.py"), "--quick",
+                        "--model", "cnn", "--dataset", "digits", "--work", str(tmp_path / "work"),
+                        "--json", str(out), "--plot", str(tmp_path / "plot.png")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    methods = {r["method"] for r in rows}
+    assert {"float", "uniform", "hawq-v3", "hawq-v2", "hawq-v1", "q-bert", "ggn", "fisher", "reversed"} <= methods
+    for r in rows:
+        if r["method"] != "float":
+            assert 0 <= r["fake_quant"] <= 1 and 0 <= r["integer"] <= 1 and r["bits"][0] == r["bits"][-1] == "8"
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert p.stdout.strip().splitlines()[-1].startswith("key figure")
