@@ -134,8 +134,7 @@ def random_bits(costs, budget: Budget, names, rng, fill: float = 0.9, max_moves:
     ``fill``) until the cost is inside the band."""
     cands = sorted(budget.candidates)
     free = names[1:-1]
-    bits = {n: 8 for n in (names[0], names[-1])}
-    bits.update({n: int(rng.choice(cands)) for n in free})
+    bits = {n: 8 if n in (names[0], names[-1]) else int(rng.choice(cands)) for n in names}
     for _ in range(max_moves):
         c = config_cost(costs, budget.kind, names, bits, budget.act)
         if fill * budget.limit <= c <= budget.limit * (1 + 1e-9):
@@ -178,42 +177,37 @@ def bit_config(bits: dict, act) -> dict:
 def layer_eigenvalue_samples(model_fn, params, blk, x, y, key, *, subsets: int = 3, iters: int = 12) -> dict:
     """Each layer's top Hessian eigenvalue on ``subsets`` disjoint parts of ``(x, y)``
     (Q-BERT Sec. 3.2's samples; their mean is HAWQ-V1's λ_max), by power iteration on the
-    layer's diagonal Hessian block. All layers are iterated together (one vmapped product of
-    masked tangents), so one compilation serves every layer and subset."""
+    layer's diagonal Hessian block ``M H M`` (``M`` the layer's mask). The mask is an argument
+    of the one compiled step, so every layer and subset reuses it (a vmap over layers would
+    batch the convolution kernels' tangents, which XLA:CPU runs far slower)."""
     from hqjax.tree import tree_random_like
-
-    names = list(blk.names)
-    masks = jax.tree.map(lambda *m: jnp.stack(m), *[blk.mask(n) for n in names])
 
     def loss(p, xb, yb):
         logits = model_fn(p, xb)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=1))
 
-    def block_hvp(v, m, xb, yb):
-        vm = jax.tree.map(lambda a, b: a * b, v, m)
-        hv = jax.jvp(jax.grad(lambda p: loss(p, xb, yb)), (params,), (vm,))[1]
-        return jax.tree.map(lambda a, b: a * b, hv, m)
+    def masked(v, m):
+        return jax.tree.map(lambda a, b: a * b, v, m)
 
-    def norms(v):
-        return jnp.sqrt(sum(jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(v)))
+    def normalized(v):
+        return jax.tree.map(lambda a: a / jnp.sqrt(sum(jnp.vdot(b, b) for b in jax.tree.leaves(v))), v)
 
     @jax.jit
-    def step(v, xb, yb):
-        hv = jax.vmap(block_hvp, in_axes=(0, 0, None, None))(v, masks, xb, yb)
-        lam = sum(jnp.sum(a * b, axis=tuple(range(1, a.ndim))) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv)))
-        nrm = norms(hv)
-        return jax.tree.map(lambda a: a / nrm.reshape((-1,) + (1,) * (a.ndim - 1)), hv), lam
+    def step(v, m, xb, yb):
+        hv = masked(jax.jvp(jax.grad(lambda p: loss(p, xb, yb)), (params,), (masked(v, m),))[1], m)
+        lam = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv)))
+        return normalized(hv), lam
 
-    v0 = jax.tree.map(lambda a, m: a * m.reshape(m.shape + (1,) * (a.ndim - m.ndim)), jax.vmap(lambda k: tree_random_like(k, params, "gaussian"))(
-        jax.random.split(key, len(names))), masks)
-    v0 = jax.tree.map(lambda a: a / norms(v0).reshape((-1,) + (1,) * (a.ndim - 1)), v0)
-    out = {n: [] for n in names}
-    for xb, yb in zip(np.array_split(np.asarray(x), subsets), np.array_split(np.asarray(y), subsets)):
-        v = v0
-        for _ in range(iters):
-            v, lam = step(v, xb, yb)
-        for n, l in zip(names, np.asarray(lam)):
-            out[n].append(float(l))
+    out = {}
+    for i, name in enumerate(blk.names):
+        m = jax.tree.map(lambda a, b: jnp.broadcast_to(b, a.shape).astype(a.dtype), params, blk.mask(name))
+        v0 = normalized(masked(tree_random_like(jax.random.fold_in(key, i), params, "gaussian"), m))
+        out[name] = []
+        for xb, yb in zip(np.array_split(np.asarray(x), subsets), np.array_split(np.asarray(y), subsets)):
+            v = v0
+            for _ in range(iters):
+                v, lam = step(v, m, xb, yb)
+            out[name].append(float(lam))
     return out
 
 

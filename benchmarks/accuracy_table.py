@@ -65,8 +65,9 @@ def seed_analysis(job, args) -> dict:
     x, y = _analysis_examples(job)
     ggn = LayerTraceResult.from_dict(job.work.read_json("analysis/ggn.json")["result"]).per_block()
     fisher = empirical_fisher_layer_traces(_model_fn(job), params, x, y, blocks=blk).per_block()
-    eig = ab.layer_eigenvalue_samples(_model_fn(job), params, blk, x, y, jax.random.PRNGKey(10_000 + job.config.seed),
-                                      subsets=args.eig_subsets, iters=args.eig_iters)
+    eig = ab.layer_eigenvalue_samples(_model_fn(job), params, blk, x[: args.eig_examples], y[: args.eig_examples],
+                                      jax.random.PRNGKey(10_000 + job.config.seed), subsets=args.eig_subsets,
+                                      iters=args.eig_iters)
     out = {"ggn": {n: float(t) for n, (t, _) in ggn.items()}, "fisher": {n: float(t) for n, (t, _) in fisher.items()},
            "eigenvalue_samples": eig, "seconds": round(time.perf_counter() - t0, 1)}
     _write(path, out)
@@ -308,8 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--qat-epochs", type=int, default=1)
     p.add_argument("--probes", type=int, default=16)
     p.add_argument("--hessian-examples", type=int, default=256)
-    p.add_argument("--eig-subsets", type=int, default=3)
-    p.add_argument("--eig-iters", type=int, default=12)
+    p.add_argument("--eig-examples", type=int, default=96, help="analysis examples the eigenvalues are measured on")
+    p.add_argument("--eig-subsets", type=int, default=3, help="Q-BERT's data subsets (of the eigenvalue examples)")
+    p.add_argument("--eig-iters", type=int, default=8, help="power iterations per layer and subset")
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
     p.add_argument("--widths", nargs="+", type=float, default=[2.5, 2.75, 3, 3.5, 4],
                    help="size budgets as uniform-equivalent weight widths (first/last layer at 8)")
