@@ -242,8 +242,10 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, kind in zip(axes, ("size", "bops")):
+    kinds = [k for k in ("size", "bops") if any(r["kind"] == k for r in results)] or ["size"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 0.5, 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, kind in zip(axes, kinds):
         rs = [r for r in results if r["kind"] == kind and r.get("act") == 8]
         for i, m in enumerate(["uniform", *ab.METHODS]):
             xs, ys, es = [], [], []
@@ -259,7 +261,7 @@ def plot(results: list[dict], path: str) -> None:
         ax.set_xlabel(f"{kind} budget (uniform-equivalent weight bits, first/last at 8)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("QAT fake-quant test accuracy (%)")
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
