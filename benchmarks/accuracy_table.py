@@ -6,7 +6,8 @@ measure per-layer Hessian traces (``hqjax.pipeline.run_stages(..., until='analyz
 Gauss-Newton traces come with that analysis, the empirical Fisher traces and the per-layer top
 eigenvalues (HAWQ-V1, Q-BERT) are measured here. Every method of ``_ablation.METHODS`` then
 picks bits at every budget, and every distinct configuration is calibrated, fine-tuned with
-QAT and converted to integer-only (``hqjax.pipeline.quantize_finetune``).
+QAT and converted to integer-only (``hqjax.pipeline.make_quantize_finetune``: the bit widths
+are inputs of one quantized model, so calibration, QAT and evaluation compile once per seed).
 
 Budgets (the first and last layer at 8 bits throughout, as in HAWQ-V3): model sizes and BOPS
 of uniform-equivalent widths between W2 and W4 (``--widths``), one measured-latency budget,
@@ -87,35 +88,72 @@ def budgets(costs, names, args, latency_costs=None) -> list[ab.Budget]:
     return out
 
 
-def _accuracy(fn, x, y) -> float:
-    """Top-1 accuracy of ``fn`` over equal batches (one compiled shape: compilation, not the
-    arithmetic, dominates a configuration's evaluation on the CPU)."""
-    import jax
-
+def _accuracy(fn, args, x, y, batch: int = 500) -> float:
+    """Top-1 accuracy of ``fn(*args, xb)`` over equal batches (one compiled shape)."""
     n = len(x)
-    size = -(-n // -(-n // 512))
-    pad = -n % size
+    pad = -n % batch
     xp = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
-    f = jax.jit(fn)
-    logits = np.concatenate([np.asarray(f(xp[i : i + size])) for i in range(0, len(xp), size)])[:n]
+    logits = np.concatenate([np.asarray(fn(*args, xp[i : i + batch])) for i in range(0, len(xp), batch)])[:n]
     return float(np.mean(logits.argmax(-1) == y))
 
 
-def evaluate(job, bits: dict, act) -> dict:
-    """PTQ, QAT (fake-quant) and integer-only test accuracy of one configuration."""
-    from hqjax.pipeline import quantize_finetune
+def make_evaluate(job):
+    """``evaluate(bits, act) -> {ptq, fake_quant, integer, seconds}``: PTQ, QAT (fake-quant)
+    and integer-only test accuracy of one configuration. The widths are inputs of one
+    quantized model (``hqjax.pipeline.make_quantize_finetune``) and the models are arguments
+    of the compiled evaluations, so only a new integer program (new activation widths)
+    compiles again."""
+    import jax
+
+    from hqjax.pipeline import make_quantize_finetune
+    from hqjax.quant import quantize_model
 
     d = job.dataset
-    t0 = time.perf_counter()
-    qmodel, ptq, qat, integer = quantize_finetune(job, ab.bit_config(bits, act))
-    fq = lambda v: lambda xb: qmodel.apply(v, xb, train=False)  # noqa: E731
-    return {"ptq": _accuracy(fq(ptq), d.x_test, d.y_test), "fake_quant": _accuracy(fq(qat), d.x_test, d.y_test),
-            "integer": _accuracy(integer.__call__, d.x_test, d.y_test), "seconds": round(time.perf_counter() - t0, 2)}
+    template = ab.bit_config({n: 8 for n in job.blocks.names}, 8)
+    finetune = make_quantize_finetune(job, template, pack_int4=False)
+    qmodel = quantize_model(job.model, template)  # the structure finetune's widths apply to
+    fake_quant = jax.jit(lambda v, bw, xb: qmodel.apply(v, xb, train=False, bit_widths=bw))
+    # called eagerly: IntegerModel.forward compiles per program, which configurations share
+    integer = lambda m, xb: m(xb)  # noqa: E731
+
+    def evaluate(bits: dict, act) -> dict:
+        t0 = time.perf_counter()
+        r = finetune(ab.bit_config(bits, act))
+        return {"ptq": _accuracy(fake_quant, (r.ptq, r.bit_widths), d.x_test, d.y_test),
+                "fake_quant": _accuracy(fake_quant, (r.qat, r.bit_widths), d.x_test, d.y_test),
+                "integer": _accuracy(integer, (r.integer,), d.x_test, d.y_test),
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+    return evaluate
+
+
+def latency_table(args) -> str:
+    """The path of the model's measured latency table ``{layer: {bits: µs}}``, measured once
+    per model and input before any seed runs (so every seed shares it and nothing else runs
+    while it is timed). XLA:CPU's int8 product takes the same time at 2-8 bits, so the layers
+    are timed with the bit-serial kernel (``hqjax.alloc.bit_serial_op``), whose time grows
+    with the width as on hardware with sub-byte arithmetic."""
+    path = os.path.join(args.work, f"latency_bitserial_{args.model}_{args.dataset}.json")
+    if not os.path.exists(path):
+        import jax
+        import jax.numpy as jnp
+
+        from hqjax.alloc import bit_serial_op, layer_shapes, measure_latency_table
+        from hqjax.data import load_dataset
+        from hqjax.models import get_model
+
+        d = load_dataset(args.dataset, args.data_dir)
+        model = get_model(args.model, num_classes=d.num_classes)
+        x = jax.ShapeDtypeStruct((1, *d.input_shape), jnp.float32)
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+        os.makedirs(args.work, exist_ok=True)
+        _write(path, measure_latency_table(layer_shapes(model, variables, x, train=False),
+                                           sorted(set(args.bits) | {8}), op=bit_serial_op, repeats=50))
+    return path
 
 
 def run_seed(seed: int, args, log) -> list[dict]:
     """Train, analyze, allocate with every method at every budget, and evaluate (resumable)."""
-    from hqjax.alloc import layer_shapes, measure_latency_table
     from hqjax.config import RunConfig
     from hqjax.pipeline import layer_costs, run_stages
     from hqjax.train import accuracy, progress_bar
@@ -131,17 +169,7 @@ def run_seed(seed: int, args, log) -> list[dict]:
     rows = job.work.read_json("sensitivity.json")["layers"]
     costs = layer_costs(job)
     names = list(costs.names)
-    latency_costs = None
-    if args.latency_width:
-        path = os.path.join(args.work, f"latency_{args.model}_{args.dataset}.json")
-        if not os.path.exists(path):  # one table per model and input (it depends on shapes only)
-            import jax
-            import jax.numpy as jnp
-
-            shapes = layer_shapes(job.model, job.variables, jax.ShapeDtypeStruct((1, *job.dataset.input_shape),
-                                                                                  jnp.float32), train=False)
-            _write(path, measure_latency_table(shapes, sorted(set(args.bits) | {8})))
-        latency_costs = costs.with_latency(path)
+    latency_costs = costs.with_latency(latency_table(args)) if args.latency_width else None
     fp = accuracy(job.model.apply, job.variables, job.dataset.x_test, job.dataset.y_test)
     log(f"seed {seed}: float {fp:.4f} after {args.epochs} epochs; analysis and proxies in "
         f"{time.perf_counter() - t0:.0f} s")
@@ -156,10 +184,11 @@ def run_seed(seed: int, args, log) -> list[dict]:
     done = _read(done_path) if os.path.exists(done_path) else {}
     todo = {_key(bits, b.act) for b, _, bits, _ in plan} - set(done)
     bar = progress_bar(total=len(todo), desc=f"seed {seed} QAT", enabled=args.progress)
+    evaluate = make_evaluate(job) if todo else None
     for b, label, bits, used in plan:
         key = _key(bits, b.act)
         if key not in done:
-            done[key] = evaluate(job, bits, b.act)
+            done[key] = evaluate(bits, b.act)
             _write(done_path, done)
             bar.update(1)
     bar.close()
@@ -305,7 +334,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="mnist_subset")
     p.add_argument("--data-dir", default=None, help="prepared tfds folder (e.g. for cifar10)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--qat-epochs", type=int, default=1)
@@ -313,11 +342,11 @@ def main(argv=None) -> int:
     p.add_argument("--hessian-examples", type=int, default=256)
     p.add_argument("--eig-examples", type=int, default=96, help="analysis examples the eigenvalues are measured on")
     p.add_argument("--eig-subsets", type=int, default=3, help="Q-BERT's data subsets (of the eigenvalue examples)")
-    p.add_argument("--eig-iters", type=int, default=8, help="power iterations per layer and subset")
+    p.add_argument("--eig-iters", type=int, default=6, help="power iterations per layer and subset")
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
-    p.add_argument("--widths", nargs="+", type=float, default=[2.5, 2.75, 3, 3.5, 4],
+    p.add_argument("--widths", nargs="+", type=float, default=[2.5, 2.75, 3, 3.25, 3.5],
                    help="size budgets as uniform-equivalent weight widths (first/last layer at 8)")
-    p.add_argument("--bops-widths", nargs="*", type=float, default=[2.5, 2.75, 3, 3.5, 4])
+    p.add_argument("--bops-widths", nargs="*", type=float, default=[2.5, 2.75, 3, 3.25, 3.5])
     p.add_argument("--latency-width", type=float, default=3.0, help="0 for no latency budget")
     p.add_argument("--no-act-follows", dest="act_follows", action="store_false",
                    help="leave out the budget where activations follow weights")
@@ -341,6 +370,8 @@ def main(argv=None) -> int:
         for path in args.from_json:
             results += _read(path)
     elif args.jobs > 1 and len(args.seeds) > 1:
+        if args.latency_width:
+            latency_table(args)
         results = _run_parallel(args, argv if argv is not None else sys.argv[1:], log)
     else:
         for seed in args.seeds:

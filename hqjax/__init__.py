@@ -21,7 +21,7 @@ from hqjax.curvature import (
     empirical_fisher_layer_traces, fisher_layer_traces,
 )
 from hqjax.quant import (
-    IntegerModel, QATState, QuantizedModel, QuantizedNNXModel, coverage, group_wise_weights, init_qat_state,
+    IntegerModel, QATState, QuantizedModel, QuantizedNNXModel, bit_width_arrays, coverage, group_wise_weights, init_qat_state,
     load_bit_config, load_integer_model, make_qat_step, per_channel_weights, qat_loss, quantize_model,
     quantize_nnx, quantize_nnx_model, quantize_nnx_state, quantize_params, qwix_rule_specs, save_bit_config,
     save_integer_model, state_variables, to_integer, to_qwix_rules, export_qwix, qwix_apply, uniform_bit_config, validate_bit_config,
@@ -46,8 +46,8 @@ __all__ = [
     # quantization
     "quantize_model", "quantize_params", "QuantizedModel", "quantize_nnx", "quantize_nnx_model",
     "quantize_nnx_state", "QuantizedNNXModel", "coverage", "per_channel_weights", "group_wise_weights",
-    "weight_perturbation", "uniform_bit_config", "validate_bit_config", "save_bit_config", "load_bit_config",
-    "init_qat_state", "make_qat_step", "qat_loss", "QATState", "state_variables", "to_integer", "IntegerModel",
+    "weight_perturbation", "uniform_bit_config", "validate_bit_config", "bit_width_arrays", "save_bit_config",
+    "load_bit_config", "init_qat_state", "make_qat_step", "qat_loss", "QATState", "state_variables", "to_integer", "IntegerModel",
     "save_integer_model", "load_integer_model", "to_qwix_rules", "qwix_rule_specs", "export_qwix", "qwix_apply",
     # allocation
     "sensitivity_table", "SensitivityTable", "LayerSensitivity", "weight_perturbations", "sensitivity_scores",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,8 @@ from hqjax._job import Job, check_names
 from hqjax.config import STAGES, RunConfig, UserError
 from hqjax.train import accuracy, load_variables, progress_bar, save_variables, train_cached
 
-__all__ = ["Job", "run", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune", "integer_accuracy",
+__all__ = ["Job", "run", "run_stages", "report_only", "check_names", "STAGE_FUNCTIONS", "quantize_finetune",
+           "make_quantize_finetune", "Finetuned", "integer_accuracy",
            "sensitivity_from_rows", "layer_costs", "uniform_cost", "resolve_budget"]
 
 
@@ -200,32 +201,25 @@ def stage_allocate(job: Job) -> None:
 
 
 # ----------------------------------------------------------------------------- quantize
-def _calibrate(qmodel, variables, x: np.ndarray, batch_size: int = 128):
+def _calibrate(calibrate, variables, x: np.ndarray, bit_widths, batch_size: int = 128):
     """Fresh activation ranges from ``x`` (HAWQ-V3 calibrates min/max on training data)."""
     from hqjax.quant import STATS
 
     variables = {k: v for k, v in variables.items() if k != STATS}
-    calibrate = jax.jit(lambda v, xb: qmodel.calibrate(v, xb, train=False))
     for i in range(0, len(x), batch_size):
-        variables = calibrate(variables, x[i : i + batch_size])
+        variables = calibrate(variables, x[i : i + batch_size], bit_widths)
     return variables
 
 
-def _qat(job: Job, qmodel, variables):
-    """Quantization-aware fine-tuning (HAWQ-V3 Sec. 4) with ``hqjax.make_qat_step``: AdamW,
-    cosine decay, BatchNorm statistics frozen (they are folded into integer weights)."""
-    import optax
-
-    from hqjax.quant import init_qat_state, make_qat_step, state_variables
+def _qat(job: Job, step, optimizer, variables, bit_widths):
+    """Quantization-aware fine-tuning (HAWQ-V3 Sec. 4): ``qat_epochs`` of ``step``."""
+    from hqjax.quant import init_qat_state, state_variables
 
     c, d = job.config, job.dataset
     steps_per_epoch = len(d.x_train) // c.batch_size
-    total = max(c.qat_epochs * steps_per_epoch, 1)
-    optimizer = optax.adamw(optax.cosine_decay_schedule(c.qat_learning_rate, total), weight_decay=0.0)
-    step = jax.jit(make_qat_step(qmodel, optimizer, batchnorm="freeze"))
-    state = init_qat_state(variables, optimizer)
+    state = init_qat_state(variables, optimizer, bit_widths=bit_widths)
     rng = np.random.default_rng(c.seed + 1)
-    bar = progress_bar(total=total, desc="QAT", enabled=job.progress)
+    bar = progress_bar(total=c.qat_epochs * steps_per_epoch, desc="QAT", enabled=job.progress)
     for _ in range(c.qat_epochs):
         order = rng.permutation(len(d.x_train))
         for i in range(steps_per_epoch):
@@ -237,22 +231,60 @@ def _qat(job: Job, qmodel, variables):
     return state_variables(state)
 
 
-def quantize_finetune(job: Job, bit_config: dict):
-    """PTQ, QAT and integer conversion of the job's full-precision model under ``bit_config``.
+class Finetuned(NamedTuple):
+    """One configuration through :func:`make_quantize_finetune`: the (shared) fake-quant
+    ``qmodel`` and the configuration's ``bit_widths`` for its ``apply``, the calibrated
+    post-training variables ``ptq``, the variables after QAT ``qat`` and the ``integer`` model."""
 
-    Returns ``(qmodel, ptq_variables, qat_variables, integer_model)``: calibrated min/max
-    activation ranges (post-training quantization), then ``qat_epochs`` of QAT and a fresh
-    calibration, then BN folding and dyadic requantization (HAWQ-V3 Sec. 3) into an
-    integer-only model.
+    qmodel: Any
+    bit_widths: dict
+    ptq: dict
+    qat: dict
+    integer: Any
+
+
+def make_quantize_finetune(job: Job, template: dict, *, pack_int4: bool = True) -> Callable[[dict], Finetuned]:
+    """PTQ, QAT and integer conversion of the job's full-precision model, for any BitConfig
+    over the layers of ``template`` (and its ``act_bits=None`` layers).
+
+    Returns ``finetune(bit_config) -> Finetuned``: calibrated min/max activation ranges
+    (post-training quantization), then ``qat_epochs`` of QAT (AdamW, cosine decay, BatchNorm
+    frozen: it is folded into integer weights) and a fresh calibration, then BN folding and
+    dyadic requantization (HAWQ-V3 Sec. 3-4) into an integer-only model. The widths are
+    array inputs of one quantized model (``hqjax.bit_width_arrays``), so calibration and the
+    QAT step compile once for every configuration of a sweep. ``pack_int4=False`` keeps the
+    integer models of all configurations in one layout (int8 storage).
     """
-    from hqjax.quant import quantize_model, to_integer
+    import optax
+
+    from hqjax.quant import bit_width_arrays, make_qat_step, quantize_model, to_integer
 
     c, d = job.config, job.dataset
-    qmodel = quantize_model(job.model, bit_config, params=job.variables["params"])
+    qmodel = quantize_model(job.model, template, params=job.variables["params"])
     calib = d.x_train[np.random.default_rng(c.seed + 2).permutation(len(d.x_train))[: c.calib_examples]]
-    ptq = _calibrate(qmodel, job.variables, calib)
-    qat = _calibrate(qmodel, _qat(job, qmodel, ptq), calib) if c.qat_epochs else ptq
-    return qmodel, ptq, qat, to_integer(qmodel, qat, d.input_shape)
+    calibrate = jax.jit(lambda v, xb, bw: qmodel.calibrate(v, xb, train=False, bit_widths=bw))
+    total = max(c.qat_epochs * (len(d.x_train) // c.batch_size), 1)
+    optimizer = optax.adamw(optax.cosine_decay_schedule(c.qat_learning_rate, total), weight_decay=0.0)
+    step = jax.jit(make_qat_step(qmodel, optimizer, batchnorm="freeze"))
+
+    def finetune(bit_config: dict) -> Finetuned:
+        bw = bit_width_arrays(bit_config)
+        ptq = _calibrate(calibrate, job.variables, calib, bw)
+        qat = _calibrate(calibrate, _qat(job, step, optimizer, ptq, bw), calib, bw) if c.qat_epochs else ptq
+        integer = to_integer(quantize_model(job.model, bit_config), qat, d.input_shape, pack_int4=pack_int4)
+        return Finetuned(qmodel, bw, ptq, qat, integer)
+
+    return finetune
+
+
+def quantize_finetune(job: Job, bit_config: dict):
+    """PTQ, QAT and integer conversion of the job's full-precision model under ``bit_config``
+    (:func:`make_quantize_finetune` for one configuration).
+
+    Returns ``(qmodel, ptq_variables, qat_variables, integer_model)``.
+    """
+    r = make_quantize_finetune(job, bit_config)(bit_config)
+    return r.qmodel, r.ptq, r.qat, r.integer
 
 
 def integer_accuracy(integer, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:

@@ -35,6 +35,7 @@ __all__ = [
     "layer_shapes",
     "load_latency_table",
     "save_latency_table",
+    "bit_serial_op",
     "measure_latency_table",
 ]
 
@@ -381,6 +382,28 @@ def _reference_op(shape: LayerShape, bits: int) -> tuple[Callable, tuple]:
     x2 = jnp.ones((math.prod(shape.input_shape) // n_in, n_in), dt)
     k2 = jnp.ones((n_in, math.prod(shape.kernel_shape) // n_in), dt)
     return (lambda x, k: lax.dot_general(x, k, (((1,), (0,)), ((), ())), preferred_element_type=acc)), (x2, k2)
+
+
+def bit_serial_op(shape: LayerShape, bits: int) -> tuple[Callable, tuple]:
+    """The layer's integer product computed bit-serially over the weights: ``bits`` products
+    of the int8 activations with one weight bit plane each, shifted and summed (the two's
+    complement sign plane subtracted), as bit-serial kernels for CPUs without sub-byte
+    arithmetic do (Umuroglu et al. 2018, BISMO; TVM's ``bitserial_conv2d``). Its time grows
+    with the width, where the default int8 reference runs 2-8 bits alike. An ``op`` for
+    :func:`measure_latency_table`; the result equals the int8 product exactly.
+    """
+    if bits > 8 or shape.kind == "embed":
+        return _reference_op(shape, bits)
+    product, (x, k) = _reference_op(shape, 8)
+
+    def fn(x, k):
+        k32 = k.astype(jnp.int32)
+        acc = -(product(x, ((k32 >> (bits - 1)) & 1).astype(jnp.int8)) << (bits - 1))
+        for j in range(bits - 1):
+            acc = acc + (product(x, ((k32 >> j) & 1).astype(jnp.int8)) << j)
+        return acc
+
+    return fn, (x, k)
 
 
 def measure_latency_table(

@@ -4,7 +4,7 @@ See the README's "Quantization" section for a tour.
 """
 
 from hqjax.quant.bitconfig import (
-    load_bit_config, save_bit_config, uniform_bit_config, validate_bit_config,
+    bit_width_arrays, load_bit_config, save_bit_config, uniform_bit_config, validate_bit_config,
 )
 from hqjax.quant.calibration import (
     Calibrator, ema, get_calibrator, minmax, mse, percentile, state_range,
@@ -35,7 +35,7 @@ from hqjax.quant.transform import (
 )
 
 __all__ = [
-    "load_bit_config", "save_bit_config", "uniform_bit_config", "validate_bit_config", "Calibrator",
+    "bit_width_arrays", "load_bit_config", "save_bit_config", "uniform_bit_config", "validate_bit_config", "Calibrator",
     "ema", "get_calibrator", "minmax", "mse", "percentile", "state_range", "MANTISSA_BITS",
     "dyadic", "dyadic_requantize", "IntegerModel", "fold_batchnorm", "int_matmul",
     "load_integer_model", "save_integer_model", "to_integer", "QuantizedNNXModel", "quantize_nnx",

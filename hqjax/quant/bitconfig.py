@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 from hqjax._bits import ACT_BITS, WEIGHT_BITS
 from hqjax._schema import read_json, stamp, unstamp
 
-__all__ = ["validate_bit_config", "uniform_bit_config", "save_bit_config", "load_bit_config"]
+__all__ = ["validate_bit_config", "uniform_bit_config", "bit_width_arrays", "save_bit_config", "load_bit_config"]
 
 _KEYS = ("weight_bits", "act_bits")
 
@@ -66,6 +66,33 @@ def validate_bit_config(bit_config: Mapping, names: Iterable[str] | None = None)
 def uniform_bit_config(names: Iterable[str], weight_bits: int, act_bits: int | None = 8) -> dict:
     """The same precision for every layer (``names``: a ``Blocks`` or its ``.names``)."""
     return validate_bit_config({n: {"weight_bits": weight_bits, "act_bits": act_bits} for n in names})
+
+
+def bit_width_arrays(bit_config: Mapping) -> dict:
+    """A BitConfig with its widths as int32 arrays, for the ``bit_widths`` argument of a
+    quantized model's ``apply``/``calibrate`` and :func:`hqjax.init_qat_state`.
+
+    The model's own BitConfig then fixes only which layers are quantized (and ``act_bits=None``
+    layers stay float); the widths are ordinary inputs, so one compiled QAT step or evaluation
+    serves every configuration of a sweep instead of compiling once per configuration.
+    """
+    import jax.numpy as jnp
+
+    return {n: {k: None if v is None else jnp.asarray(v, jnp.int32) for k, v in e.items()}
+            for n, e in validate_bit_config(bit_config).items()}
+
+
+def check_bit_widths(bit_config: Mapping, bit_widths: Mapping) -> None:
+    """``bit_widths`` must name the layers of ``bit_config`` with the same ``act_bits=None``
+    layers (the model's structure); raises ``ValueError`` naming the difference."""
+    if set(bit_widths) != set(bit_config):
+        raise ValueError(f"bit_widths names layers {sorted(set(bit_widths) ^ set(bit_config))} that the quantized "
+                         f"model's BitConfig does not (or the reverse); build it with "
+                         f"hqjax.bit_width_arrays(config) over the same layers")
+    for n, e in bit_config.items():
+        if (e["act_bits"] is None) != (bit_widths[n].get("act_bits") is None):
+            raise ValueError(f"bit_widths layer {n!r}: act_bits must be None exactly where the model's BitConfig "
+                             f"has act_bits=None (float input); rebuild the quantized model for another pattern")
 
 
 def save_bit_config(bit_config: Mapping, path: str | os.PathLike) -> None:

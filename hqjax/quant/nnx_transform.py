@@ -26,7 +26,8 @@ from hqjax._nnx import NNXApply, from_nnx, with_layer_hooks
 from hqjax.quant.bitconfig import validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
-from hqjax.quant.transform import STATS, WeightSpecFn, _weight_specs, act_spec_for, per_channel_weights, quantize_params
+from hqjax.quant.transform import (STATS, WeightSpecFn, _static_width_calibrator, _weight_specs, act_spec_for,
+                                   per_channel_weights, quantize_params)
 
 __all__ = ["quantize_nnx_state", "quantize_nnx", "QuantizedNNXModel", "quantize_nnx_model", "QuantizedNNXApply",
            "quantize_nnx_apply"]
@@ -34,7 +35,8 @@ __all__ = ["quantize_nnx_state", "quantize_nnx", "QuantizedNNXModel", "quantize_
 PyTree = Any
 
 
-def quantize_nnx_state(params_state, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights):
+def quantize_nnx_state(params_state, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights, *,
+                       bit_widths: Mapping | None = None):
     """Fake-quantize the kernels of an ``nnx.State`` of parameters (``nnx.split(model, nnx.Param, ...)``).
 
     Pure and differentiable (straight-through gradient), so it belongs inside a loss:
@@ -43,7 +45,8 @@ def quantize_nnx_state(params_state, bit_config: Mapping, weight_spec: WeightSpe
     from flax import nnx
 
     state = jax.tree.map(lambda x: x, params_state)  # a copy: replace_by_pure_dict mutates in place
-    nnx.replace_by_pure_dict(state, quantize_params(nnx.to_pure_dict(params_state), bit_config, weight_spec))
+    nnx.replace_by_pure_dict(state, quantize_params(nnx.to_pure_dict(params_state), bit_config, weight_spec,
+                                                    bit_widths=bit_widths))
     return state
 
 
@@ -61,7 +64,7 @@ def _act_layer_types():
     return (nnx.Linear, nnx.Conv, nnx.LinearGeneral)  # an embedding's input is token ids: never quantized
 
 
-def _input_hooks(spec_for, calibrator, new_stats: dict, calibrate: bool):
+def _input_hooks(spec_for, calibrator, new_stats: dict, calibrate: bool, bit_widths=None):
     """``hook_for(name, layer)`` for :func:`hqjax._nnx.with_layer_hooks`: in calibration mode
     each quantized layer's input updates its range in ``new_stats``; frozen, it is
     fake-quantized with that range."""
@@ -80,7 +83,8 @@ def _input_hooks(spec_for, calibrator, new_stats: dict, calibrate: bool):
                 raise ValueError(f"layer {layer_name!r} has act_bits={spec.bits} but no calibrated input range "
                                  f"in the stats (which have {sorted(new_stats)}); calibrate on a few batches "
                                  f"first (or set act_bits=None for this layer)")
-            return layer(fake_quant(x, spec, state_range(new_stats[layer_name]["input"])), *args, **kwargs)
+            bits = None if bit_widths is None else bit_widths[layer_name]["act_bits"]
+            return layer(fake_quant(x, spec, state_range(new_stats[layer_name]["input"]), bits=bits), *args, **kwargs)
 
         return hook
 
@@ -115,35 +119,40 @@ class QuantizedNNXModel:
     def act_spec(self, layer: str) -> QuantSpec | None:
         return act_spec_for(self.bit_config, layer, self.act_mode)
 
-    def _run(self, params, rest, stats, args, kwargs, *, calibrate: bool):
+    def _run(self, params, rest, stats, args, kwargs, *, calibrate: bool, bit_widths=None):
         from flax import nnx
 
+        if calibrate:
+            _static_width_calibrator(self.calibrator, bit_widths)
         # copy=True: merge would otherwise alias the caller's Variables, and an eager call in
         # training mode would write BatchNorm statistics into the caller's model.
-        model = nnx.merge(self.graphdef, quantize_nnx_state(params, self.bit_config, self.weight_spec), rest,
-                          copy=True)
+        qparams = quantize_nnx_state(params, self.bit_config, self.weight_spec, bit_widths=bit_widths)
+        model = nnx.merge(self.graphdef, qparams, rest, copy=True)
         new_stats = dict(stats or {})
-        hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate)
+        hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate, bit_widths)
         with with_layer_hooks(model, hooks, _act_layer_types()):  # restored after, so split(model) matches `rest`
             out = model(*args, **kwargs)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return out, new_rest, new_stats
 
-    def apply(self, params, rest, stats: Mapping, *args, mutable: bool = False, **kwargs):
+    def apply(self, params, rest, stats: Mapping, *args, mutable: bool = False, bit_widths: Mapping | None = None,
+              **kwargs):
         """Frozen mode: fake-quantized weights, and each quantized layer's input fake-quantized
         with its calibrated range from ``stats``.
 
         Returns the model's output, or ``(output, new_rest)`` when ``mutable`` (the model
         updated non-parameter state, e.g. BatchNorm statistics in training mode). A layer
-        with ``act_bits`` but no range in ``stats`` raises, naming the layer.
+        with ``act_bits`` but no range in ``stats`` raises, naming the layer. ``bit_widths``
+        (:func:`hqjax.bit_width_arrays`) replaces the BitConfig's widths with array inputs.
         """
-        out, new_rest, _ = self._run(params, rest, stats, args, kwargs, calibrate=False)
+        out, new_rest, _ = self._run(params, rest, stats, args, kwargs, calibrate=False, bit_widths=bit_widths)
         return (out, new_rest) if mutable else out
 
-    def calibrate(self, params, rest, stats: Mapping | None, *args, **kwargs) -> dict:
+    def calibrate(self, params, rest, stats: Mapping | None, *args, bit_widths: Mapping | None = None,
+                  **kwargs) -> dict:
         """Calibration mode: run with fake-quantized weights and float activations and return
         ``stats`` updated with every quantized layer's input range (``None`` starts fresh)."""
-        return self._run(params, rest, stats, args, kwargs, calibrate=True)[2]
+        return self._run(params, rest, stats, args, kwargs, calibrate=True, bit_widths=bit_widths)[2]
 
     def float_apply(self, params, rest, *args, **kwargs):
         """The full-precision model (teacher for distillation, reference for accuracy)."""
@@ -197,25 +206,29 @@ class QuantizedNNXApply:
     def act_spec(self, layer: str) -> QuantSpec | None:
         return act_spec_for(self.bit_config, layer, self.act_mode)
 
-    def _run(self, variables, args, kwargs, *, train: bool, calibrate: bool):
-        qparams = quantize_params(variables["params"], self.bit_config, self.weight_spec)
+    def _run(self, variables, args, kwargs, *, train: bool, calibrate: bool, bit_widths=None):
+        if calibrate:
+            _static_width_calibrator(self.calibrator, bit_widths)
+        qparams = quantize_params(variables["params"], self.bit_config, self.weight_spec, bit_widths=bit_widths)
         module = self.model.merge({k: v for k, v in variables.items() if k != STATS}, params=qparams)
         self.model.set_mode(module, train)
         new_stats = dict(variables.get(STATS) or {})
-        hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate)
+        hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate, bit_widths)
         with with_layer_hooks(module, hooks, _act_layer_types()):
             out = module(*args, **kwargs)
         return out, module, new_stats
 
-    def apply(self, variables, *args, train: bool = False, mutable=False, **kwargs):
+    def apply(self, variables, *args, train: bool = False, mutable=False, bit_widths: Mapping | None = None,
+              **kwargs):
         """Frozen mode: fake-quantized weights and activations with the calibrated ranges;
-        ``(out, updated collections)`` when ``mutable`` (``['batch_stats']`` when ``train``)."""
-        out, module, _ = self._run(variables, args, kwargs, train=train, calibrate=False)
+        ``(out, updated collections)`` when ``mutable`` (``['batch_stats']`` when ``train``);
+        ``bit_widths`` as in :meth:`hqjax.QuantizedModel.apply`."""
+        out, module, _ = self._run(variables, args, kwargs, train=train, calibrate=False, bit_widths=bit_widths)
         return (out, self.model.collect(module, mutable)) if mutable else out
 
-    def calibrate(self, variables, *args, train: bool = False, **kwargs) -> dict:
+    def calibrate(self, variables, *args, train: bool = False, bit_widths: Mapping | None = None, **kwargs) -> dict:
         """Calibration mode: ``variables`` with every quantized layer's input range updated."""
-        _, _, stats = self._run(variables, args, kwargs, train=train, calibrate=True)
+        _, _, stats = self._run(variables, args, kwargs, train=train, calibrate=True, bit_widths=bit_widths)
         return {**variables, STATS: stats}
 
     def float_apply(self, variables, *args, train: bool = False, mutable=False, **kwargs):

@@ -39,14 +39,18 @@ class QATState:
     batch_stats: PyTree
     quant_stats: PyTree
     opt_state: PyTree
+    bit_widths: PyTree = None
 
 
-def init_qat_state(variables: PyTree, optimizer: optax.GradientTransformation) -> QATState:
+def init_qat_state(variables: PyTree, optimizer: optax.GradientTransformation, *,
+                   bit_widths: PyTree | None = None) -> QATState:
     """Start QAT from calibrated variables (``'params'``, optional ``'batch_stats'``,
-    ``'quant_stats'`` from :meth:`QuantizedModel.calibrate`)."""
+    ``'quant_stats'`` from :meth:`QuantizedModel.calibrate`). ``bit_widths``
+    (:func:`hqjax.bit_width_arrays`) trains at those widths instead of the model's BitConfig
+    ones; they are state, not constants, so one compiled step serves every configuration."""
     params = variables["params"]
     return QATState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
-                    variables.get(STATS, {}), optimizer.init(params))
+                    variables.get(STATS, {}), optimizer.init(params), bit_widths)
 
 
 def state_variables(state: QATState) -> dict:
@@ -73,11 +77,13 @@ def qat_loss(qmodel: QuantizedModel, params: PyTree, state: QATState, x: jax.Arr
     """Task loss (+ distillation) of the fake-quantized model; returns ``(loss, (batch_stats, logits))``."""
     variables = {**state_variables(state), "params": params}
     train = batchnorm == "update" and bool(state.batch_stats)
+    # only passed when set, so a duck-typed model without the argument still trains
+    widths = {} if state.bit_widths is None else {"bit_widths": state.bit_widths}
     if train:
-        logits, new = qmodel.apply(variables, x, train=True, mutable=["batch_stats"])
+        logits, new = qmodel.apply(variables, x, train=True, mutable=["batch_stats"], **widths)
         batch_stats = new["batch_stats"]
     else:
-        logits, batch_stats = qmodel.apply(variables, x, train=False), state.batch_stats
+        logits, batch_stats = qmodel.apply(variables, x, train=False, **widths), state.batch_stats
     loss = loss_fn(logits, y)
     if teacher_variables is not None and distill_weight > 0:
         teacher = jax.lax.stop_gradient(qmodel.float_apply(teacher_variables, x, train=False))

@@ -100,12 +100,17 @@ class QArray:
         return self.values.shape
 
 
-def int_range(spec: QuantSpec) -> tuple[int, int]:
-    """``(qmin, qmax)``: the integers a spec may produce."""
-    b = spec.bits
-    if spec.mode == "symmetric":
-        return -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
-    return -(2 ** (b - 1)), 2 ** (b - 1) - 1
+def int_range(spec: QuantSpec, bits=None) -> tuple:
+    """``(qmin, qmax)``: the integers a spec may produce (Python ints; arrays when ``bits``,
+    a traced width that overrides ``spec.bits``, is given)."""
+    if bits is None:
+        b = spec.bits
+        if spec.mode == "symmetric":
+            return -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
+        return -(2 ** (b - 1)), 2 ** (b - 1) - 1
+    # an integer shift: exact, where exp2 in float32 need not be
+    half = jnp.left_shift(jnp.int32(1), jnp.asarray(bits, jnp.int32) - 1).astype(jnp.float32)
+    return (1.0 - half if spec.mode == "symmetric" else -half), half - 1.0
 
 
 # --------------------------------------------------------------------------- granularity
@@ -146,23 +151,26 @@ def tensor_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     return xt.min(axis=1).reshape(shape), xt.max(axis=1).reshape(shape)
 
 
-def qparams_from_range(x_min: jax.Array, x_max: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
-    """Scale and zero point that map ``[x_min, x_max]`` onto the integer range of ``spec``.
+def qparams_from_range(x_min: jax.Array, x_max: jax.Array, spec: QuantSpec,
+                       bits=None) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero point that map ``[x_min, x_max]`` onto the integer range of ``spec``
+    (of width ``bits`` when given: a traced width overriding ``spec.bits``).
 
     The range is widened to contain 0 so that 0 is exact (zero padding, ReLU); a degenerate
     range gets scale 1 rather than a division by zero.
     """
     x_min = jnp.minimum(jnp.asarray(x_min, jnp.float32), 0.0)
     x_max = jnp.maximum(jnp.asarray(x_max, jnp.float32), 0.0)
-    qmin, qmax = int_range(spec)
+    qmin, qmax = int_range(spec, bits)
+    levels = qmax - qmin if spec.mode != "symmetric" else None  # 2^b - 1
     if spec.mode == "symmetric":
         scale = jnp.maximum(-x_min, x_max) / qmax
         zero = jnp.zeros_like(scale)
     elif spec.mode == "unsigned":
-        scale = x_max / (2.0**spec.bits - 1)
+        scale = x_max / levels
         zero = jnp.full_like(scale, qmin)
     else:
-        scale = (x_max - x_min) / (2.0**spec.bits - 1)
+        scale = (x_max - x_min) / levels
         safe = jnp.where(scale > 0, scale, 1.0)
         zero = jnp.clip(jnp.round(qmin - x_min / safe), qmin, qmax)
     scale = jnp.where(scale > 0, scale, 1.0)
@@ -170,10 +178,10 @@ def qparams_from_range(x_min: jax.Array, x_max: jax.Array, spec: QuantSpec) -> t
 
 
 # --------------------------------------------------------------------------- quantize
-def _qparams(x, spec, x_range):
+def _qparams(x, spec, x_range, bits=None):
     if x_range is None:
         x_range = tensor_range(jax.lax.stop_gradient(x), spec)
-    scale, zero = qparams_from_range(*x_range, spec)
+    scale, zero = qparams_from_range(*x_range, spec, bits)
     return jax.lax.stop_gradient(scale), jax.lax.stop_gradient(zero)
 
 
@@ -182,7 +190,7 @@ _F32_INT32_MAX = 2**31 - 128
 
 
 def _round_clip(x, scale, zero, qmin, qmax):
-    return jnp.clip(jnp.round(x / scale) + zero, max(qmin, -_F32_INT32_MAX), min(qmax, _F32_INT32_MAX))
+    return jnp.clip(jnp.round(x / scale) + zero, jnp.maximum(qmin, -_F32_INT32_MAX), jnp.minimum(qmax, _F32_INT32_MAX))
 
 
 def quantize(x: jax.Array, spec: QuantSpec, x_range: tuple[Any, Any] | None = None) -> QArray:
@@ -208,7 +216,9 @@ def dequantize(qa: QArray) -> jax.Array:
     return s * (qa.values.astype(jnp.float32) - z.astype(jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+# the integer range is an operand (with no gradient) rather than static, so a traced bit
+# width (``fake_quant(..., bits=)``) shares one compiled program across widths
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _ste(x, scale, zero, qmin, qmax, clip_grad):
     return scale * (_round_clip(x, scale, zero, qmin, qmax) - zero)
 
@@ -216,30 +226,33 @@ def _ste(x, scale, zero, qmin, qmax, clip_grad):
 def _ste_fwd(x, scale, zero, qmin, qmax, clip_grad):
     y = _ste(x, scale, zero, qmin, qmax, clip_grad)
     inside = (x >= scale * (qmin - zero)) & (x <= scale * (qmax - zero))
-    return y, (inside, scale, zero)
+    return y, (inside, scale, zero, qmin, qmax)
 
 
-def _ste_bwd(qmin, qmax, clip_grad, res, g):
-    inside, scale, zero = res
+def _ste_bwd(clip_grad, res, g):
+    inside, scale, zero, qmin, qmax = res
     gx = jnp.where(inside, g, jnp.zeros_like(g)) if clip_grad else g
-    return gx, jnp.zeros_like(scale), jnp.zeros_like(zero)
+    return gx, jnp.zeros_like(scale), jnp.zeros_like(zero), jnp.zeros_like(qmin), jnp.zeros_like(qmax)
 
 
 _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
-def fake_quant(x: jax.Array, spec: QuantSpec, x_range: tuple[Any, Any] | None = None) -> jax.Array:
+def fake_quant(x: jax.Array, spec: QuantSpec, x_range: tuple[Any, Any] | None = None, *, bits=None) -> jax.Array:
     """Quantize-dequantize ``x`` with the straight-through estimator (STE) as its gradient.
 
     Forward: ``S (clip(round(x/S) + z, qmin, qmax) - z)``. Backward: ``dy/dx = 1`` (or
     ``1[x inside the clipping range]`` when ``spec.clip_grad``); no gradient reaches the
     scale, which comes from the data or a calibrated ``x_range``.
+
+    ``bits`` (optional, an integer array, may be traced) overrides ``spec.bits``: one
+    compiled function then serves every width (a sweep over bit configurations).
     """
-    scale, zero = _qparams(x, spec, x_range)
-    qmin, qmax = int_range(spec)
+    scale, zero = _qparams(x, spec, x_range, bits)
+    qmin, qmax = int_range(spec, bits)
     s = _expand(scale, spec, x.shape).astype(x.dtype)
     z = _expand(zero, spec, x.shape).astype(x.dtype)
-    return _ste(x, s, z, qmin, qmax, spec.clip_grad)
+    return _ste(x, s, z, jnp.asarray(qmin, x.dtype), jnp.asarray(qmax, x.dtype), spec.clip_grad)
 
 
 def weight_perturbation(w: jax.Array, bits: int, mode: str = "symmetric", axis: int | None = -1,

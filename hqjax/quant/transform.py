@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hqjax.quant.bitconfig import validate_bit_config
+from hqjax.quant.bitconfig import check_bit_widths, validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
 from hqjax.tree import OWNER_LEAVES, path_name
@@ -122,7 +122,8 @@ def weight_specs(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn 
             for lp, (layer, leaf, bits) in _weight_specs(params, bit_config, weight_spec).items()}
 
 
-def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights) -> PyTree:
+def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights, *,
+                    bit_widths: Mapping | None = None) -> PyTree:
     """Fake-quantize the kernel (or embedding) of every layer in ``bit_config``.
 
     Parameters
@@ -131,6 +132,8 @@ def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpec
     bit_config : ``{layer_path: {"weight_bits": b, "act_bits": a}}`` (``hqjax.blocks`` names).
     weight_spec : ``(layer, leaf_name, shape, bits) -> QuantSpec`` (default per-channel
         symmetric, HAWQ-V3; :func:`group_wise_weights` for Q-BERT).
+    bit_widths : optional :func:`hqjax.bit_width_arrays` of a config over the same layers:
+        its (possibly traced) weight widths replace ``bit_config``'s.
 
     Returns
     -------
@@ -140,13 +143,16 @@ def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpec
     not name stay float (see :func:`coverage`).
     """
     targets = _weight_specs(params, bit_config, weight_spec)
+    if bit_widths is not None:
+        check_bit_widths(validate_bit_config(bit_config), bit_widths)
 
     def leaf(p, x):
         name = path_name(p)
         if name not in targets:
             return x
         layer, leaf_name, bits = targets[name]
-        return fake_quant(x, weight_spec(layer, leaf_name, jnp.shape(x), bits))
+        traced = None if bit_widths is None else bit_widths[layer]["weight_bits"]
+        return fake_quant(x, weight_spec(layer, leaf_name, jnp.shape(x), bits), bits=traced)
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -157,6 +163,12 @@ def act_spec_for(bit_config: Mapping, layer: str, act_mode: str) -> QuantSpec | 
     shared by the Linen and NNX model transforms."""
     bits = bit_config.get(layer, {}).get("act_bits")
     return None if bits is None else QuantSpec(bits=bits, mode=act_mode)
+
+
+def _static_width_calibrator(calibrator: Calibrator, bit_widths) -> None:
+    if bit_widths is not None and calibrator.name == "mse":
+        raise ValueError("the 'mse' calibrator searches a clipping range for one static width; with bit_widths "
+                         "calibrate with 'minmax', 'ema' or 'percentile', or quantize the model per configuration")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +197,7 @@ class QuantizedModel:
     def act_spec(self, layer: str) -> QuantSpec | None:
         return act_spec_for(self.bit_config, layer, self.act_mode)
 
-    def _interceptor(self, calibrate: bool):
+    def _interceptor(self, calibrate: bool, bit_widths=None):
         def intercept(next_fun, args, kwargs, context):
             mod = context.module
             if context.method_name != "__call__" or not isinstance(mod, _LAYERS) or isinstance(mod, nn.Embed):
@@ -204,29 +216,38 @@ class QuantizedModel:
                                  f"variables[{STATS!r}]; run QuantizedModel.calibrate on a few batches first "
                                  f"(or set act_bits=None for this layer)")
             stats = mod.scope.get_variable(STATS, "input")
-            return next_fun(fake_quant(x, spec, state_range(stats)), *rest, **kwargs)
+            bits = None if bit_widths is None else bit_widths[layer]["act_bits"]
+            return next_fun(fake_quant(x, spec, state_range(stats), bits=bits), *rest, **kwargs)
 
         return intercept
 
-    def _quantized_variables(self, variables):
+    def _quantized_variables(self, variables, bit_widths=None):
         variables = dict(variables)
-        variables["params"] = quantize_params(variables["params"], self.bit_config, self.weight_spec)
+        variables["params"] = quantize_params(variables["params"], self.bit_config, self.weight_spec,
+                                              bit_widths=bit_widths)
         return variables
 
-    def apply(self, variables: PyTree, *args, train: bool = False, mutable=False, **kwargs):
+    def apply(self, variables: PyTree, *args, train: bool = False, mutable=False, bit_widths: Mapping | None = None,
+              **kwargs):
         """Frozen mode: fake-quantized weights and activations with the calibrated ranges.
 
         ``mutable`` is passed to Flax (``['batch_stats']`` when ``train`` with BatchNorm).
+        ``bit_widths`` (:func:`hqjax.bit_width_arrays`) replaces the BitConfig's widths with
+        array inputs, so one compiled function serves every configuration.
         """
-        with nn.intercept_methods(self._interceptor(calibrate=False)):
-            return self.model.apply(self._quantized_variables(variables), *args, train=train, mutable=mutable, **kwargs)
+        with nn.intercept_methods(self._interceptor(calibrate=False, bit_widths=bit_widths)):
+            return self.model.apply(self._quantized_variables(variables, bit_widths), *args, train=train,
+                                    mutable=mutable, **kwargs)
 
-    def calibrate(self, variables: PyTree, *args, train: bool = False, **kwargs) -> PyTree:
+    def calibrate(self, variables: PyTree, *args, train: bool = False, bit_widths: Mapping | None = None,
+                  **kwargs) -> PyTree:
         """Calibration mode: run the model with fake-quantized weights and float activations,
         update every quantized layer's input range, and return ``variables`` with the new
-        ``'quant_stats'`` (call it on a few batches; it is pure and jit-able)."""
+        ``'quant_stats'`` (call it on a few batches; it is pure and jit-able). ``bit_widths``
+        as in :meth:`apply` (a calibrator that depends on the width, ``'mse'``, raises)."""
+        _static_width_calibrator(self.calibrator, bit_widths)
         with nn.intercept_methods(self._interceptor(calibrate=True)):
-            _, new = self.model.apply(self._quantized_variables(variables), *args, train=train,
+            _, new = self.model.apply(self._quantized_variables(variables, bit_widths), *args, train=train,
                                       mutable=[STATS], **kwargs)
         return {**variables, STATS: new[STATS]}
 

@@ -99,3 +99,21 @@ def test_measured_latency_table_covers_every_layer_and_bit(cnn):
         assert set(row) == {"4", "8", "16"} and all(0 < v < 1e6 for v in row.values())
     costs = hqjax.LayerCosts.from_shapes(shapes).with_latency(table)
     assert costs.latency("dense", 8, 8) == table["dense"]["8"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bit_serial_op_computes_the_integer_product_exactly(cnn, bits):
+    from hqjax.alloc import bit_serial_op
+    from hqjax.alloc.costs import _reference_op
+
+    model, variables, x = cnn
+    rng = np.random.default_rng(bits)
+    for name, shape in hqjax.layer_shapes(model, variables, x, train=False).items():
+        fn, (a, k) = bit_serial_op(shape, bits)
+        ref, _ = _reference_op(shape, 8)
+        a = jnp.asarray(rng.integers(-128, 128, a.shape), jnp.int8)
+        k = jnp.asarray(rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), k.shape), jnp.int8)
+        np.testing.assert_array_equal(jax.jit(fn)(a, k), ref(a, k), err_msg=name)
+        # one product per weight bit plane: the work, and so the time, grows with the width
+        text = jax.jit(fn).lower(a, k).as_text()
+        assert text.count("convolution" if shape.kind == "conv" else "dot_general") == bits, name
