@@ -264,6 +264,35 @@ def table(results: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), verdicts
 
 
+def _ms_ptq(rs, method) -> str:
+    per = {}
+    for r in rs:
+        if r["method"] == method or (method == "random" and r["method"].startswith("random")):
+            per.setdefault(r["seed"], []).append(r["ptq"])
+    return _ms(np.mean(v) for v in per.values()) if per else "—"
+
+
+def summary(results: list[dict]) -> str:
+    """One row per budget: HAWQ-V3 against uniform and random, before and after QAT, and the
+    largest gap between integer-only and fake-quant accuracy over every row of the budget."""
+    lines = ["| budget | HAWQ-V3 PTQ | uniform PTQ | random PTQ | HAWQ-V3 QAT | uniform QAT | vs uniform | "
+             "vs random | max abs(int - fq) |", "|---|---|---|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["budget"] for r in results if r["method"] != "float"):
+        for kind in dict.fromkeys(r["kind"] for r in results if r["budget"] == label):
+            rs = [r for r in results if r["budget"] == label and r["kind"] == kind]
+            uni = [r for r in rs if r["method"] == "uniform"]
+            width = ""
+            if uni:
+                w = sorted(set(uni[0]["bits"][1:-1]))
+                width = f" (W{w[0]})" if len(w) == 1 else ""
+            gap = max(abs(r["integer"] - r["fake_quant"]) for r in rs if r["integer"] is not None) * 100
+            lines.append(f"| {kind} {label} | {_ms_ptq(rs, 'hawq-v3')} | {_ms_ptq(rs, 'uniform')}{width} | "
+                         f"{_ms_ptq(rs, 'random')} | {_ms(r['fake_quant'] for r in rs if r['method'] == 'hawq-v3')} | "
+                         f"{_ms(r['fake_quant'] for r in uni)} | {_diff(rs, 'hawq-v3', 'uniform')} | "
+                         f"{_diff(rs, 'hawq-v3', 'random')} | {gap:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: str) -> None:
     """Accuracy against size (size budgets) and BOPS budgets per method, error bars = std over seeds."""
     import matplotlib
@@ -381,6 +410,8 @@ def main(argv=None) -> int:
         _write(args.json, results)
     text, verdicts = table(results)
     print(text)
+    print("\n**Summary** (accuracy % mean ± std over seeds; differences: QAT fake-quant, points, mean ± s.e., verdict)")
+    print(summary(results))
     if args.plot:
         plot(results, args.plot)
     print(f"(total {time.perf_counter() - t0:.0f} s)")

@@ -248,3 +248,35 @@ def test_edge_bits_pin_the_first_and_last_layer_in_call_order():
                key=lambda c: sum(scores[k][b] for k, b in zip(names, c)))
     assert _allocate(scores, costs, free, limit).weight_bits == dict(zip(names, best))
     assert best[0] < 8 or best[-1] < 8  # the pins mattered
+
+
+def test_make_quantize_finetune_serves_every_configuration_of_a_user_model(tmp_path):
+    """One fine-tune function for a model hqjax has never seen: each configuration gets the
+    numbers of the job's own per-configuration path, and its integer model agrees."""
+    import jax
+    import numpy as np
+
+    from hqjax.data import load_digits
+    from hqjax.pipeline import make_quantize_finetune, quantize_finetune
+    from tests.user_models import ProjectionResNet, init_linen
+
+    d = load_digits()
+    data = (d.x_train[:256], d.y_train[:256], d.x_test[:128], d.y_test[:128])
+    model = ProjectionResNet()
+    job = hqjax.run(model, init_linen(model), data, out=str(tmp_path / "out"), until="train", qat_epochs=1,
+                    batch_size=64, calib_examples=64, log=lambda s: None, progress=False)
+    names = list(job.blocks.names)
+    template = hqjax.uniform_bit_config(names, 8, 8)
+    finetune = make_quantize_finetune(job, template, pack_int4=False)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        cfg = {n: {"weight_bits": int(rng.choice([2, 4, 8])), "act_bits": int(rng.choice([4, 8]))} for n in names}
+        r = finetune(cfg)
+        qmodel, ptq, qat, integer = quantize_finetune(job, cfg)
+        jax.tree.map(np.testing.assert_array_equal, r.ptq["quant_stats"], ptq["quant_stats"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), r.qat["params"],
+                     qat["params"])
+        fq = np.asarray(r.qmodel.apply(r.qat, data[2], bit_widths=r.bit_widths))
+        np.testing.assert_allclose(fq, np.asarray(qmodel.apply(qat, data[2])), rtol=1e-3, atol=1e-3)
+        agree = np.mean(np.asarray(r.integer(data[2])).argmax(-1) == fq.argmax(-1))
+        assert agree >= 0.95, agree

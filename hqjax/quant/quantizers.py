@@ -162,7 +162,7 @@ def qparams_from_range(x_min: jax.Array, x_max: jax.Array, spec: QuantSpec,
     x_min = jnp.minimum(jnp.asarray(x_min, jnp.float32), 0.0)
     x_max = jnp.maximum(jnp.asarray(x_max, jnp.float32), 0.0)
     qmin, qmax = int_range(spec, bits)
-    levels = qmax - qmin if spec.mode != "symmetric" else None  # 2^b - 1
+    levels = qmax - qmin  # 2^b - 1 for the asymmetric and unsigned ranges
     if spec.mode == "symmetric":
         scale = jnp.maximum(-x_min, x_max) / qmax
         zero = jnp.zeros_like(scale)
