@@ -17,26 +17,32 @@ budget a quarter of the way from uniform W4A4 to W8A8).
 Reports fake-quant and integer-only test accuracy, mean ± std over seeds, and per budget the
 paired per-seed difference of every method against uniform and against the mean of the
 random draws, with a verdict (win / tie / loss: the 95% t-interval of the mean difference).
-Progress is saved after every configuration: re-running the command resumes.
+Progress is saved after every configuration: re-running the command resumes. ``--jobs N``
+starts N single-threaded worker processes that take each seed's training and analysis, then
+single configurations of any analyzed seed, as they come free (one per core: no core idles
+while work is left, none runs two processes).
 
-    python benchmarks/accuracy_table.py --model resnet20 --dataset mnist_subset --seeds 0 1 2
+    python benchmarks/accuracy_table.py --model resnet20 --dataset mnist_subset --seeds 0 1 2 --jobs 2
     python benchmarks/accuracy_table.py --quick          # one seed, one budget, one epoch
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
 import tempfile
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _ablation as ab  # noqa: E402
+import _workers  # noqa: E402
 
 
 def _read(path):
@@ -106,19 +112,20 @@ def make_evaluate(job):
     import jax
 
     from hqjax.pipeline import make_quantize_finetune
-    from hqjax.quant import quantize_model
 
     d = job.dataset
-    template = ab.bit_config({n: 8 for n in job.blocks.names}, 8)
-    finetune = make_quantize_finetune(job, template, pack_int4=False)
-    qmodel = quantize_model(job.model, template)  # the structure finetune's widths apply to
-    fake_quant = jax.jit(lambda v, bw, xb: qmodel.apply(v, xb, train=False, bit_widths=bw))
+    finetune = make_quantize_finetune(job, ab.bit_config({n: 8 for n in job.blocks.names}, 8), pack_int4=False)
+    fake_quant = None
     # called eagerly: IntegerModel.forward compiles per program, which configurations share
     integer = lambda m, xb: m(xb)  # noqa: E731
 
     def evaluate(bits: dict, act) -> dict:
+        nonlocal fake_quant
         t0 = time.perf_counter()
         r = finetune(ab.bit_config(bits, act))
+        if fake_quant is None:  # one quantized model serves every configuration
+            qmodel = r.qmodel
+            fake_quant = jax.jit(lambda v, bw, xb: qmodel.apply(v, xb, train=False, bit_widths=bw))
         return {"ptq": _accuracy(fake_quant, (r.ptq, r.bit_widths), d.x_test, d.y_test),
                 "fake_quant": _accuracy(fake_quant, (r.qat, r.bit_widths), d.x_test, d.y_test),
                 "integer": _accuracy(integer, (r.integer,), d.x_test, d.y_test),
@@ -152,11 +159,25 @@ def latency_table(args) -> str:
     return path
 
 
-def run_seed(seed: int, args, log) -> list[dict]:
-    """Train, analyze, allocate with every method at every budget, and evaluate (resumable)."""
+class SeedPlan(NamedTuple):
+    """One seed's trained and analyzed job and every row to evaluate:
+    ``plan = [(budget, method, bits, budget used)]``."""
+
+    seed: int
+    job: Any
+    costs: Any
+    names: list
+    fp: float
+    plan: list
+    started: float
+
+
+def prepare_seed(seed: int, args, log) -> SeedPlan:
+    """Train, analyze and allocate with every method at every budget (resumable: a seed done
+    before loads its saved stages)."""
     from hqjax.config import RunConfig
     from hqjax.pipeline import layer_costs, run_stages
-    from hqjax.train import accuracy, progress_bar
+    from hqjax.train import accuracy
 
     cfg = RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, seed=seed,
                     out=os.path.join(args.work, f"{args.model}-{args.dataset}-s{seed}"), epochs=args.epochs,
@@ -180,27 +201,94 @@ def run_seed(seed: int, args, log) -> list[dict]:
         cost_of = latency_costs if b.kind == "latency" else costs
         for label, bits in ab.allocations(tables, cost_of, b, names, rng, args.random).items():
             plan.append((b, label, bits, ab.config_cost(cost_of, b.kind, names, bits, b.act) / b.limit))
-    done_path = job.work.path("ablation_results.json")
-    done = _read(done_path) if os.path.exists(done_path) else {}
-    todo = {_key(bits, b.act) for b, _, bits, _ in plan} - set(done)
-    bar = progress_bar(total=len(todo), desc=f"seed {seed} QAT", enabled=args.progress)
-    evaluate = make_evaluate(job) if todo else None
-    for b, label, bits, used in plan:
-        key = _key(bits, b.act)
-        if key not in done:
-            done[key] = evaluate(bits, b.act)
-            _write(done_path, done)
-            bar.update(1)
-    bar.close()
+    return SeedPlan(seed, job, costs, names, fp, plan, t0)
+
+
+def _done(job) -> dict:
+    """Every configuration of the job evaluated so far, by any process: ``{key: accuracies}``
+    (each process writes its own results file)."""
+    out = {}
+    for path in sorted(glob.glob(job.work.path("ablation_results*.json"))):
+        out.update(_read(path))
+    return out
+
+
+def _todo(sp: SeedPlan, done: dict) -> dict:
+    """``{key: (bits, act)}`` of the plan's configurations not in ``done``, in plan order."""
+    return {_key(bits, b.act): (bits, b.act) for b, _, bits, _ in sp.plan if _key(bits, b.act) not in done}
+
+
+def seed_rows(sp: SeedPlan, done: dict) -> list[dict]:
+    """The result rows of one seed: its float model and every planned (budget, method)."""
+    costs, names = sp.costs, sp.names
     size8 = ab.config_cost(costs, "size", names, {n: 8 for n in names}, 8)
-    out = [{"seed": seed, "budget": "full precision", "kind": "-", "method": "float", "bits": "32", "used": 1.0,
-            "size_frac": 4.0, "ptq": fp, "fake_quant": fp, "integer": None}]
-    for b, label, bits, used in plan:
-        out.append({"seed": seed, "budget": b.label, "kind": b.kind, "act": b.act, "method": label,
+    out = [{"seed": sp.seed, "budget": "full precision", "kind": "-", "method": "float", "bits": "32", "used": 1.0,
+            "size_frac": 4.0, "ptq": sp.fp, "fake_quant": sp.fp, "integer": None}]
+    for b, label, bits, used in sp.plan:
+        out.append({"seed": sp.seed, "budget": b.label, "kind": b.kind, "act": b.act, "method": label,
                     "bits": "".join(str(bits[n]) for n in names), "used": used,
                     "size_frac": ab.config_cost(costs, "size", names, bits, 8) / size8, **done[_key(bits, b.act)]})
-    log(f"seed {seed}: {len(todo)} configurations evaluated ({len(plan)} rows) in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def run_seed(seed: int, args, log) -> list[dict]:
+    """Train, analyze, allocate with every method at every budget, and evaluate (resumable)."""
+    from hqjax.train import progress_bar
+
+    sp = prepare_seed(seed, args, log)
+    done = _done(sp.job)
+    todo = _todo(sp, done)
+    path = sp.job.work.path("ablation_results.json")
+    mine = _read(path) if os.path.exists(path) else {}
+    evaluate = make_evaluate(sp.job) if todo else None
+    for key, (bits, act) in progress_bar(todo.items(), total=len(todo), desc=f"seed {seed} QAT",
+                                         enabled=args.progress):
+        mine[key] = done[key] = evaluate(bits, act)
+        _write(path, mine)
+    log(f"seed {seed}: {len(todo)} configurations evaluated ({len(sp.plan)} rows) in "
+        f"{time.perf_counter() - sp.started:.0f} s")
+    return seed_rows(sp, done)
+
+
+def work(args, log) -> None:
+    """One process of ``--jobs``: it takes any seed's training and analysis not yet taken,
+    then single configurations of any analyzed seed, until every one is taken
+    (``_workers.Claims``), so no core idles while work is left and none runs two processes."""
+    claims = _workers.Claims(os.path.join(args.work, "claims", args.run_id))
+    k = args.worker % len(args.seeds)
+    left = args.seeds[k:] + args.seeds[:k]
+    plans, todo, evaluators = {}, {}, {}
+    while left:
+        seed = next((s for s in left if s not in plans and claims.take(f"seed{s}")), None)
+        if seed is not None:  # training and analysis first: they open a seed to every worker
+            plans[seed] = prepare_seed(seed, args, log)
+            claims.finish(f"seed{seed}")
+        for s in left:
+            if s not in plans and claims.finished(f"seed{s}"):
+                plans[s] = prepare_seed(s, args, log)  # loads what the other worker saved
+        pick = None
+        for s in [s for s in left if s in plans]:
+            queue = todo.setdefault(s, list(_todo(plans[s], _done(plans[s].job)).items()))
+            while queue and pick is None:
+                key, config = queue.pop(0)
+                if claims.take(f"cfg-s{s}-{key}"):
+                    pick = (s, key, config)
+            if pick is not None:
+                break
+            left.remove(s)  # every configuration of this seed is taken
+        if pick is None:
+            if left:  # waiting for another worker's training and analysis
+                time.sleep(2)
+            continue
+        s, key, (bits, act) = pick
+        if s not in evaluators:
+            evaluators[s] = make_evaluate(plans[s].job)
+        path = plans[s].job.work.path(f"ablation_results.w{args.worker}.json")
+        mine = _read(path) if os.path.exists(path) else {}
+        mine[key] = evaluators[s](bits, act)
+        _write(path, mine)
+        claims.finish(f"cfg-s{s}-{key}")
+        log(f"seed {s}: {key} in {mine[key]['seconds']:.0f} s")
 
 
 def _key(bits: dict, act) -> str:
@@ -326,35 +414,31 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def _run_parallel(args, argv, log) -> list[dict]:
-    """One single-threaded process per seed. Compilation is single-threaded and dominates
-    here, so processes overlap it where one process's two threads would not."""
-    import subprocess
+    """``--jobs`` single-threaded worker processes (:func:`work`) share every seed's work, then
+    this process collects the rows. One worker per core: more would only share the cores."""
+    from hqjax.train import progress_bar
 
-    os.makedirs(args.work, exist_ok=True)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    claims = _workers.Claims(os.path.join(args.work, "claims", run_id))
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                       "intra_op_parallelism_threads=1").strip())
-    drop = {"--seeds", "--json", "--plot", "--jobs"}
+    # every seed and worker compiles the same programs (weights are arguments): compile each once
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.work, "jax_cache"))
+    drop = {"--json", "--plot", "--jobs"}
     base, skip = [], False
     for a in argv:
         if a.startswith("--"):
             skip = a.split("=")[0] in drop
         if not skip:
             base.append(a)
-    procs = []
-    for seed in args.seeds:
-        path = os.path.join(args.work, f"rows_{args.model}_{args.dataset}_s{seed}.json")
-        logf = open(os.path.join(args.work, f"log_{args.model}_{args.dataset}_s{seed}.txt"), "w")
-        cmd = [sys.executable, os.path.abspath(__file__), *base, "--seeds", str(seed), "--json", path, "--jobs", "1"]
-        procs.append((seed, path, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf))
-    results = []
-    for seed, path, proc, logf in procs:
-        rc = proc.wait()
-        logf.close()
-        if rc:
-            raise SystemExit(f"seed {seed} failed (exit {rc}); see {logf.name}")
-        log(f"seed {seed} done")
-        results += _read(path)
-    return results
+    cmds = [[sys.executable, os.path.abspath(__file__), *base, "--worker", str(i), "--run-id", run_id]
+            for i in range(args.jobs)]
+    logs = [os.path.join(args.work, f"log_{args.model}_{args.dataset}_w{i}.txt") for i in range(args.jobs)]
+    bar = progress_bar(desc="configurations evaluated", enabled=args.progress)
+    _workers.run_workers(cmds, logs, env, on_poll=lambda: bar.update(claims.count_finished("cfg-") - bar.n))
+    bar.close()
+    log(f"{args.jobs} workers done ({claims.count_finished('cfg-')} configurations evaluated)")
+    return [r for seed in args.seeds for r in run_seed(seed, args, log)]
 
 
 def main(argv=None) -> int:
@@ -362,7 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--dataset", default="mnist_subset")
     p.add_argument("--data-dir", default=None, help="prepared tfds folder (e.g. for cifar10)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3)
@@ -380,25 +464,32 @@ def main(argv=None) -> int:
     p.add_argument("--no-act-follows", dest="act_follows", action="store_false",
                    help="leave out the budget where activations follow weights")
     p.add_argument("--random", type=int, default=5, help="random draws per budget")
-    p.add_argument("--quick", action="store_true", help="one seed, one size budget, one epoch: a smoke test")
+    p.add_argument("--quick", action="store_true", help="one seed (unless --seeds), one size budget, one epoch: a smoke test")
     p.add_argument("--progress", action="store_true")
-    p.add_argument("--jobs", type=int, default=1, help="seeds run as this many parallel processes (1: in turn)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes sharing the seeds' work (one per core; 1: in turn, in this process)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hqjax_accuracy_table"))
     p.add_argument("--json", default=None, help="also write every result row to this JSON file")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-budget plot to this PNG")
     p.add_argument("--from-json", nargs="+", default=None, help="only print the tables of saved results")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.epochs, args.widths, args.bops_widths = args.seeds[:1], 1, [3.0], []
+        args.seeds, args.epochs, args.widths, args.bops_widths = args.seeds or [0], 1, [3.0], []
         args.latency_width, args.act_follows, args.random = 0, False, 1
         args.hessian_examples, args.probes, args.eig_iters = 32, 4, 3
+    args.seeds = args.seeds or [0, 1, 2]
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.worker is not None:
+        work(args, log)
+        return 0
     results = []
     if args.from_json:
         for path in args.from_json:
             results += _read(path)
-    elif args.jobs > 1 and len(args.seeds) > 1:
+    elif args.jobs > 1:
         if args.latency_width:
             latency_table(args)
         results = _run_parallel(args, argv if argv is not None else sys.argv[1:], log)

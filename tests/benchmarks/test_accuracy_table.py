@@ -130,15 +130,42 @@ def test_eigenvalue_samples_match_eigh_of_each_diagonal_block():
     assert compared >= 3
 
 
+def _claim_all(args):
+    import _workers
+
+    folder, names = args
+    return [n for n in names if _workers.Claims(folder).take(n)]
+
+
+def test_claims_give_each_unit_to_exactly_one_process(tmp_path):
+    import multiprocessing
+
+    import _workers
+
+    names = [f"cfg-s{i % 3}-{i}/a8" for i in range(60)]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        got = pool.map(_claim_all, [(str(tmp_path), names[::1 if k % 2 else -1]) for k in range(4)])
+    taken = [n for g in got for n in g]
+    assert sorted(taken) == sorted(names)  # every unit once, none twice
+    c = _workers.Claims(str(tmp_path))
+    assert not c.take(names[0]) and not c.finished(names[0])
+    c.finish(names[0])
+    assert c.finished(names[0]) and c.count_finished("cfg-") == 1
+
+
+def _run(tmp_path, *extra):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy_table.py"), "--quick",
+                           "--model", "cnn", "--dataset", "digits", "--work", str(tmp_path / "work"), *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
-def test_quick_mode_runs_end_to_end(tmp_path):
+def test_quick_mode_in_two_workers_evaluates_each_configuration_once_and_resumes(tmp_path):
     out = tmp_path / "rows.json"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy_table.py"), "--quick",
-                        "--model", "cnn", "--dataset", "digits", "--work", str(tmp_path / "work"),
-                        "--json", str(out), "--plot", str(tmp_path / "plot.png")],
-                       capture_output=True, text=True, timeout=600)
+    p = _run(tmp_path, "--seeds", "0", "1", "--jobs", "2", "--json", str(out), "--plot", str(tmp_path / "plot.png"))
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(out.read_text())
+    assert {r["seed"] for r in rows} == {0, 1}
     methods = {r["method"] for r in rows}
     assert {"float", "uniform", "hawq-v3", "hawq-v2", "hawq-v1", "q-bert", "ggn", "fisher", "reversed"} <= methods
     for r in rows:
@@ -146,3 +173,19 @@ def test_quick_mode_runs_end_to_end(tmp_path):
             assert 0 <= r["fake_quant"] <= 1 and 0 <= r["integer"] <= 1 and r["bits"][0] == r["bits"][-1] == "8"
     assert (tmp_path / "plot.png").stat().st_size > 1000
     assert p.stdout.strip().splitlines()[-1].startswith("key figure")
+    # each configuration evaluated by exactly one worker: the workers' results files are disjoint
+    seed1 = tmp_path / "work" / "cnn-digits-s1"
+    files = {f.name: json.loads(f.read_text()) for f in seed1.glob("ablation_results*.json")}
+    keys = [k for d in files.values() for k in d]
+    assert len(keys) == len(set(keys)) == len({r["bits"] for r in rows if r["seed"] == 1 and r["method"] != "float"})
+    # a rerun in one process evaluates only what is missing, to the same accuracies
+    name, lost = max(files.items(), key=lambda kv: len(kv[1]))
+    (seed1 / name).unlink()
+    p = _run(tmp_path, "--seeds", "0", "1", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "seed 0: 0 configurations evaluated" in p.stdout
+    assert f"seed 1: {len(lost)} configurations evaluated" in p.stdout
+    again = json.loads((seed1 / "ablation_results.json").read_text())
+    for key, acc in lost.items():
+        assert {k: again[key][k] for k in ("ptq", "fake_quant", "integer")} == \
+            {k: acc[k] for k in ("ptq", "fake_quant", "integer")}, key
