@@ -257,7 +257,6 @@ def matmul_section(state, item, cfg):
 
 # ---- fused requant epilogue ---------------------------------------------------------------
 def requant_section(state, item, cfg):
-    import jax.numpy as jnp
     import numpy as np
 
     import hqjax.kernels as K

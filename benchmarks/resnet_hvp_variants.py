@@ -27,7 +27,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -111,7 +110,7 @@ def main(argv=None):
             t = time.perf_counter()
             jax.block_until_ready(fn())
             ts[k].append(time.perf_counter() - t)
-    print(f"\n| variant/op | median (ms) | min (ms) | vs plain | compile (s) |\n|---|---:|---:|---:|---:|")
+    print("\n| variant/op | median (ms) | min (ms) | vs plain | compile (s) |\n|---|---:|---:|---:|---:|")
     for k in ts:
         base = np.median(ts["plain/" + k.split("/")[1]]) if "plain/" + k.split("/")[1] in ts else np.nan
         print(f"| {k} | {1e3 * np.median(ts[k]):,.1f} | {1e3 * np.min(ts[k]):,.1f} | {base / np.median(ts[k]):.2f}x | {comp[k]:.1f} |")
