@@ -22,6 +22,9 @@ starts N single-threaded worker processes that take each seed's training and ana
 single configurations of any analyzed seed, as they come free (one per core: no core idles
 while work is left, none runs two processes).
 
+The model may be the user's own, as for ``hqjax run``: ``--model package.module:factory``
+(a Linen module or an NNX module; the job trains it).
+
     python benchmarks/accuracy_table.py --model resnet20 --dataset mnist_subset --seeds 0 1 2 --jobs 2
     python benchmarks/accuracy_table.py --quick          # one seed, one budget, one epoch
 """
@@ -32,6 +35,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -61,7 +65,6 @@ def seed_analysis(job, args) -> dict:
     """The per-layer inputs of every method, measured once per seed and saved in the job's folder."""
     import jax
 
-    from hqjax._analyze import _analysis_examples, _model_fn
     from hqjax.curvature import LayerTraceResult, empirical_fisher_layer_traces
 
     path = job.work.path("ablation_inputs.json")
@@ -69,10 +72,10 @@ def seed_analysis(job, args) -> dict:
         return _read(path)
     t0 = time.perf_counter()
     params, blk = job.variables["params"], job.blocks
-    x, y = _analysis_examples(job)
+    x, y = job.analysis_examples()
     ggn = LayerTraceResult.from_dict(job.work.read_json("analysis/ggn.json")["result"]).per_block()
-    fisher = empirical_fisher_layer_traces(_model_fn(job), params, x, y, blocks=blk).per_block()
-    eig = ab.layer_eigenvalue_samples(_model_fn(job), params, blk, x[: args.eig_examples], y[: args.eig_examples],
+    fisher = empirical_fisher_layer_traces(job.logits_fn(), params, x, y, blocks=blk).per_block()
+    eig = ab.layer_eigenvalue_samples(job.logits_fn(), params, blk, x[: args.eig_examples], y[: args.eig_examples],
                                       jax.random.PRNGKey(10_000 + job.config.seed), subsets=args.eig_subsets,
                                       iters=args.eig_iters)
     out = {"ggn": {n: float(t) for n, (t, _) in ggn.items()}, "fisher": {n: float(t) for n, (t, _) in fisher.items()},
@@ -140,23 +143,58 @@ def latency_table(args) -> str:
     while it is timed). XLA:CPU's int8 product takes the same time at 2-8 bits, so the layers
     are timed with the bit-serial kernel (``hqjax.alloc.bit_serial_op``), whose time grows
     with the width as on hardware with sub-byte arithmetic."""
-    path = os.path.join(args.work, f"latency_bitserial_{args.model}_{args.dataset}.json")
+    path = os.path.join(args.work, f"latency_bitserial_{_slug(args, '_')}.json")
     if not os.path.exists(path):
         import jax
         import jax.numpy as jnp
 
         from hqjax.alloc import bit_serial_op, layer_shapes, measure_latency_table
-        from hqjax.data import load_dataset
-        from hqjax.models import get_model
+        from hqjax.pipeline import Job
+        from hqjax.train import init_variables
 
-        d = load_dataset(args.dataset, args.data_dir)
-        model = get_model(args.model, num_classes=d.num_classes)
-        x = jax.ShapeDtypeStruct((1, *d.input_shape), jnp.float32)
-        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+        job = Job(seed_config(args, 0))
+        x = jax.ShapeDtypeStruct((1, *job.dataset.input_shape), jnp.float32)
+        variables = jax.eval_shape(lambda: init_variables(job.model, jax.random.PRNGKey(0), job.dataset.input_shape))
         os.makedirs(args.work, exist_ok=True)
-        _write(path, measure_latency_table(layer_shapes(model, variables, x, train=False),
+        _write(path, measure_latency_table(layer_shapes(job.model, variables, x, train=False),
                                            sorted(set(args.bits) | {8}), op=bit_serial_op, repeats=50))
     return path
+
+
+def _slug(args, sep: str = "-") -> str:
+    """``model-dataset`` as a file name (a user's ``package.module:factory`` included)."""
+    return re.sub(r"[^\w.-]+", "_", f"{args.model}{sep}{args.dataset}")
+
+
+def seed_config(args, seed: int):
+    """The job's configuration for one seed: the model, data and training of the command line,
+    analysis and per-layer widths as the ablation needs them."""
+    from hqjax.config import RunConfig
+
+    return RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, seed=seed,
+                     out=os.path.join(args.work, f"{_slug(args)}-s{seed}"), epochs=args.epochs,
+                     batch_size=args.batch_size, learning_rate=args.learning_rate, qat_epochs=args.qat_epochs,
+                     num_probes=args.probes, hessian_examples=args.hessian_examples,
+                     weight_bits=tuple(sorted(set(args.bits) | {4, 8})), density_steps=4, top_k=1, eig_iters=4)
+
+
+def check_inputs(args) -> str | None:
+    """One line naming what is wrong with the command line, or None; loads the data and
+    the model (a user's factory included) and writes nothing."""
+    from hqjax.config import UserError
+    from hqjax.pipeline import Job, check_names
+
+    if args.jobs < 1:
+        return f"--jobs {args.jobs}: give at least 1 worker process"
+    if not set(args.bits) <= set(range(2, 9)):
+        return f"--bits {' '.join(map(str, args.bits))}: widths are integers from 2 to 8"
+    cfg = seed_config(args, args.seeds[0])
+    try:
+        check_names(cfg)
+        Job(cfg).check_inputs()
+    except UserError as e:
+        return str(e)
+    return None
 
 
 class SeedPlan(NamedTuple):
@@ -175,15 +213,10 @@ class SeedPlan(NamedTuple):
 def prepare_seed(seed: int, args, log) -> SeedPlan:
     """Train, analyze and allocate with every method at every budget (resumable: a seed done
     before loads its saved stages)."""
-    from hqjax.config import RunConfig
     from hqjax.pipeline import layer_costs, run_stages
     from hqjax.train import accuracy
 
-    cfg = RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, seed=seed,
-                    out=os.path.join(args.work, f"{args.model}-{args.dataset}-s{seed}"), epochs=args.epochs,
-                    batch_size=args.batch_size, learning_rate=args.learning_rate, qat_epochs=args.qat_epochs,
-                    num_probes=args.probes, hessian_examples=args.hessian_examples,
-                    weight_bits=tuple(sorted(set(args.bits) | {4, 8})), density_steps=4, top_k=1, eig_iters=4)
+    cfg = seed_config(args, seed)
     t0 = time.perf_counter()
     job = run_stages(cfg, "analyze", log=lambda s: None, progress=False)
     inputs = seed_analysis(job, args)
@@ -433,7 +466,7 @@ def _run_parallel(args, argv, log) -> list[dict]:
             base.append(a)
     cmds = [[sys.executable, os.path.abspath(__file__), *base, "--worker", str(i), "--run-id", run_id]
             for i in range(args.jobs)]
-    logs = [os.path.join(args.work, f"log_{args.model}_{args.dataset}_w{i}.txt") for i in range(args.jobs)]
+    logs = [os.path.join(args.work, f"log_{_slug(args, '_')}_w{i}.txt") for i in range(args.jobs)]
     bar = progress_bar(desc="configurations evaluated", enabled=args.progress)
     _workers.run_workers(cmds, logs, env, on_poll=lambda: bar.update(claims.count_finished("cfg-") - bar.n))
     bar.close()
@@ -460,7 +493,8 @@ def main(argv=None) -> int:
     p.add_argument("--widths", nargs="+", type=float, default=[2.5, 2.75, 3, 3.25, 3.5],
                    help="size budgets as uniform-equivalent weight widths (first/last layer at 8)")
     p.add_argument("--bops-widths", nargs="*", type=float, default=[2.5, 2.75, 3, 3.25, 3.5])
-    p.add_argument("--latency-width", type=float, default=3.0, help="0 for no latency budget")
+    p.add_argument("--latency-width", type=float, default=None,
+                   help="measured-latency budget (default 3; --quick: none); 0 for none")
     p.add_argument("--no-act-follows", dest="act_follows", action="store_false",
                    help="leave out the budget where activations follow weights")
     p.add_argument("--random", type=int, default=5, help="random draws per budget")
@@ -477,14 +511,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.widths, args.bops_widths = args.seeds or [0], 1, [3.0], []
-        args.latency_width, args.act_follows, args.random = 0, False, 1
+        args.act_follows, args.random = False, 1
+        args.latency_width = args.latency_width or 0
         args.hessian_examples, args.probes, args.eig_iters = 32, 4, 3
     args.seeds = args.seeds or [0, 1, 2]
+    args.latency_width = 3.0 if args.latency_width is None else args.latency_width
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.worker is not None:
         work(args, log)
         return 0
+    problem = None if args.from_json else check_inputs(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     results = []
     if args.from_json:
         for path in args.from_json:

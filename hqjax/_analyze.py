@@ -15,32 +15,20 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hqjax._job import Job
 from hqjax._schema import sensitivity_document
 from hqjax.train import make_loss_fn, progress_bar
 
-__all__ = ["stage_analyze", "analysis_batches"]
-
-
-def analysis_batches(job: Job):
-    """The (seeded) training subset the curvature is measured on, as stacked masked batches."""
-    from hqjax.data import stack_batches
-
-    c, d = job.config, job.dataset
-    idx = np.random.default_rng(c.seed).permutation(len(d.x_train))[: c.hessian_examples]
-    xs, ys, counts = stack_batches(d.x_train[idx], d.y_train[idx], min(c.hessian_batch, len(idx)))
-    masks = np.arange(xs.shape[1])[None, :] < counts[:, None]
-    return (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(masks)), jnp.asarray(counts)
+__all__ = ["stage_analyze"]
 
 
 def _analysis_loss(job: Job):
     """The mean loss over the analysis batches as a function of the params."""
     from hqjax.curvature import dataset_loss
 
-    batches, counts = analysis_batches(job)
+    batches, counts = job.analysis_batches()
     # Convolution gradients inside a scan body are slow on XLA:CPU; a few batches are
     # unrolled instead.
     unroll = True if counts.shape[0] <= 8 else 1
@@ -57,20 +45,6 @@ def _layer_key(job: Job, index: int):
     return jax.random.fold_in(jax.random.PRNGKey(job.config.seed), index)
 
 
-def _analysis_examples(job: Job):
-    """The analysis examples as one batch ``(x, y)`` (padding dropped)."""
-    (xs, ys, masks), _ = analysis_batches(job)
-    keep = np.asarray(masks).reshape(-1)
-    x = jnp.asarray(np.asarray(xs).reshape(-1, *xs.shape[2:])[keep])
-    return x, jnp.asarray(np.asarray(ys).reshape(-1)[keep])
-
-
-def _model_fn(job: Job):
-    """``(params, x) -> logits`` of the deployed (eval-mode) network, other collections fixed."""
-    rest = {k: v for k, v in job.variables.items() if k != "params"}
-    return lambda p, xb: job.model.apply({"params": p, **rest}, xb, train=False)
-
-
 def _hessian_layer(job: Job, f, index: int, name: str, *, ggn=None) -> dict:
     """One layer's Hessian trace and, when the metric reads them, its top eigenvalues
     (Lanczos on the layer's own function).
@@ -84,8 +58,8 @@ def _hessian_layer(job: Job, f, index: int, name: str, *, ggn=None) -> dict:
     k_trace, k_eig = jax.random.split(_layer_key(job, index))
     out = {"top_eigenvalues": []}
     if ggn is not None:
-        x, y = _analysis_examples(job)
-        res = hessian_layer_traces(_model_fn(job), params, x, y, k_trace, blocks=blk, names=[name], ggn=ggn,
+        x, y = job.analysis_examples()
+        res = hessian_layer_traces(job.logits_fn(), params, x, y, k_trace, blocks=blk, names=[name], ggn=ggn,
                                    rtol=c.trace_rtol, min_probes=min(4, max(2, c.num_probes)),
                                    max_probes=max(2, c.num_probes))
         out.update(trace=float(res.traces[0]), trace_stderr=float(res.stderr[0]), num_probes=int(res.num_probes[0]))
@@ -104,12 +78,12 @@ def _proxy_traces(job: Job):
     from hqjax.curvature import empirical_fisher_layer_traces, fisher_layer_traces, ggn_layer_traces
 
     c, params, blk = job.config, job.variables["params"], job.blocks
-    x, y = _analysis_examples(job)
+    x, y = job.analysis_examples()
     if c.curvature in ("ggn", "hessian"):
-        return ggn_layer_traces(_model_fn(job), params, x, blocks=blk)
+        return ggn_layer_traces(job.logits_fn(), params, x, blocks=blk)
     if c.curvature == "empirical_fisher":
-        return empirical_fisher_layer_traces(_model_fn(job), params, x, y, blocks=blk)
-    return fisher_layer_traces(_model_fn(job), params, x, _layer_key(job, 20_000), blocks=blk)
+        return empirical_fisher_layer_traces(job.logits_fn(), params, x, y, blocks=blk)
+    return fisher_layer_traces(job.logits_fn(), params, x, _layer_key(job, 20_000), blocks=blk)
 
 
 def _layer_row(job: Job, index: int, name: str, curvature: dict) -> dict:

@@ -11,6 +11,8 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from hqjax._workdir import Workdir
 from hqjax.config import RunConfig, UserError, stage_fingerprints
@@ -155,6 +157,31 @@ class Job:
         from hqjax.tree import blocks
 
         return blocks(self.variables["params"]).require(f"the params of {self.config.model}")
+
+    def logits_fn(self) -> Callable:
+        """``(params, x) -> logits`` of the deployed (eval-mode) network, its other
+        collections (BatchNorm statistics) fixed: the function the curvature is measured on."""
+        rest = {k: v for k, v in self.variables.items() if k != "params"}
+        model = self.model
+        return lambda p, xb: model.apply({"params": p, **rest}, xb, train=False)
+
+    def analysis_batches(self):
+        """The (seeded) training subset the curvature is measured on, as stacked masked
+        batches ``((xs, ys, masks), counts)``."""
+        from hqjax.data import stack_batches
+
+        c, d = self.config, self.dataset
+        idx = np.random.default_rng(c.seed).permutation(len(d.x_train))[: c.hessian_examples]
+        xs, ys, counts = stack_batches(d.x_train[idx], d.y_train[idx], min(c.hessian_batch, len(idx)))
+        masks = np.arange(xs.shape[1])[None, :] < counts[:, None]
+        return (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(masks)), jnp.asarray(counts)
+
+    def analysis_examples(self):
+        """The analysis examples as one batch ``(x, y)`` (padding dropped)."""
+        (xs, ys, masks), _ = self.analysis_batches()
+        keep = np.asarray(masks).reshape(-1)
+        x = jnp.asarray(np.asarray(xs).reshape(-1, *xs.shape[2:])[keep])
+        return x, jnp.asarray(np.asarray(ys).reshape(-1)[keep])
 
     def unit_written(self) -> None:
         self.units_written += 1

@@ -26,6 +26,7 @@ __all__ = [
     "LINEN_MODELS",
     "NNX_MODELS",
     "init_linen",
+    "nnx_cnn",
 ]
 
 
@@ -154,6 +155,11 @@ def twin_nnx_from_linen(variables) -> TwinNNX:
         layer.kernel.value = p[name]["kernel"]
         layer.bias.value = p[name]["bias"]
     return model
+
+
+def nnx_cnn() -> NNXCNN:
+    """A fresh :class:`NNXCNN`: a ``package.module:factory`` for ``--model``."""
+    return NNXCNN(nnx.Rngs(0))
 
 
 LINEN_MODELS = {"vggish": VGGish, "projection_resnet": ProjectionResNet, "mobile_block": MobileBlockNet}

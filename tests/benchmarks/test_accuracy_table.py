@@ -189,3 +189,41 @@ def test_quick_mode_in_two_workers_evaluates_each_configuration_once_and_resumes
     for key, acc in lost.items():
         assert {k: again[key][k] for k in ("ptq", "fake_quant", "integer")} == \
             {k: acc[k] for k in ("ptq", "fake_quant", "integer")}, key
+
+
+def _run_user(tmp_path, model, *extra):
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy_table.py"), "--quick",
+                           "--model", model, "--dataset", "digits", "--work", str(tmp_path / "work"), *extra],
+                          capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, layers, budgets", [
+    # Linen with BatchNorm, ReLU6, a depthwise convolution and average pooling; with the latency budget
+    ("user_models:MobileBlockNet", 5, {"size W3", "latency W3"}),
+    ("user_models:nnx_cnn", 3, {"size W3"}),  # NNX, trained from the factory's initialisation
+])
+def test_quick_mode_on_user_models_the_package_never_saw(tmp_path, model, layers, budgets):
+    out = tmp_path / "rows.json"
+    extra = ["--latency-width", "3"] if "latency W3" in budgets else []
+    p = _run_user(tmp_path, model, "--json", str(out), *extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [r for r in json.loads(out.read_text()) if r["method"] != "float"]
+    assert {f"{r['kind']} {r['budget']}" for r in rows} == budgets
+    assert {"uniform", "hawq-v3", "hawq-v2", "hawq-v1", "q-bert", "ggn", "fisher", "reversed"} <= \
+        {r["method"] for r in rows}
+    for r in rows:
+        assert len(r["bits"]) == layers and r["bits"][0] == r["bits"][-1] == "8"
+        assert r["used"] <= 1 + 1e-9
+        # the integer program derived from the user's model computes what its fake-quant model does
+        assert abs(r["integer"] - r["fake_quant"]) <= 0.02, r
+
+
+def test_bad_model_or_widths_fail_in_one_line_before_any_work(tmp_path):
+    for model, extra, message in [("nopkg.nets:factory", [], "cannot import module 'nopkg.nets'"),
+                                  ("user_models:nnx_cnn", ["--bits", "1", "8"], "widths are integers from 2 to 8"),
+                                  ("user_models:nnx_cnn", ["--jobs", "0"], "at least 1 worker")]:
+        p = _run_user(tmp_path, model, *extra)
+        assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "work").exists()
