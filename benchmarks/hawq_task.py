@@ -1,8 +1,9 @@
 """The HAWQ task: every layer's trace to a target relative standard error, hqjax against PyHessian.
 
 What HAWQ-V2/V3 users wait for is one trace per layer, accurate enough to rank the layers.
-For ResNet-20 (batch 128, CIFAR-shaped) and a small BERT-like encoder, on the same weights
-and batch, this times each hqjax method until every conv/dense layer's trace has a
+For ResNet-20 (batch 128, CIFAR-shaped), a small BERT-like encoder and a user's NNX
+MobileNet-V2-style network (``user_mobilenet.py``, batch 128, MNIST-shaped; hqjax methods
+only: PyHessian has no twin of it), on the same weights and batch, this times each hqjax method until every conv/dense layer's trace has a
 relative standard error of at most ``--rtol`` (5%):
 
 - ``per-layer``: :func:`hqjax.layer_traces`, Hutchinson on each layer's own (pruned)
@@ -12,6 +13,8 @@ relative standard error of at most ``--rtol`` (5%):
 - ``split``: :func:`hqjax.hessian_layer_traces`, the exact Gauss-Newton trace plus
   per-layer Hutchinson on the remainder ``H - G`` (0 on ReLU networks);
 - ``ggn``: :func:`hqjax.ggn_layer_traces`, exact Gauss-Newton traces (no probe noise);
+  ``ggn-batched``: the same with every example's backward passes in one ``vmap`` over
+  chunks of 16 examples (the device-loop batching, run on the host loop) for comparison;
 - ``emp-fisher`` / ``mc-fisher``: empirical and Monte-Carlo Fisher traces;
 
 against PyHessian's per-layer loop (only that layer's parameters require a gradient, until
@@ -54,12 +57,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _COMPILE = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
 _EVENTS: list[float] = []
 jax.monitoring.register_event_duration_secs_listener(lambda name, d, **kw: _EVENTS.append(d) if name in _COMPILE else None)
+TORCH_TWINS = ("resnet20", "encoder")  # models _pyhessian_layers.py builds in PyTorch
 QUICK_ENCODER = dict(vocab=50, seq=8, d=16, heads=2, ffn=32, layers=1, batch=8)
 
 
 def make_problem(name: str, quick: bool, seed: int = 0):
     """``(cfg, model_fn, loss, params, stats, x, y)``; weights and data are random but fixed."""
     k = jax.random.split(jax.random.key(seed), 4)
+    variables = None
     if name == "resnet20":
         model = ResNet20()
         x = jax.random.normal(k[0], (8, 8, 8, 3) if quick else (128, 32, 32, 3))
@@ -69,10 +74,17 @@ def make_problem(name: str, quick: bool, seed: int = 0):
         batch = e.pop("batch")
         model, x = Encoder(**e), jax.random.randint(k[0], (batch, e["seq"]), 0, e["vocab"])
         cfg = {"model": name, "encoder": e}
+    elif name == "mobilenet":
+        from flax import nnx
+        from user_mobilenet import MobileNetV2Small
+
+        model, variables = hqjax.from_nnx(MobileNetV2Small(nnx.Rngs(seed)))
+        x = jax.random.normal(k[0], (8, 28, 28, 1) if quick else (128, 28, 28, 1))
+        cfg = {"model": name}
     else:
-        raise SystemExit(f"unknown model {name!r}; choose resnet20 or encoder")
+        raise SystemExit(f"unknown model {name!r}; choose resnet20, encoder or mobilenet")
     y = jax.random.randint(k[1], (x.shape[0],), 0, 10)
-    variables = model.init(k[2], x, train=False)
+    variables = variables or model.init(k[2], x, train=False)
     params, stats = variables["params"], variables.get("batch_stats", {})
     if stats:  # non-trivial running statistics, as in curvature_vs_pyhessian.py
         leaves, tdef = jax.tree.flatten_with_path(stats)
@@ -101,6 +113,7 @@ def jax_methods(model_fn, loss, params, x, y, args, loop_layers):
         "split": lambda: hqjax.hessian_layer_traces(model_fn, params, x, y, key, chunk_size=args.chunk_size,
                                                     **dict(kw, min_probes=args.split_min_probes)),
         "ggn": lambda: hqjax.ggn_layer_traces(model_fn, params, x, chunk_size=args.chunk_size),
+        "ggn-batched": lambda: hqjax.ggn_layer_traces(model_fn, params, x, chunk_size=16, backward_chunk=1 << 30),
         "emp-fisher": lambda: hqjax.empirical_fisher_layer_traces(model_fn, params, x, y, chunk_size=args.chunk_size),
         "mc-fisher": lambda: hqjax.fisher_layer_traces(model_fn, params, x, key, chunk_size=args.chunk_size),
     }
@@ -212,7 +225,8 @@ def main(argv=None):
     ap.add_argument("--deflated-max-probes", type=int, default=200,
                     help="probe cap of 'deflated' (all layers share its probes; the table shows the error it reached)")
     ap.add_argument("--lanczos-steps", type=int, default=60)
-    ap.add_argument("--chunk-size", type=int, default=16, help="examples per vmap step (GGN / Fisher)")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="examples per vmap step (GGN / Fisher; default the library's)")
     ap.add_argument("--layers", type=int, default=0,
                     help="run the per-layer loops (PyHessian's and 'per-layer') on the first K layers only "
                          "(0: all); the all-at-once methods still cover every layer")
@@ -240,7 +254,7 @@ def main(argv=None):
             print(f"\n== {model}: {n:,} parameters, {len(blocks)} layers, batch {x.shape[0]}", flush=True)
             loop_layers = blocks[: args.layers] if args.layers else blocks
             jres = run_jax(model_fn, loss, params, x, y, args, loop_layers)
-            tres = None if args.no_torch else run_torch(model, cfg, params, stats, x, y, loop_layers, args, tmp)
+            tres = None if args.no_torch or model not in TORCH_TWINS else run_torch(model, cfg, params, stats, x, y, loop_layers, args, tmp)
             lines, speedups = tables(model, blocks, jres, tres, args)
             print("\n" + "\n".join(lines), flush=True)
             all_speedups.update({f"{model}/{k}": v for k, v in speedups.items()})

@@ -51,7 +51,8 @@ def _remainder_function(model_fn, params, x, y, w):
 
 def hessian_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, x: Any, y: Any,
                          key: jax.Array, *, blocks=None, names: Sequence[str] | None = None, mask: Any = None,
-                         rtol: float = 0.05, min_probes: int = 4, max_probes: int = 200, chunk_size: int = 16,
+                         rtol: float = 0.05, min_probes: int = 4, max_probes: int = 200, chunk_size: int | None = None,
+                         backward_chunk: int | None = None,
                          dist: str = "rademacher", loop: str = "auto", ggn: LayerTraceResult | None = None,
                          progress: Callable[[str, int, float, float], None] | None = None) -> LayerTraceResult:
     """Every layer's trace of the mean softmax cross-entropy's Hessian, ``tr(H_bb)``, as the
@@ -75,7 +76,7 @@ def hessian_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: P
     rtol : stop a layer once the remainder's standard error is at most ``rtol`` times the
         layer's whole trace.
     min_probes, max_probes : probes on the remainder per layer, at least and at most.
-    chunk_size : examples per step of the Gauss-Newton pass.
+    chunk_size, backward_chunk : how the Gauss-Newton pass batches (:func:`ggn_layer_traces`).
     dist, loop, progress : as for :func:`layer_traces`.
     ggn : the Gauss-Newton part, :func:`ggn_layer_traces` of the same ``model_fn``, ``params``
         and examples, if already computed (e.g. by a job resuming layer by layer); computed
@@ -88,7 +89,7 @@ def hessian_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: P
     part is exact for these examples).
     """
     _check_probing(dist=dist, rtol=rtol, min_probes=min_probes, max_probes=max_probes, chunk_size=1)
-    blk, n, w, loop, _ = _setup(model_fn, params, x, blocks, mask, chunk_size, loop, key)
+    blk, n, w, loop, _, chunk_size = _setup(model_fn, params, x, blocks, mask, chunk_size, loop, key)
     y = jnp.asarray(y)
     if y.shape != (n,):
         raise ValueError(f"y has shape {y.shape}; expected ({n},) integer labels")
@@ -96,7 +97,8 @@ def hessian_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: P
     for name in names:
         blk.index(name)  # KeyError naming the valid blocks
     if ggn is None:
-        ggn = ggn_layer_traces(model_fn, params, x, blocks=blk, mask=mask, chunk_size=chunk_size, loop=loop)
+        ggn = ggn_layer_traces(model_fn, params, x, blocks=blk, mask=mask, chunk_size=chunk_size,
+                               backward_chunk=backward_chunk, loop=loop)
     elif ggn.curvature != "ggn" or tuple(ggn.block_names) != tuple(blk.names):
         raise ValueError("ggn must be ggn_layer_traces(...) over the same blocks (all of them, in order)")
     r = _remainder_function(model_fn, params, x, y, w)

@@ -17,8 +17,12 @@ and ``C`` backward passes per example, every layer at once. Two cheaper relative
 - the **Monte-Carlo Fisher** samples ``c ~ p_n`` (``num_samples`` per example): an unbiased
   estimate of the Gauss-Newton trace with ``num_samples`` backward passes per example.
 
-All three are per-example computations batched with ``vmap`` over chunks of examples (the
-chunk loop runs on the host over one jitted step on CPU, as for the other estimators). They
+All three are per-example computations. With the device loop (accelerators, or under
+``jit``) they are batched with ``vmap`` over chunks of examples and over each example's
+backward passes. With the host loop (XLA:CPU) they run one example per jitted step and its
+backward passes one after another: a batched backward pass turns every weight gradient into
+a grouped convolution (a depthwise one into ``groups x batch`` groups), which XLA:CPU runs
+far slower than the same passes one at a time (``benchmarks/hawq_task.py``). They
 are generic over the user's ``model_fn(params, x) -> logits``; the model must treat examples
 independently (BatchNorm in inference mode), as a per-example gradient requires.
 """
@@ -40,7 +44,12 @@ __all__ = ["ggn_layer_traces", "empirical_fisher_layer_traces", "fisher_layer_tr
 PyTree = Any
 
 
+_MAX_UNROLLED = 16  # backward passes per example traced one after another, at most
+
+
 def _setup(model_fn, params, x, blocks, mask, chunk_size, loop, key=None):
+    """``(blocks, n, weights, loop, classes, chunk_size)``, inputs checked; ``chunk_size=None``
+    resolves to 1 with the host loop and 16 with the device loop."""
     if not jax.tree.leaves(params):
         raise ValueError("params has no leaves: there is nothing to take the curvature of")
     blk = make_blocks(params) if blocks is None else blocks
@@ -49,8 +58,8 @@ def _setup(model_fn, params, x, blocks, mask, chunk_size, loop, key=None):
     n = int(jax.tree.leaves(x)[0].shape[0])
     if n == 0:
         raise ValueError("no examples: x has a leading (batch) axis of size 0")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
     out = jax.eval_shape(lambda p, xb: model_fn(p, xb), params, jax.tree.map(lambda a: a[:1], x))
     if len(out.shape) != 2 or out.shape[0] != 1:
         raise ValueError(f"model_fn(params, x) must return logits [batch, classes]; for a batch of 1 it gave {out.shape}")
@@ -58,7 +67,23 @@ def _setup(model_fn, params, x, blocks, mask, chunk_size, loop, key=None):
     if w.shape != (n,):
         raise ValueError(f"mask has shape {w.shape}; expected ({n},), one flag per example")
     loop = resolve_loop(loop, params, x) if key is None else resolve_loop(loop, params, x, key)
-    return blk, n, w, loop, int(out.shape[1])
+    if chunk_size is None:
+        chunk_size = 1 if loop == "host" else 16
+    return blk, n, w, loop, int(out.shape[1]), int(chunk_size)
+
+
+def _rows(sq: Callable, cots: jax.Array, per_step: int | None, loop: str) -> jax.Array:
+    """``sq`` of each row of ``cots [K, C]``, stacked ``[K, nb]``: ``per_step`` rows per
+    ``vmap``, the steps traced one after another. ``None``: all rows in one ``vmap`` with the
+    device loop; with the host loop, at most ``_MAX_UNROLLED`` steps (module docstring)."""
+    k = int(cots.shape[0])
+    if per_step is None:
+        per_step = k if loop != "host" else -(-k // _MAX_UNROLLED)
+    if int(per_step) < 1:
+        raise ValueError(f"backward_chunk must be >= 1 (or None), got {per_step}")
+    per = min(int(per_step), k)
+    return jnp.concatenate([jax.vmap(sq)(cots[i : i + per]) if per > 1 else sq(cots[i])[None]
+                            for i in range(0, k, per)])
 
 
 def _example_grads(model_fn, params, blk: Blocks, xn):
@@ -83,8 +108,8 @@ def _finish(per_example, w, blk, names_n, method, curvature, stderr=None):
 
 
 def ggn_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, x: Any, *,
-                     blocks: Blocks | None = None, mask: Any = None, chunk_size: int = 16,
-                     loop: str = "auto") -> LayerTraceResult:
+                     blocks: Blocks | None = None, mask: Any = None, chunk_size: int | None = None,
+                     backward_chunk: int | None = None, loop: str = "auto") -> LayerTraceResult:
     """Exact per-layer traces of the Gauss-Newton matrix of the mean softmax cross-entropy.
 
     Parameters
@@ -95,7 +120,11 @@ def ggn_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: PyTre
         enter: the Gauss-Newton matrix of cross-entropy depends on the predictions only.
     blocks : the layer partition; default ``hqjax.blocks(params)``.
     mask : optional ``[batch]`` 0/1 flags; the mean runs over flagged examples (padding).
-    chunk_size : examples per ``vmap`` step (memory grows with ``chunk_size * classes``).
+    chunk_size : examples per ``vmap`` step (memory grows with ``chunk_size * classes``);
+        default 1 with the host loop, 16 with the device loop.
+    backward_chunk : an example's backward passes (one per class) per ``vmap`` step, the
+        steps traced one after another; default all of them with the device loop, and with
+        the host loop as many as leave at most 16 steps (module docstring).
     loop : ``'host'``, ``'device'`` or ``'auto'`` (host on CPU outside ``jit``).
 
     Returns
@@ -103,11 +132,11 @@ def ggn_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: PyTre
     LayerTraceResult with ``stderr`` 0 (exact for these examples), ``num_probes`` the number
     of examples, ``method='exact'``, ``curvature='ggn'``.
     """
-    blk, n, w, loop, C = _setup(model_fn, params, x, blocks, mask, chunk_size, loop)
+    blk, n, w, loop, C, chunk_size = _setup(model_fn, params, x, blocks, mask, chunk_size, loop)
 
     def one(xn):
         probs, sq = _example_grads(model_fn, params, blk, xn)
-        per_class = jax.vmap(sq)(probs[None, :] - jnp.eye(C, dtype=probs.dtype))  # [C, nb]
+        per_class = _rows(sq, probs[None, :] - jnp.eye(C, dtype=probs.dtype), backward_chunk, loop)  # [C, nb]
         return probs @ per_class
 
     per_example = map_chunks(one, x, chunk_size, loop)
@@ -115,7 +144,7 @@ def ggn_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: PyTre
 
 
 def empirical_fisher_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, x: Any, y: Any, *,
-                                  blocks: Blocks | None = None, mask: Any = None, chunk_size: int = 16,
+                                  blocks: Blocks | None = None, mask: Any = None, chunk_size: int | None = None,
                                   loop: str = "auto") -> LayerTraceResult:
     """Per-layer traces of the empirical Fisher ``(1/N) sum_n g_n g_n^T``, ``g_n`` the gradient
     of example ``n``'s cross-entropy with its true label: ``(1/N) sum_n ||g_{n,b}||^2``.
@@ -123,7 +152,7 @@ def empirical_fisher_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], 
     Parameters are those of :func:`ggn_layer_traces`, plus ``y``: integer labels ``[batch]``.
     Returns ``method='per_example'``, ``curvature='empirical_fisher'``, ``stderr`` 0.
     """
-    blk, n, w, loop, C = _setup(model_fn, params, x, blocks, mask, chunk_size, loop)
+    blk, n, w, loop, C, chunk_size = _setup(model_fn, params, x, blocks, mask, chunk_size, loop)
     y = jnp.asarray(y)
     if y.shape != (n,):
         raise ValueError(f"y has shape {y.shape}; expected ({n},) integer labels")
@@ -138,15 +167,16 @@ def empirical_fisher_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], 
 
 
 def fisher_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, x: Any, key: jax.Array, *,
-                        num_samples: int = 1, blocks: Blocks | None = None, mask: Any = None, chunk_size: int = 16,
-                        loop: str = "auto") -> LayerTraceResult:
+                        num_samples: int = 1, blocks: Blocks | None = None, mask: Any = None, chunk_size: int | None = None,
+                        backward_chunk: int | None = None, loop: str = "auto") -> LayerTraceResult:
     """Monte-Carlo Fisher: per-layer traces with labels sampled from the model, ``c ~ p_n``.
 
     An unbiased estimate of :func:`ggn_layer_traces` at ``num_samples`` backward passes per
     example instead of one per class.
 
-    Parameters are those of :func:`ggn_layer_traces`, plus ``key`` (example ``n`` samples
-    from ``fold_in(key, n)``) and ``num_samples`` labels per example.
+    Parameters are those of :func:`ggn_layer_traces` (``backward_chunk`` counts the sampled
+    labels' backward passes), plus ``key`` (example ``n`` samples from ``fold_in(key, n)``)
+    and ``num_samples`` labels per example.
 
     Returns
     -------
@@ -158,13 +188,13 @@ def fisher_layer_traces(model_fn: Callable[[PyTree, Any], jax.Array], params: Py
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     S = int(num_samples)
-    blk, n, w, loop, C = _setup(model_fn, params, x, blocks, mask, chunk_size, loop, key)
+    blk, n, w, loop, C, chunk_size = _setup(model_fn, params, x, blocks, mask, chunk_size, loop, key)
 
     def one(xi):
         xn, i = xi
         probs, sq = _example_grads(model_fn, params, blk, xn)
         labels = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(probs), shape=(S,))
-        vals = jax.vmap(lambda c: sq(probs - jax.nn.one_hot(c, C, dtype=probs.dtype)))(labels)  # [S, nb]
+        vals = _rows(sq, probs[None, :] - jax.nn.one_hot(labels, C, dtype=probs.dtype), backward_chunk, loop)
         return jnp.stack([vals.mean(0), vals.var(0, ddof=1) if S > 1 else jnp.zeros(vals.shape[1:], vals.dtype)])
 
     out = map_chunks(one, (x, jnp.arange(n)), chunk_size, loop)  # [n, 2, nb]

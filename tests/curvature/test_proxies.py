@@ -66,3 +66,34 @@ def test_bad_model_output_and_labels_fail_early(tiny):
         ggn_layer_traces(lambda p, xb: tiny["model_fn"](p, xb).sum(), tiny["params"], tiny["x"])
     with pytest.raises(ValueError, match="y has shape"):
         empirical_fisher_layer_traces(tiny["model_fn"], tiny["params"], tiny["x"], tiny["y"][:3])
+
+
+def test_host_and_device_loops_agree_on_a_depthwise_model_with_more_classes_than_unrolled_passes():
+    """A depthwise convolution and 20 classes: the host loop runs each example's 20 backward
+    passes as 10 groups of 2 (at most 16 traced one after another), the device loop as one
+    vmap over chunks of examples; both equal the exact Gauss-Newton traces."""
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    params = {"dw": {"kernel": 0.6 * f32(3, 3, 1, 4)}, "pw": {"kernel": 0.5 * f32(1, 1, 4, 6)},
+              "out": {"kernel": 0.3 * f32(6, 20)}}
+    conv = lambda x, k, g: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+
+    def model_fn(p, x):
+        h = jnp.tanh(conv(jnp.tanh(conv(x, p["dw"]["kernel"], 4)), p["pw"]["kernel"], 1))
+        return h.mean(axis=(1, 2)) @ p["out"]["kernel"]
+
+    t = {"model_fn": model_fn, "params": params, "x": f32(7, 5, 5, 4), "blocks": hqjax.blocks(params)}
+    exact = _exact_ggn_block_traces(t)
+    host = ggn_layer_traces(model_fn, params, t["x"], loop="host")
+    dev = ggn_layer_traces(model_fn, params, t["x"], loop="device", chunk_size=3)
+    threes = ggn_layer_traces(model_fn, params, t["x"], loop="host", chunk_size=2, backward_chunk=3)  # 6x3 + 2
+    for res in (host, dev, threes):
+        np.testing.assert_allclose(np.asarray(res.traces), [exact[n] for n in res.block_names], rtol=1e-4)
+    # the same sampled labels either way: 20 samples per example run as 10 groups of 2 on the host
+    mc = [fisher_layer_traces(model_fn, params, t["x"], jax.random.key(3), num_samples=20, loop=loop)
+          for loop in ("host", "device")]
+    np.testing.assert_allclose(np.asarray(mc[0].traces), np.asarray(mc[1].traces), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(mc[0].stderr), np.asarray(mc[1].stderr), rtol=1e-3)
+    with pytest.raises(ValueError, match="backward_chunk must be >= 1"):
+        ggn_layer_traces(model_fn, params, t["x"], backward_chunk=0)
