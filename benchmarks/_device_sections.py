@@ -41,7 +41,8 @@ FULL = dict(
            (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 4)],
     requant_shapes=[("square 4096", 4096, 4096, 4096), ("bert-base ffn in", 1024, 768, 3072)],
     curvature=dict(models=("resnet20", "encoder"), batch=None, image=32, repeats=10,
-                   estimator_repeats=2, num_probes=100, eig_iters=100, density_steps=100),
+                   estimator_repeats=2, num_probes=100, eig_iters=100, density_steps=100,
+                   batching=("resnet20", "mobilenet"), quick_batching=False),
     run_model="resnet20",
     run_flags=["--epochs", "2", "--qat-epochs", "1", "--probes", "16", "--hessian-examples", "256",
                "--hessian-batch", "128", "--top-k", "1", "--eig-iters", "20",
@@ -60,7 +61,8 @@ SMOKE = dict(
     # compiles for minutes otherwise; every row runs through the same functions as the
     # full check's ResNet-20 and encoder
     curvature=dict(models=("mlp",), batch=2, image=8, repeats=1,
-                   estimator_repeats=1, num_probes=2, eig_iters=0, density_steps=0),
+                   estimator_repeats=1, num_probes=2, eig_iters=0, density_steps=0,
+                   batching=("resnet20",), quick_batching=True),
     run_model="cnn",
     run_flags=["--epochs", "1", "--qat-epochs", "0", "--probes", "1", "--hessian-examples", "32",
                "--hessian-batch", "32", "--top-k", "1", "--eig-iters", "2",
@@ -353,11 +355,32 @@ def curvature_section(state, item, cfg, torch_python: str):
                    ratios=ratios, agreement=agree, table=lines)
         return out
 
+    def batching(name):
+        """Exact per-layer Gauss-Newton traces on the device loop, every backward pass of a
+        chunk of examples in one vmap (the default there) against one pass at a time (the
+        host loop's way, faster on XLA:CPU): which the accelerator default should be."""
+        import hawq_task
+        import hqjax
+
+        _, model_fn, _, params, _, x, _ = hawq_task.make_problem(name, c["quick_batching"])
+        out = {"batch": int(x.shape[0])}
+        for label, kw in (("one vmap", {}), ("one pass at a time", {"backward_chunk": 1})):
+            run = lambda: jax.block_until_ready(hqjax.ggn_layer_traces(model_fn, params, x, loop="device", **kw))
+            t0 = time.perf_counter()
+            run()
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run()
+            out[label] = {"first_s": first, "s": time.perf_counter() - t0}
+        return out
+
     for name in c["models"]:
         r = item(f"curvature {name}", lambda: one(name), need_s=20)
         for row in ("hvp", "hvp_linearized", "trace"):
             if r.get("status") == "ok" and row in r.get("ratios", {}):
                 goal(state, f"hqjax {row} speed / PyHessian, {name}", r["ratios"][row], 1.5, gpu)
+    for name in c["batching"]:  # last: the comparison with PyHessian comes first within the budget
+        item(f"per-example batching {name}", lambda: batching(name), need_s=20)
 
 
 def _median(v):

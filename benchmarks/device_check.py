@@ -18,7 +18,9 @@ not lower is recorded and the next section runs):
    written as ``proposed_default`` (to be entered in ``kernels/tiles.py``).
 2. ``requant``: the fused dyadic-requant epilogue against the unfused product + requant,
    exact, then timed.
-3. ``curvature``: gradient, HVP, Hutchinson trace, top eigenvalue and SLQ density of
+3. ``curvature``: exact per-layer Gauss-Newton traces on the device loop with each chunk's
+   backward passes in one vmap or one at a time (ResNet-20 and ``user_mobilenet.py``: which
+   the accelerator default should be); gradient, HVP, Hutchinson trace, top eigenvalue and SLQ density of
    ResNet-20 and a small encoder, hqjax against PyTorch + PyHessian on the same device,
    same weights and probe (``curvature_vs_pyhessian.py``); the torch side is skipped with a
    note when ``--torch-python`` cannot import torch and pyhessian.
@@ -166,8 +168,14 @@ def markdown(report: dict) -> str:
                 out.append(f"| {i['name'][8:]} {tuple(i['shape'])} | {kind} | {d['fused']['ms']:.3f} | "
                            f"{d['unfused']['ms']:.3f} | {d['xla']['ms']:.3f} | {d['fused_speedup']:.2f}x |")
     cv = secs.get("curvature", {})
+    rows = [i for i in cv.get("items", []) if i["name"].startswith("per-example") and i["status"] == "ok"]
+    if rows:
+        out += ["", "## Per-example Gauss-Newton traces on the device loop (s; first call includes compilation)", "",
+                "| model | batch | one vmap | first | one pass at a time | first |", "|---|---:|---:|---:|---:|---:|"]
+        out += [f"| {i['name'][21:]} | {i['batch']} | {i['one vmap']['s']:.3f} | {i['one vmap']['first_s']:.1f} | "
+                f"{i['one pass at a time']['s']:.3f} | {i['one pass at a time']['first_s']:.1f} |" for i in rows]
     for i in cv.get("items", []):
-        if i["status"] != "ok":
+        if i["status"] != "ok" or i["name"].startswith("per-example"):
             continue
         if "table" in i:
             out += [""] + [ln.replace("### ", "## Curvature: ") for ln in i["table"]]

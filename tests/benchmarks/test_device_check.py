@@ -51,12 +51,16 @@ def test_smoke_runs_every_section_and_writes_both_files(tmp_path):
     else:
         assert "ratios" not in cv
         assert any("skipped" in n for n in secs["curvature"]["notes"])
+    # the per-example batching comparison: both ways timed, on the device loop
+    pb = items["per-example batching resnet20"]
+    assert pb["one vmap"]["s"] > 0 and pb["one pass at a time"]["s"] > 0
     run = next(i for n, i in items.items() if n.startswith("hqjax run"))  # matplotlib is here
     assert run["wall_s_job"] > 0 and "integer_only" in json.dumps(run["metrics"])
     # interpret-mode timings are never judged against the goals
     assert rep["goals"] and all(g["met"] is None for g in rep["goals"])
     md = (tmp_path / "device_check.md").read_text()
     assert sum(n.startswith("sweep") for n in items) == 2
+    assert "## Per-example Gauss-Newton traces" in md
     assert "## Integer matmul" in md and "## Triton tile sweep" in md and "## Fused requant" in md and "## The whole job" in md
 
 
