@@ -3,8 +3,9 @@
 What HAWQ-V2/V3 users wait for is one trace per layer, accurate enough to rank the layers.
 For ResNet-20 (batch 128, CIFAR-shaped), a small BERT-like encoder and a user's NNX
 MobileNet-V2-style network (``user_mobilenet.py``, batch 32, MNIST-shaped; hqjax methods
-only: PyHessian has no twin of it), on the same weights and batch, this times each hqjax method until every conv/dense layer's trace has a
-relative standard error of at most ``--rtol`` (5%):
+only: PyHessian has no twin of it), on the same weights and batch, this times each hqjax
+method until every conv/dense layer's trace has a relative standard error of at most
+``--rtol`` (5%):
 
 - ``per-layer``: :func:`hqjax.layer_traces`, Hutchinson on each layer's own (pruned)
   function, adaptive per layer;
@@ -114,7 +115,8 @@ def jax_methods(model_fn, loss, params, x, y, args, loop_layers):
         "split": lambda: hqjax.hessian_layer_traces(model_fn, params, x, y, key, chunk_size=args.chunk_size,
                                                     **dict(kw, min_probes=args.split_min_probes)),
         "ggn": lambda: hqjax.ggn_layer_traces(model_fn, params, x, chunk_size=args.chunk_size),
-        "ggn-batched": lambda: hqjax.ggn_layer_traces(model_fn, params, x, chunk_size=16, backward_chunk=1 << 30),
+        "ggn-batched": lambda: hqjax.ggn_layer_traces(model_fn, params, x, chunk_size=16,
+                                                      backward_chunk=jax.eval_shape(model_fn, params, x).shape[1]),
         "emp-fisher": lambda: hqjax.empirical_fisher_layer_traces(model_fn, params, x, y, chunk_size=args.chunk_size),
         "mc-fisher": lambda: hqjax.fisher_layer_traces(model_fn, params, x, key, chunk_size=args.chunk_size),
     }
@@ -255,7 +257,8 @@ def main(argv=None):
             print(f"\n== {model}: {n:,} parameters, {len(blocks)} layers, batch {x.shape[0]}", flush=True)
             loop_layers = blocks[: args.layers] if args.layers else blocks
             jres = run_jax(model_fn, loss, params, x, y, args, loop_layers)
-            tres = None if args.no_torch or model not in TORCH_TWINS else run_torch(model, cfg, params, stats, x, y, loop_layers, args, tmp)
+            tres = (None if args.no_torch or model not in TORCH_TWINS
+                    else run_torch(model, cfg, params, stats, x, y, loop_layers, args, tmp))
             lines, speedups = tables(model, blocks, jres, tres, args)
             print("\n" + "\n".join(lines), flush=True)
             all_speedups.update({f"{model}/{k}": v for k, v in speedups.items()})
