@@ -91,7 +91,7 @@ def _layer_row(job: Job, index: int, name: str, curvature: dict) -> dict:
     from hqjax.quant import weight_perturbation
 
     c, params, blk = job.config, job.variables["params"], job.blocks
-    w = blk.kernel(params, name)
+    w = blk.kernel_view(params, name)  # per-channel means per output feature, as in quantize_params
     n = int(blk.sizes[blk.index(name)])
     pert = jax.jit(weight_perturbation, static_argnums=1)
     return {

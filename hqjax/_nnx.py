@@ -179,7 +179,11 @@ def _set(node, key, value):
 
 
 def _hooked(layer, hook):
-    """An NNX module calling ``hook(layer, x, *args, **kwargs)`` instead of ``layer(x, ...)``."""
+    """An NNX module calling ``hook(layer, x, *args, **kwargs)`` instead of ``layer(x, ...)``.
+
+    Any other public attribute (``layer.kernel``, ``layer.in_features``, a tied
+    ``embed.attend``) is the layer's own, so a model that reads its submodules' attributes or
+    calls their other methods runs unchanged."""
     from flax import nnx
 
     class _Hooked(nnx.Module):
@@ -190,6 +194,11 @@ def _hooked(layer, hook):
         def __call__(self, *args, **kwargs):
             return self.hook(self.layer, *args, **kwargs)
 
+        def __getattr__(self, name):
+            if name in ("layer", "hook") or name.startswith("_"):  # not set yet, or NNX's own: not forwarded
+                raise AttributeError(name)
+            return getattr(self.layer, name)
+
     return _Hooked(layer, hook)
 
 
@@ -198,12 +207,16 @@ def with_layer_hooks(module, hook_for: Callable[[str, Any], Callable | None],
                      types: tuple | None = None) -> Iterator[Any]:
     """Within the block, each weight layer ``name`` of ``module`` for which
     ``hook_for(name, layer)`` gives a function ``hook(layer, *args, **kwargs)`` is called
-    through it (NNX has no ``nn.intercept_methods``). The graph is restored on exit, so a
-    later ``nnx.split`` of ``module`` matches the original state."""
+    through it (NNX has no ``nn.intercept_methods``). ``types`` widens the walk (e.g. to every
+    ``nnx.Module``); modules that are not callable (``nnx.List``, ``nnx.Dict``) are never
+    hooked, so a model iterating over its blocks runs unchanged. Nested modules are hooked
+    children first. The graph is restored on exit, so a later ``nnx.split`` of ``module``
+    matches the original state."""
     swapped = []
     try:
-        for path, name, layer in layer_modules(module, types):
-            hook = hook_for(name, layer)
+        found = layer_modules(module, types)
+        for path, name, layer in sorted(found, key=lambda t: -len(t[0])):  # stable: graph order per depth
+            hook = hook_for(name, layer) if callable(layer) else None
             if hook is None:
                 continue
             parent = module

@@ -34,6 +34,7 @@ __all__ = [
     "Blocks",
     "blocks",
     "path_name",
+    "kernel_view_shape",
 ]
 
 PyTree = Any
@@ -44,6 +45,23 @@ OWNER_LEAVES = ("kernel", "embedding")
 _COLLECTIONS = ("params",)
 # Attribute under which an NNX Variable's array sits in a flattened ``nnx.State``.
 _VARIABLE_ATTRS = ("value", "raw_value")
+
+
+def kernel_view_shape(kernel_shape: Sequence[int], bias_shape: Sequence[int] | None) -> tuple[int, ...]:
+    """A kernel's shape with its output features merged into the last axis: what weight
+    quantizers see, so that "per channel" means per output feature.
+
+    The output features are the bias's axes: the last one for ``Dense`` and ``Conv`` (their
+    shape is unchanged), several for ``DenseGeneral``/``LinearGeneral`` with tuple features
+    (attention's ``(heads, head_dim)`` projections become ``(in, heads * head_dim)``, so each
+    head's columns are consecutive: Q-BERT's one scale per head, Shen et al. 2020, Sec. 3.2).
+    Without a bias, or with one that is not the kernel's trailing axes, the shape is unchanged.
+    """
+    kernel_shape = tuple(int(d) for d in kernel_shape)
+    out = tuple(int(d) for d in bias_shape) if bias_shape is not None else ()
+    if len(out) < 2 or kernel_shape[len(kernel_shape) - len(out):] != out:
+        return kernel_shape
+    return (*kernel_shape[:len(kernel_shape) - len(out)], int(np.prod(out)))
 
 
 # ----------------------------------------------------------------------------- algebra
@@ -300,6 +318,16 @@ class Blocks:
             if p.rsplit("/", 1)[-1] in OWNER_LEAVES:
                 return x
         raise KeyError(f"block {name!r} has no kernel/embedding leaf")
+
+    def kernel_view(self, tree: PyTree, name: str) -> jax.Array:
+        """The block's owning weight as its quantizer sees it: a kernel with its output
+        features merged into the last axis (:func:`kernel_view_shape`), else unchanged."""
+        leaves = self.leaves_of(tree, name)
+        w = self.kernel(tree, name)
+        bias = next((x for p, x in leaves.items() if p.rsplit("/", 1)[-1] == "bias"), None)
+        if bias is None or not any(p.rsplit("/", 1)[-1] == "kernel" for p in leaves):
+            return w
+        return jnp.reshape(w, kernel_view_shape(jnp.shape(w), jnp.shape(bias)))
 
 
 def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None) -> Blocks:

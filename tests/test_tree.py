@@ -127,3 +127,18 @@ def test_custom_rule_and_structure_check():
     bad = jax.tree.map(lambda x: x[None], _params())
     with pytest.raises(ValueError, match="has shape"):
         hqjax.tree.check_same_structure(_params(), bad)
+
+
+def test_kernel_view_merges_the_output_features_named_by_the_bias():
+    from hqjax.tree import kernel_view_shape
+
+    assert kernel_view_shape((3, 3, 4, 8), (8,)) == (3, 3, 4, 8)  # Conv: unchanged
+    assert kernel_view_shape((16, 2, 8), (2, 8)) == (16, 16)  # attention q/k/v: (in, heads * head_dim)
+    assert kernel_view_shape((2, 8, 16), (16,)) == (2, 8, 16)  # attention out: one output axis
+    assert kernel_view_shape((16, 2, 8), None) == (16, 2, 8)  # no bias: the last axis
+    assert kernel_view_shape((16, 2, 8), (3, 8)) == (16, 2, 8)  # a bias that is not the trailing axes
+    w = jnp.arange(16 * 2 * 8, dtype=jnp.float32).reshape(16, 2, 8)
+    params = {"attn": {"query": {"kernel": w, "bias": jnp.zeros((2, 8))}}, "head": {"kernel": jnp.ones((16, 3))}}
+    blk = hqjax.blocks(params)
+    np.testing.assert_array_equal(blk.kernel_view(params, "attn/query"), w.reshape(16, 16))
+    assert blk.kernel_view(params, "head").shape == (16, 3)

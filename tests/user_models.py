@@ -4,7 +4,9 @@ Each takes 8x8x1 images (scikit-learn's digits) and returns 10 logits. Linen mod
 as ``model.apply(variables, x, train=...)``; NNX models as ``model(x)`` (train/eval by
 ``model.train()`` / ``model.eval()``, as NNX does). ``LINEN_MODELS`` and ``NNX_MODELS`` name
 them for parametrized tests; ``TwinLinen`` and ``TwinNNX`` are one network written both ways,
-with :func:`twin_nnx_from_linen` copying Linen variables into the NNX module.
+with :func:`twin_nnx_from_linen` copying Linen variables into the NNX module. ``RowViT`` and
+``NNXRowViT`` are small transformers (attention, LayerNorm, GELU: float islands in integer
+inference).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ __all__ = [
     "NNXMLP",
     "TwinLinen",
     "TwinNNX",
+    "RowViT",
+    "NNXRowViT",
     "twin_nnx_from_linen",
     "LINEN_MODELS",
     "NNX_MODELS",
@@ -144,6 +148,64 @@ class TwinNNX(nnx.Module):
         x = nnx.relu(self.conv1(x))
         x = nnx.relu(self.conv2(x))
         return self.dense(x.reshape((x.shape[0], -1)))
+
+
+class _LinenEncoderBlock(nn.Module):
+    dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(nn.LayerNorm(name="ln1")(x))
+        h = nn.gelu(nn.Dense(2 * self.dim, name="mlp1")(nn.LayerNorm(name="ln2")(x)))
+        return x + nn.Dense(self.dim, name="mlp2")(h)
+
+
+class RowViT(nn.Module):
+    """Each image row a token: embed -> 2 pre-norm encoder blocks (2-head attention, GELU MLP)
+    -> LayerNorm -> mean over tokens -> head; attention's projections are ``DenseGeneral``
+    with per-head output axes."""
+
+    dim: int = 16
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = nn.Dense(self.dim, name="embed")(x.reshape((x.shape[0], 8, 8)))
+        x = x + self.param("pos", nn.initializers.normal(0.02), (8, self.dim))
+        for i in range(2):
+            x = _LinenEncoderBlock(self.dim, name=f"block{i}")(x)
+        return nn.Dense(10, name="head")(nn.LayerNorm(name="ln")(x).mean(axis=1))
+
+
+class _NNXEncoderBlock(nnx.Module):
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=dim, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp1 = nnx.Linear(dim, 2 * dim, rngs=rngs)
+        self.mlp2 = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp2(nnx.gelu(self.mlp1(self.ln2(x))))
+
+
+class NNXRowViT(nnx.Module):
+    """:class:`RowViT` in NNX as users write it: the blocks in an ``nnx.List`` iterated in
+    ``__call__``, and the token width read from a submodule (``self.embed.in_features``)."""
+
+    def __init__(self, rngs: nnx.Rngs, dim: int = 16):
+        self.embed = nnx.Linear(8, dim, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (8, dim)))
+        self.blocks = nnx.List([_NNXEncoderBlock(dim, rngs) for _ in range(2)])
+        self.ln = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x.reshape((x.shape[0], -1, self.embed.in_features))) + self.pos[...]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x).mean(axis=1))
 
 
 def twin_nnx_from_linen(variables) -> TwinNNX:

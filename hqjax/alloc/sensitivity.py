@@ -184,7 +184,7 @@ def weight_perturbations(
         perturb = lambda w, b: jnp.sum(jnp.square(quantizer(w, b) - w))
     out: dict[str, dict[int, float]] = {}
     for name in blks.names:
-        w = blks.kernel(params, name)
+        w = blks.kernel_view(params, name)  # the shape quantize_params quantizes
         # Eager: one small kernel per layer and bit width, not worth a compilation each.
         out[name] = {int(b): float(perturb(w, int(b))) for b in bits}
     return out

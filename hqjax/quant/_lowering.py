@@ -40,6 +40,7 @@ from hqjax.kernels import pack_int4
 from hqjax.quant._trace import Traced, _is_var, bind_eqn, layer_slice
 from hqjax.quant.quantizers import QuantSpec, int_range
 from hqjax.quant.requant import dyadic
+from hqjax.tree import kernel_view_shape
 
 __all__: list[str] = []
 
@@ -290,11 +291,20 @@ class Lowerer:
             raise ValueError(f"layer {path!r} ({layer.module_type}) has no kernel in the variables")
         kernel = np.asarray(var[f"{path}/kernel"], np.float32)
         bias = var.get(f"{path}/bias")
+        spec = self.info.weight_spec(path)
+        # the fake-quant model's integers and scales, element by element, from the kernel's view
+        view = kernel_view_shape(kernel.shape, None if bias is None else np.shape(bias))
+        if spec.mode != "symmetric" or (spec.axis is not None and spec.axis % len(view) != len(view) - 1):
+            raise ValueError(f"layer {path!r}: integer inference needs symmetric weights with scales per output "
+                             f"channel (axis=-1), per group of output channels, or per tensor; got {spec}")
+        q_view, s_view = quantize_columns(kernel.reshape(-1, view[-1]), spec)
+        q_elem = q_view.reshape(kernel.shape)
+        s_elem = np.broadcast_to(s_view, (q_view.shape[0], view[-1])).reshape(kernel.shape)
         bias = np.zeros(kernel.shape[-1]) if bias is None else np.asarray(bias, np.float64).reshape(-1)
         s_x, z_x, rng = self.info.act(path)
-        spec = self.info.weight_spec(path)
         step = {}
         y_shape = tuple(e.outvars[0].aval.shape)
+        out_axes = kernel.shape[-1:]  # the output feature axes (several for LinearGeneral's out_features)
         if layer.kind == "conv":
             conv = self._one(layer, layer_slice(self.t, e, "conv_general_dilated"), "convolution")
             p, nd = conv.params, len(y_shape)
@@ -320,14 +330,16 @@ class Lowerer:
             if k > 1 or kernel.ndim > 2:
                 step["in_reshape"] = [*x.shape[1:xnd - k], int(np.prod(x.shape[xnd - k:]))]
                 step["out_reshape"] = list(y_shape[1:])
+                out_axes = kernel.shape[k:]
                 kernel = kernel.reshape(int(np.prod(kernel.shape[:k])), -1)
-                bias = bias.reshape(-1)
             groups = 1
-        if spec.mode != "symmetric" or (spec.axis is not None and spec.axis % kernel.ndim != kernel.ndim - 1):
-            raise ValueError(f"layer {path!r}: integer inference needs symmetric weights with scales per output "
-                             f"channel (axis=-1), per group of output channels, or per tensor; got {spec}")
         n_out = kernel.shape[-1]
-        q_w, s_w = quantize_columns(kernel.reshape(-1, n_out), spec)
+        q_w, s_cols = q_elem.reshape(-1, n_out), s_elem.reshape(-1, n_out)
+        if np.any(s_cols != s_cols[:1]):
+            raise ValueError(f"layer {path!r}: its weight scales vary along the contracted axes (kernel "
+                             f"{tuple(q_elem.shape)}, bias {tuple(np.shape(var.get(f'{path}/bias')))}); "
+                             f"integer inference needs one scale per output column")
+        s_w = s_cols[0]
         if groups > 1:  # block-diagonal kernel over all input channels: one matmul through the same kernels
             win, cg, og = int(np.prod(kernel.shape[:-2])), kernel.shape[-2], n_out // groups
             full = np.zeros((win, cg * groups, n_out), np.int8)
@@ -344,7 +356,8 @@ class Lowerer:
         self.arrays[path] = {k: jnp.asarray(v) for k, v in arrays.items()}
         self.layers.append(path)
         self.linear[reg] = host
-        return Value(reg, "int32", y_shape, scale.reshape((1,) * (len(y_shape) - 1) + (-1,)), bound=bound)
+        scale = _compact(scale.reshape((1,) * (len(y_shape) - len(out_axes)) + tuple(out_axes)))
+        return Value(reg, "int32", y_shape, scale, bound=bound)
 
     @staticmethod
     def _one(layer, found, what):

@@ -139,16 +139,18 @@ def trace_nnx(graphdef, params, rest, example) -> Traced:
     each module call wrapped so that layers are marked and paths known."""
     from flax import nnx
 
+    from hqjax._nnx import layer_modules, with_layer_hooks
+
     rec = _Recorder()
     model = nnx.merge(graphdef, params, rest, copy=True)
     layer_types = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.BatchNorm)
+    training = [name for _, name, n in layer_modules(model, (nnx.BatchNorm,)) if not n.use_running_average]
+    if training:
+        raise ValueError(f"BatchNorm {training[0]!r} is in training mode; integer inference folds its running "
+                         f"averages: call model.eval() before nnx.split / quantize_nnx_model")
 
-    class _Wrapped(nnx.Module):
-        def __init__(self, inner, path):
-            self.inner, self.path = inner, path
-
-        def __call__(self, x, *args, **kwargs):
-            inner, path = self.inner, self.path
+    def hook_for(path, module):
+        def hook(inner, x, *args, **kwargs):
             with rec.scope(path, type(inner).__name__):
                 y = inner(x, *args, **kwargs)
                 if not isinstance(inner, layer_types):
@@ -159,22 +161,10 @@ def trace_nnx(graphdef, params, rest, example) -> Traced:
                     ura = kwargs.get("use_running_average", inner.use_running_average)
                     attrs = _bn_attrs(inner, jnp.ndim(x), ura)
                 return rec.mark(kind, path, type(inner).__name__, attrs, x, y)
+        return hook
 
-    nodes = [(p, n) for p, n in nnx.iter_graph(model) if p and isinstance(n, nnx.Module)]
-    training = ["/".join(map(str, p)) for p, n in nodes if isinstance(n, nnx.BatchNorm) and not n.use_running_average]
-    if training:
-        raise ValueError(f"BatchNorm {training[0]!r} is in training mode; integer inference folds its running "
-                         f"averages: call model.eval() before nnx.split / quantize_nnx_model")
-    for p, node in sorted(nodes, key=lambda t: -len(t[0])):  # children before their parents
-        parent = model
-        for key in p[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        wrapped = _Wrapped(node, "/".join(str(k) for k in p))
-        if isinstance(p[-1], int):
-            parent[p[-1]] = wrapped
-        else:
-            setattr(parent, p[-1], wrapped)
-    return _flatten(jax.make_jaxpr(lambda x: model(x))(example), rec)
+    with with_layer_hooks(model, hook_for, (nnx.Module,)):  # every module call opens its scope
+        return _flatten(jax.make_jaxpr(lambda x: model(x))(example), rec)
 
 
 # --------------------------------------------------------------------------- flattening

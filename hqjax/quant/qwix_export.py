@@ -236,20 +236,22 @@ def export_qwix(bit_config: Mapping, kinds: Mapping[str, Any], *, provider: str 
 def qwix_apply(model, variables, export: QwixExport, sample_input, **kwargs) -> Callable:
     """Serve a model through Qwix with an export: ``fn(x) -> outputs``.
 
-    ``model`` is a Linen module (with its ``variables``) or an NNX module (``variables``
+    ``model`` is a Linen module (with its ``variables``), an NNX module (``variables``
     ``None`` for the weights it holds, or ``hqjax.from_nnx``-style variables to load into a
-    copy). Under ``'ptq'`` the float weights are converted once to Qwix's quantized params
+    copy), or the :class:`hqjax.NNXApply` that :func:`hqjax.from_nnx` made of one. Under ``'ptq'`` the float weights are converted once to Qwix's quantized params
     (integer weights and their scales), so the served model holds integer weights; under
     ``'qt'`` they are fake-quantized in each call. ``kwargs`` go to a Linen ``apply`` (e.g.
     ``train=False``); an NNX module is called in eval mode.
     """
     import jax
 
-    from hqjax._nnx import from_nnx, is_nnx_module
+    from hqjax._nnx import NNXApply, from_nnx, is_nnx_module
 
     qwix = _import_qwix()
-    if is_nnx_module(model):
-        nnx_model, own = from_nnx(model)
+    if is_nnx_module(model) or isinstance(model, NNXApply):
+        nnx_model, own = (model, None) if isinstance(model, NNXApply) else from_nnx(model)
+        if variables is None and own is None:
+            raise ValueError("qwix_apply of an NNXApply needs its variables (from_nnx returned them beside it)")
         module = nnx_model.merge(own if variables is None else variables)
         module.eval()
         served = qwix.quantize_model(module, export.make_provider(), sample_input)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from hqjax.quant.bitconfig import check_bit_widths, validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
-from hqjax.tree import OWNER_LEAVES, path_name
+from hqjax.tree import OWNER_LEAVES, kernel_view_shape, path_name
 
 __all__ = [
     "per_channel_weights",
@@ -47,8 +47,9 @@ _LAYERS = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Embed)
 
 # --------------------------------------------------------------------------- weight specs
 def per_channel_weights(layer: str, leaf: str, shape: tuple, bits: int) -> QuantSpec:
-    """HAWQ-V3's default: symmetric, one scale per output channel (last kernel axis); one
-    scale per row of an embedding table (one per token)."""
+    """HAWQ-V3's default: symmetric, one scale per output channel (the last axis of the
+    kernel's view: every ``(head, dim)`` feature of an attention projection); one scale per
+    row of an embedding table (one per token)."""
     del layer
     return QuantSpec(bits=bits, mode="symmetric", axis=0 if leaf == "embedding" else -1)
 
@@ -115,9 +116,18 @@ def _weight_specs(params, bit_config, weight_spec):
     return {owners[k][0]: (k, owners[k][1], cfg[k]["weight_bits"]) for k in cfg}
 
 
+def _view_shapes(params) -> dict[str, tuple]:
+    """``{leaf_path: shape its quantizer sees}``: kernels with their output features merged
+    into the last axis (:func:`hqjax.tree.kernel_view_shape`), every other leaf as it is."""
+    shapes = {path_name(p): tuple(jnp.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {lp: kernel_view_shape(s, shapes.get(lp[:-len("kernel")] + "bias")) if lp.endswith("kernel") else s
+            for lp, s in shapes.items()}
+
+
 def weight_specs(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights) -> dict:
-    """``{layer_path: QuantSpec}`` of the weight quantizer of every configured layer."""
-    shapes = {path_name(p): jnp.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    """``{layer_path: QuantSpec}`` of the weight quantizer of every configured layer (for the
+    kernel's view: output features merged into the last axis)."""
+    shapes = _view_shapes(params)
     return {layer: weight_spec(layer, leaf, shapes[lp], bits)
             for lp, (layer, leaf, bits) in _weight_specs(params, bit_config, weight_spec).items()}
 
@@ -131,7 +141,10 @@ def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpec
     params : Flax params (or a full variables dict; only kernel/embedding leaves change).
     bit_config : ``{layer_path: {"weight_bits": b, "act_bits": a}}`` (``hqjax.blocks`` names).
     weight_spec : ``(layer, leaf_name, shape, bits) -> QuantSpec`` (default per-channel
-        symmetric, HAWQ-V3; :func:`group_wise_weights` for Q-BERT).
+        symmetric, HAWQ-V3; :func:`group_wise_weights` for Q-BERT). ``shape`` is the
+        kernel's with its output features merged into the last axis
+        (:func:`hqjax.tree.kernel_view_shape`: attention's ``(in, heads, head_dim)``
+        projections are quantized as ``(in, heads * head_dim)``).
     bit_widths : optional :func:`hqjax.bit_width_arrays` of a config over the same layers:
         its (possibly traced) weight widths replace ``bit_config``'s.
 
@@ -143,6 +156,7 @@ def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpec
     not name stay float (see :func:`coverage`).
     """
     targets = _weight_specs(params, bit_config, weight_spec)
+    views = _view_shapes(params)
     if bit_widths is not None:
         check_bit_widths(validate_bit_config(bit_config), bit_widths)
 
@@ -152,7 +166,9 @@ def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpec
             return x
         layer, leaf_name, bits = targets[name]
         traced = None if bit_widths is None else bit_widths[layer]["weight_bits"]
-        return fake_quant(x, weight_spec(layer, leaf_name, jnp.shape(x), bits), bits=traced)
+        view = views[name]
+        q = fake_quant(jnp.reshape(x, view), weight_spec(layer, leaf_name, view, bits), bits=traced)
+        return jnp.reshape(q, jnp.shape(x))
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 

@@ -31,6 +31,18 @@ def test_perturbations_match_the_quantizer_and_shrink_with_bits(params):
         assert pert[name][2] > pert[name][4] > pert[name][8] > 0
 
 
+def test_attention_kernel_perturbation_is_its_dense_matrix_s():
+    """ΔW of a (in, heads, head_dim) projection is that of the same weights as a Dense
+    (in, heads * head_dim) kernel: per-channel means per output feature, as in quantize_params."""
+    w = jax.random.normal(jax.random.key(3), (8, 2, 4)) * jnp.array([0.1, 2.0])[None, :, None]
+    general = {"q": {"kernel": w, "bias": jnp.zeros((2, 4))}}
+    dense = {"q": {"kernel": w.reshape(8, 8), "bias": jnp.zeros(8)}}
+    a, b = sens.weight_perturbations(general, [2, 4]), sens.weight_perturbations(dense, [2, 4])
+    assert a == b
+    last_axis = float(hqjax.weight_perturbation(w, 2))
+    assert a["q"][2] != pytest.approx(last_axis, rel=1e-3)  # the old per-last-axis grouping differs
+
+
 def test_table_from_curvature_results_round_trips_through_json(params, tmp_path):
     traces = {"conv1": (3.0, 0.1), "conv2": (2.0, 0.2), "dense": (1.0, 0.05)}
     eig = {"conv1": [5.0, 1.0], "conv2": np.array([4.0]), "dense": [0.5]}

@@ -260,6 +260,41 @@ def test_float_islands_opt_in_runs_and_lists_islands(model, path, digits, init_n
 
 
 @pytest.mark.slow  # trains and lowers each user model once (module fixture)
+@pytest.mark.parametrize("name", ["linen", "nnx"])
+def test_transformer_lowers_with_float_islands_to_the_fake_quant_logits(name, digits, init_np):
+    """Flax's own attention (DenseGeneral/LinearGeneral q/k/v with (heads, head_dim) outputs),
+    LayerNorm, GELU and residuals; the NNX model iterates an ``nnx.List`` of blocks and reads a
+    submodule's attribute. Every projection is integer, attention's softmax and the norms float
+    islands; the logits are the fake-quant model's, but for the few examples where an
+    activation sat on a rounding boundary and was requantized to the neighbouring integer."""
+    if name == "linen":
+        model = um.RowViT()
+        v = init_linen_at(init_np, model, digits)
+        qm = quantize_model(model, _mixed(hqjax.blocks(v["params"]).names))
+        vq = jax.jit(qm.calibrate)(v, digits.x_train[:256])
+        fq = np.asarray(jax.jit(qm.apply)(vq, digits.x_test))
+    else:
+        model = um.NNXRowViT(nnx.Rngs(0))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        qm = quantize_nnx_model(model, _mixed(hqjax.blocks(params).names))
+        vq = (params, rest, jax.jit(qm.calibrate)(params, rest, None, digits.x_train[:256]))
+        fq = np.asarray(jax.jit(qm.apply)(*vq, digits.x_test))
+    im = to_integer(qm, vq, (8, 8, 1), float_islands=True)
+    assert {"block0/attn/query", "blocks/0/attn/query"} & set(im.meta["layers"])
+    assert set(im.meta["layers"]) == set(qm.bit_config)  # every projection is an integer layer
+    islands = im.meta["float_islands"]
+    assert any("LayerNorm" in isl["modules"] for isl in islands)
+    assert any("softmax" in " ".join(isl["ops"]) or "exp" in isl["ops"] for isl in islands)
+    il = np.asarray(_run(im, digits.x_test))
+    same = np.abs(il - fq).max(-1) <= 1e-4 * np.abs(fq).max()
+    print(f"{name}: {same.mean():.4f} of examples with the fake-quant logits, argmax agreement {_agreement(fq, il)}")
+    assert same.mean() >= 0.97 and _agreement(fq, il) >= 0.99
+
+
+def init_linen_at(init_np, model, digits):
+    return init_np(model, digits.x_train[:2], seed=3)
+
+
 def test_integer_program_is_batch_agnostic_and_serializes(linen_lowered, digits, tmp_path):
     _, _, im = linen_lowered["projection_resnet"]
     save_integer_model(im, tmp_path / "im")

@@ -128,6 +128,9 @@ def test_qwix_serves_a_mixed_allocation_close_to_hqjax_fake_quant(digits):
         # the NNX twin with the same weights, served through Qwix's NNX path, gives the same logits
         twin = qwix_apply(um.twin_nnx_from_linen(v), None, ex, x[:1])
         np.testing.assert_allclose(np.asarray(twin(digits.x_test)), logits, rtol=1e-5, atol=1e-5)
+        # and so does the twin in Linen's convention (hqjax.from_nnx), as the job holds it
+        applied = qwix_apply(hqjax.from_nnx(um.twin_nnx_from_linen(v))[0], v, ex, x[:1])
+        np.testing.assert_allclose(np.asarray(applied(digits.x_test)), logits, rtol=1e-5, atol=1e-5)
     print(f"bits {cfg}; accuracy: float {acc_fp:.4f}, hqjax fake-quant {acc_hqjax:.4f}, "
           f"Qwix gap ptq {gaps['ptq']:+.4f}, qt {gaps['qt']:+.4f}")
     assert acc_hqjax > 0.85

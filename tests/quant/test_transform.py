@@ -48,6 +48,34 @@ def test_group_wise_weight_spec():
     np.testing.assert_array_equal(q["ffn"]["kernel"], fake_quant(w, QuantSpec(bits=4, axis=-1)))
 
 
+def test_attention_projection_kernels_are_quantized_per_output_feature_and_head():
+    """A ``(in, heads, head_dim)`` kernel with its ``(heads, head_dim)`` bias (DenseGeneral,
+    LinearGeneral, Flax's attention) is quantized as its ``(in, heads * head_dim)`` matrix:
+    per-channel is per (head, dim) feature and group-wise by head_dim is one scale per head,
+    exactly as the same weights in a plain Dense layer. Without a bias the last axis is the
+    channel axis, as before."""
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(size=(6, 3, 4)) * rng.uniform(0.1, 3.0, size=(1, 3, 4)), jnp.float32)
+    b = jnp.zeros((3, 4), jnp.float32)
+    general = {"q": {"kernel": w, "bias": b}, "o": {"kernel": jnp.moveaxis(w, 0, -1), "bias": jnp.zeros(6)}}
+    dense = {"q": {"kernel": w.reshape(6, 12), "bias": b.reshape(12)},
+             "o": {"kernel": jnp.moveaxis(w, 0, -1).reshape(12, 6), "bias": jnp.zeros(6)}}
+    cfg = {"q": {"weight_bits": 3, "act_bits": None}, "o": {"weight_bits": 3, "act_bits": None}}
+    for spec in (hqjax.per_channel_weights, group_wise_weights(4)):
+        qg, qd = quantize_params(general, cfg, spec), quantize_params(dense, cfg, spec)
+        np.testing.assert_array_equal(qg["q"]["kernel"], qd["q"]["kernel"].reshape(6, 3, 4))
+        np.testing.assert_array_equal(qg["o"]["kernel"], qd["o"]["kernel"].reshape(3, 4, 6))
+    # group-wise by head_dim: one scale per head (the largest |w| of the head maps to the top level)
+    qh = np.asarray(quantize_params(general, cfg, group_wise_weights(4))["q"]["kernel"])
+    for h in range(3):
+        steps = np.unique(np.abs(qh[:, h]))
+        np.testing.assert_allclose(steps / steps.max() * 3, np.round(steps / steps.max() * 3), atol=1e-5)
+        assert np.isclose(steps.max(), np.abs(np.asarray(w)[:, h]).max(), rtol=1e-6)
+    no_bias = {"q": {"kernel": w}}
+    np.testing.assert_array_equal(quantize_params(no_bias, {"q": cfg["q"]})["q"]["kernel"],
+                                  fake_quant(w, QuantSpec(bits=3, axis=-1)))
+
+
 def test_act_quant_without_calibration_raises(cnn):
     model, v = cnn
     qm = quantize_model(model, hqjax.uniform_bit_config(["conv1", "conv2", "dense"], 4, 8))
