@@ -137,10 +137,41 @@ class Job:
         from hqjax.tree import blocks
 
         _ = self.dataset, self.model, self.pretrained
-        shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), self.dataset.input_shape))
+        shape = self.dataset.input_shape
+        try:
+            shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), shape))
+        except (TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model {self.config.model!r} does not take the data's inputs (one example: shape "
+                            f"{tuple(shape)}): {first}; choose a model for this data, or data (--dataset file.npz, "
+                            f"hqjax.run(..., data)) of the shape the model takes") from None
         if not blocks(shapes["params"]).names:
             raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
                             f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
+
+    def check_integer_lowering(self) -> None:
+        """Lower the model at 8 bits on its given (or initial) weights, so that a model with
+        ops that have no integer form is refused before training, not after QAT."""
+        from hqjax.quant import quantize_model, to_integer, uniform_bit_config
+        from hqjax.train import init_variables
+        from hqjax.tree import blocks
+
+        d = self.dataset
+        v = self.pretrained
+        if v is None:
+            trained = self.work.is_done("train", self.fingerprints["train"])
+            v = self.variables if trained else init_variables(self.model, jax.random.PRNGKey(0), d.input_shape)
+        qmodel = quantize_model(self.model, uniform_bit_config(blocks(v["params"]), 8, 8))
+        v = jax.jit(lambda v, x: qmodel.calibrate(v, x, train=False))(v, d.x_train[:8])
+        try:
+            to_integer(qmodel, v, d.input_shape, float_islands=self.config.float_islands)
+        except ValueError as e:
+            msg = str(e)
+            if "float_islands=True" not in msg:
+                raise
+            raise UserError(msg[:msg.index("Supported:")].rstrip() + " Run with --float-islands "
+                            "(hqjax.run(..., float_islands=True)) to keep such ops in float between integer "
+                            "layers") from None
 
     @property
     def train_config(self) -> TrainConfig:

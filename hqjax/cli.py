@@ -110,6 +110,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help=d("qat_learning_rate").strip())
     g.add_argument("--calib-examples", dest="calib_examples", type=int, default=S,
                    help="examples that calibrate activation ranges" + d("calib_examples"))
+    g.add_argument("--float-islands", dest="float_islands", action="store_true", default=S,
+                   help="keep ops with no integer form (softmax, LayerNorm, GELU) in float in the integer-only "
+                        "model (default: such a model is refused before training)")
     g = p.add_argument_group("output")
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="force progress bars (default: only on a terminal)")

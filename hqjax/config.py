@@ -85,6 +85,9 @@ class RunConfig:
         ``hqjax.allocate`` too; see ``hqjax._bits``).
     qat_epochs, qat_learning_rate : quantization-aware fine-tuning (HAWQ-V3 Sec. 4).
     calib_examples : examples used to calibrate activation ranges.
+    float_islands : in the integer-only model, keep ops with no integer form (softmax,
+        LayerNorm, GELU, ...) in float between integer layers (``hqjax.to_integer``'s
+        ``float_islands``). Off by default: a model with such ops is refused before training.
     """
 
     model: str = "cnn"
@@ -113,6 +116,7 @@ class RunConfig:
     qat_epochs: int = 5
     qat_learning_rate: float = 5e-4
     calib_examples: int = 256
+    float_islands: bool = False
 
     def __post_init__(self):
         if isinstance(self.weight_bits, (list, str)):
@@ -154,6 +158,8 @@ class RunConfig:
         if isinstance(self.trace_rtol, bool) or not isinstance(self.trace_rtol, (int, float)) \
                 or not 0 < self.trace_rtol < 1:
             raise UserError(f"trace_rtol must be a fraction between 0 and 1 (e.g. 0.05), got {self.trace_rtol!r}")
+        if not isinstance(self.float_islands, bool):
+            raise UserError(f"float_islands must be true or false, got {self.float_islands!r}")
         if self.budget_kind not in BUDGET_KINDS:
             raise UserError(f"unknown budget kind {self.budget_kind!r}; choose one of {list(BUDGET_KINDS)}")
         parse_budget(self.budget)
@@ -184,10 +190,13 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "analyze": ("hessian_examples", "hessian_batch", "curvature", "num_probes", "trace_rtol", "top_k", "eig_iters",
                 "density_steps", "weight_bits"),
     "allocate": ("metric", "budget_kind", "budget", "act_bits", "edge_bits"),
-    "quantize": ("qat_epochs", "qat_learning_rate", "calib_examples"),
+    "quantize": ("qat_epochs", "qat_learning_rate", "calib_examples", "float_islands"),
     "evaluate": (),
     "report": (),
 }
+
+
+_LATER_FIELDS = {"float_islands": False}  # {field: its default}
 
 
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:
@@ -195,7 +204,8 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
     out, prev = {}, ""
     d = config.to_dict()
     for stage in STAGES:
-        fields = {k: d[k] for k in STAGE_FIELDS[stage]}
+        # a field added later hashes only when set, so folders made before it stay up to date
+        fields = {k: d[k] for k in STAGE_FIELDS[stage] if k not in _LATER_FIELDS or d[k] != _LATER_FIELDS[k]}
         if stage == "analyze":
             # The analysis computes eigenvalues only for metrics that read them: a metric
             # change that needs eigenvalues re-runs it, any other is an allocation change.

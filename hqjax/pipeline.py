@@ -271,7 +271,8 @@ def make_quantize_finetune(job: Job, template: dict, *, pack_int4: bool = True) 
         bw = bit_width_arrays(bit_config)
         ptq = _calibrate(calibrate, job.variables, calib, bw)
         qat = _calibrate(calibrate, _qat(job, step, optimizer, ptq, bw), calib, bw) if c.qat_epochs else ptq
-        integer = to_integer(quantize_model(job.model, bit_config), qat, d.input_shape, pack_int4=pack_int4)
+        integer = to_integer(quantize_model(job.model, bit_config), qat, d.input_shape, pack_int4=pack_int4,
+                             float_islands=c.float_islands)
         return Finetuned(qmodel, bw, ptq, qat, integer)
 
     return finetune
@@ -394,6 +395,9 @@ def run_stages(config: RunConfig, until: str = "report", *, log: Callable[[str],
     job.check_inputs()
     if STAGES.index(until) >= STAGES.index("allocate"):
         check_budget(job)
+    quantize = STAGES.index(until) >= STAGES.index("quantize")
+    if quantize and not (job.work.is_done("quantize", job.fingerprints["quantize"]) and "quantize" not in force):
+        job.check_integer_lowering()
     job.work.write_json("config.json", config.to_dict())
     for stage in STAGES[: STAGES.index(until) + 1]:
         fp = job.fingerprints[stage]

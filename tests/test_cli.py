@@ -27,6 +27,23 @@ def test_unknown_model_lists_models(tmp_path, capsys):
     _fails(["run", "--out", str(tmp_path), "--model", "vgg"], capsys, "unknown model 'vgg'", "cnn", "resnet20")
 
 
+def test_model_that_does_not_take_the_data_is_refused_before_writing(tmp_path, capsys):
+    err = _fails(["run", "--out", str(tmp_path / "o"), "--model", "bert_tiny"], capsys,
+                 "model 'bert_tiny' does not take the data's inputs (one example: shape (8, 8, 1))", "token ids")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_float_islands_flag_reaches_the_config_and_only_its_stage(tmp_path):
+    from hqjax.cli import build_parser, resolve_config
+    from hqjax.config import stage_fingerprints
+
+    on = resolve_config(build_parser().parse_args(["run", "--out", str(tmp_path), "--float-islands"]))
+    off = resolve_config(build_parser().parse_args(["run", "--out", str(tmp_path)]))
+    assert on.float_islands and not off.float_islands
+    a, b = stage_fingerprints(on), stage_fingerprints(off)
+    assert [s for s in a if a[s] != b[s]] == ["quantize", "evaluate", "report"]
+
+
 def test_unknown_dataset_lists_datasets(tmp_path, capsys):
     _fails(["run", "--out", str(tmp_path), "--dataset", "imagenet"], capsys, "unknown dataset 'imagenet'", "digits",
            "mnist_subset", "--data-dir")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import hqjax
 import user_models as um
@@ -251,3 +252,21 @@ def test_a_model_without_quantizable_layers_is_refused_before_writing(tmp_path):
     with pytest.raises(UserError, match="has no layer with a 'kernel' or 'embedding' parameter"):
         hqjax.run(Scale(), None, _data(), out=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_transformer_is_refused_before_training_unless_float_islands(tmp_path, capsys):
+    """A model with ops that have no integer form (attention's softmax, LayerNorm, GELU) fails
+    in one line before anything is written, naming the op and --float-islands; with it, the
+    NNX ViT goes through every stage and its integer-only model is the QAT model's."""
+    module = um.NNXRowViT(nnx.Rngs(0))
+    with pytest.raises(UserError, match=r"cannot lower op '\w+' at module path .* --float-islands"):
+        hqjax.run(module, None, _data(), out=str(tmp_path / "out"), **SMALL_KW)
+    assert not (tmp_path / "out").exists()
+    assert main(["run", "--model", "user_models:nnx_row_vit", "--out", str(tmp_path / "cli"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--float-islands" in err[0] and not (tmp_path / "cli").exists()
+    job = hqjax.run(module, None, _data(), out=str(tmp_path / "out"), log=lambda s: None, float_islands=True,
+                    **SMALL_KW | {"qat_epochs": 1})
+    acc = {k: v["accuracy"] for k, v in job.work.read_json("metrics.json")["stages"].items()}
+    assert abs(acc["integer_only"] - acc["qat_fake_quant"]) <= 1 / 48 + 1e-9, acc  # at most one test example

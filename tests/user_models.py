@@ -31,6 +31,7 @@ __all__ = [
     "NNX_MODELS",
     "init_linen",
     "nnx_cnn",
+    "nnx_row_vit",
 ]
 
 
@@ -222,6 +223,11 @@ def twin_nnx_from_linen(variables) -> TwinNNX:
 def nnx_cnn() -> NNXCNN:
     """A fresh :class:`NNXCNN`: a ``package.module:factory`` for ``--model``."""
     return NNXCNN(nnx.Rngs(0))
+
+
+def nnx_row_vit() -> NNXRowViT:
+    """A fresh :class:`NNXRowViT`: a ``package.module:factory`` for ``--model``."""
+    return NNXRowViT(nnx.Rngs(0))
 
 
 LINEN_MODELS = {"vggish": VGGish, "projection_resnet": ProjectionResNet, "mobile_block": MobileBlockNet}
