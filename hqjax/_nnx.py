@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 
@@ -107,12 +107,26 @@ class NNXApply:
         return nnx.merge(self.graphdef, p, s, self.templates[2], copy=True)
 
     @staticmethod
-    def set_mode(module, train: bool) -> None:
-        """``module.train()`` or ``module.eval()`` (BatchNorm statistics, dropout)."""
+    def set_mode(module, train: bool, rngs: Mapping | None = None) -> None:
+        """``module.train()`` or ``module.eval()`` (BatchNorm statistics, dropout).
+
+        ``rngs`` is Linen's ``{'dropout': key, ...}``: the module's RNG streams are reseeded
+        from it, so each training step draws fresh dropout masks (the keys a merged copy holds
+        are constants, and what the module draws would repeat every step otherwise). A stream
+        named in ``rngs`` gets that key; every other stream (``nnx.Rngs(0)``'s ``'default'``,
+        which ``nnx.Dropout`` falls back to) a key folded from the first one."""
+        from flax import nnx
+
         if train:
             module.train()
         else:
             module.eval()
+        if rngs:
+            tags = sorted({v.tag for _, v in nnx.iter_graph(module) if isinstance(v, nnx.RngKey)})
+            first = next(iter(rngs.values()))
+            keys = {t: rngs.get(t, jax.random.fold_in(first, i)) for i, t in enumerate(tags)}
+            if keys:
+                nnx.reseed(module, **keys, policy="match_shape")
 
     def collect(self, module, mutable) -> dict:
         """The mutable collections of ``module`` after a call, as pure dicts."""
@@ -127,7 +141,7 @@ class NNXApply:
         """Call the module on ``args`` with ``variables``; ``(out, updated collections)`` when
         ``mutable`` names collections (``['batch_stats']`` in training mode), as in Linen."""
         module = self.merge(variables)
-        self.set_mode(module, train)
+        self.set_mode(module, train, kwargs.pop("rngs", None))
         out = module(*args, **kwargs)
         return (out, self.collect(module, mutable)) if mutable else out
 

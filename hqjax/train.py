@@ -108,26 +108,28 @@ def make_loss_fn(model, variables: PyTree) -> Callable[[PyTree, tuple], jax.Arra
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, apply_fn: Callable | None = None):
-    """A jitted ``step(variables, opt_state, x, y) -> (variables, opt_state, loss)``.
+    """A jitted ``step(variables, opt_state, x, y, key) -> (variables, opt_state, loss)``.
 
-    ``apply_fn(variables, x, train=True, mutable=...)`` defaults to ``model.apply``; the
-    quantization-aware fine-tuning passes a fake-quantized apply with the same signature.
+    ``apply_fn(variables, x, train=True, mutable=..., rngs={'dropout': key})`` defaults to
+    ``model.apply``; the quantization-aware fine-tuning passes a fake-quantized apply with the
+    same signature. ``key`` seeds the step's dropout masks (pass a fresh one each step).
     """
     apply_fn = apply_fn or model.apply
 
-    def loss_and_state(params, rest, x, y):
+    def loss_and_state(params, rest, x, y, key):
         variables = {"params": params, **rest}
+        rngs = {"dropout": key}
         if rest:
-            logits, new_rest = apply_fn(variables, x, train=True, mutable=list(rest))
+            logits, new_rest = apply_fn(variables, x, train=True, mutable=list(rest), rngs=rngs)
         else:
-            logits, new_rest = apply_fn(variables, x, train=True), rest
+            logits, new_rest = apply_fn(variables, x, train=True, rngs=rngs), rest
         return cross_entropy(logits, y), new_rest
 
     @jax.jit
-    def step(variables, opt_state, x, y):
+    def step(variables, opt_state, x, y, key):
         params = variables["params"]
         rest = {k: v for k, v in variables.items() if k != "params"}
-        (loss, new_rest), grads = jax.value_and_grad(loss_and_state, has_aux=True)(params, rest, x, y)
+        (loss, new_rest), grads = jax.value_and_grad(loss_and_state, has_aux=True)(params, rest, x, y, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return {"params": params, **new_rest}, opt_state, loss
@@ -165,11 +167,13 @@ def train(model, x: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig
     opt_state = optimizer.init(variables["params"])
     step = make_train_step(model, optimizer)
     rng = np.random.default_rng(config.seed)
+    dropout = jax.random.fold_in(key, 1)
     bar = progress_bar(total=config.epochs * steps_per_epoch, desc=desc, enabled=progress)
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
-        for idx in _epoch_batches(rng, len(x), config.batch_size):
-            variables, opt_state, loss = step(variables, opt_state, x[idx], y[idx])
+        for i, idx in enumerate(_epoch_batches(rng, len(x), config.batch_size)):
+            step_key = jax.random.fold_in(dropout, epoch * steps_per_epoch + i)
+            variables, opt_state, loss = step(variables, opt_state, x[idx], y[idx], step_key)
             bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}")
         if bar.disable and ((epoch + 1) % max(1, config.epochs // 10) == 0 or epoch + 1 == config.epochs):

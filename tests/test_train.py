@@ -54,3 +54,31 @@ def test_progress_bar_is_quiet_when_stderr_is_not_a_terminal(capsys):
     bar.close()
     assert bar.disable and capsys.readouterr().err == ""
     assert not progress_bar(total=1, enabled=True).disable
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_dropout_draws_fresh_masks_each_step_and_none_in_eval(kind, digits):
+    """A user's model with dropout trains (Linen needs a 'dropout' key; an NNX module's own
+    keys are constants once merged), each step's key gives its own masks, eval has none."""
+    import optax
+    from flax import nnx
+
+    import hqjax
+    import user_models as um
+    from hqjax.train import init_variables, make_train_step, train
+
+    if kind == "linen":
+        model = um.DropoutMLP()
+        v = init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+    else:
+        model, v = hqjax.from_nnx(um.NNXDropoutMLP(nnx.Rngs(0)))
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    step = make_train_step(model, optax.sgd(0.0))
+    losses = [float(step(v, optax.sgd(0.0).init(v["params"]), x, y, jax.random.PRNGKey(k))[2]) for k in (1, 1, 2)]
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+    fwd = jax.jit(lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k}))
+    a, b = np.asarray(fwd(v, jax.random.PRNGKey(1))), np.asarray(fwd(v, jax.random.PRNGKey(2)))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(np.asarray(model.apply(v, x, train=False)), np.asarray(model.apply(v, x)))
+    trained = train(model, digits.x_train, digits.y_train, TrainConfig(epochs=10), variables=v)
+    assert accuracy(model.apply, trained, digits.x_test, digits.y_test) > 0.8

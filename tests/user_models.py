@@ -26,6 +26,8 @@ __all__ = [
     "TwinNNX",
     "RowViT",
     "NNXRowViT",
+    "DropoutMLP",
+    "NNXDropoutMLP",
     "twin_nnx_from_linen",
     "LINEN_MODELS",
     "NNX_MODELS",
@@ -207,6 +209,27 @@ class NNXRowViT(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x).mean(axis=1))
+
+
+class DropoutMLP(nn.Module):
+    """flatten -> dense -> relu -> dropout(0.5) -> dense, dropout active when ``train``."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(32, name="fc")(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10, name="head")(nn.Dropout(0.5, deterministic=not train)(x))
+
+
+class NNXDropoutMLP(nnx.Module):
+    """:class:`DropoutMLP` in NNX; the dropout draws from the module's own ``nnx.Rngs``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(64, 32, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.drop(nnx.relu(self.fc(x.reshape((x.shape[0], -1))))))
 
 
 def twin_nnx_from_linen(variables) -> TwinNNX:

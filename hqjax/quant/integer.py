@@ -128,7 +128,8 @@ def _forward(program_json: str, output_reg: int, backend: str, islands: tuple, a
 def _flat(tree) -> dict[str, np.ndarray]:
     from hqjax.tree import path_name
 
-    return {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if not jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)}  # an NNX module's RNG keys
 
 
 def _act_lookup(qmodel, stats: dict):

@@ -211,7 +211,7 @@ class QuantizedNNXApply:
             _static_width_calibrator(self.calibrator, bit_widths)
         qparams = quantize_params(variables["params"], self.bit_config, self.weight_spec, bit_widths=bit_widths)
         module = self.model.merge({k: v for k, v in variables.items() if k != STATS}, params=qparams)
-        self.model.set_mode(module, train)
+        self.model.set_mode(module, train, kwargs.pop("rngs", None))
         new_stats = dict(variables.get(STATS) or {})
         hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate, bit_widths)
         with with_layer_hooks(module, hooks, _act_layer_types()):

@@ -79,8 +79,9 @@ def qat_loss(qmodel: QuantizedModel, params: PyTree, state: QATState, x: jax.Arr
     train = batchnorm == "update" and bool(state.batch_stats)
     # only passed when set, so a duck-typed model without the argument still trains
     widths = {} if state.bit_widths is None else {"bit_widths": state.bit_widths}
-    if train:
-        logits, new = qmodel.apply(variables, x, train=True, mutable=["batch_stats"], **widths)
+    if train:  # dropout masks drawn per step, from the step count
+        rngs = {"dropout": jax.random.fold_in(jax.random.PRNGKey(0), state.step)}
+        logits, new = qmodel.apply(variables, x, train=True, mutable=["batch_stats"], rngs=rngs, **widths)
         batch_stats = new["batch_stats"]
     else:
         logits, batch_stats = qmodel.apply(variables, x, train=False, **widths), state.batch_stats

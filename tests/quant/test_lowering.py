@@ -291,6 +291,34 @@ def test_transformer_lowers_with_float_islands_to_the_fake_quant_logits(name, di
     assert same.mean() >= 0.97 and _agreement(fq, il) >= 0.99
 
 
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_dropout_models_quantize_train_and_lower(kind, digits):
+    """Dropout is off in eval and in integer inference (an NNX module's RNG keys are state the
+    lowering skips), and the QAT step runs on the model."""
+    import optax
+
+    from hqjax.train import init_variables
+
+    if kind == "linen":
+        model = um.DropoutMLP()
+        v = init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+    else:
+        model, v = hqjax.from_nnx(um.NNXDropoutMLP(nnx.Rngs(0)))
+    qm = quantize_model(model, _mixed(["fc", "head"]))
+    vq = jax.jit(qm.calibrate)(v, digits.x_train[:256])
+    im = to_integer(qm, vq, (8, 8, 1))
+    fq = np.asarray(jax.jit(qm.apply)(vq, digits.x_test))
+    assert _agreement(fq, np.asarray(_run(im, digits.x_test))) >= 0.99
+    opt = optax.adam(1e-3)
+    step = jax.jit(hqjax.make_qat_step(qm, opt, batchnorm="update"))
+    state = hqjax.init_qat_state(vq, opt)
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, digits.x_train[:64], digits.y_train[:64])
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and int(state.step) == 2
+
+
 def init_linen_at(init_np, model, digits):
     return init_np(model, digits.x_train[:2], seed=3)
 
