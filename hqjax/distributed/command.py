@@ -64,11 +64,14 @@ process 0 writes the merged results.json). Re-running the same command resumes i
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="hqjax sweep", description=_DESCRIPTION, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (shared by all hosts); resumes if it exists")
-    p.add_argument("--model", default="cnn", help="hqjax.models name")
-    p.add_argument("--dataset", default="digits", help="'digits', 'mnist_subset' or a tfds name with --data-dir")
+    p.add_argument("--model", default="cnn", help="hqjax.models name, or your own (Linen or NNX) as "
+                   "package.module:factory, as in hqjax run")
+    p.add_argument("--dataset", default="digits", help="'digits', 'mnist_subset', an .npz with x_train, y_train, "
+                   "x_test, y_test, or a tfds name with --data-dir")
     p.add_argument("--data-dir", default=None, help="prepared TensorFlow Datasets folder")
-    p.add_argument("--params", default=None, help="flax.serialization msgpack of the model variables "
-                   "(none: the model initialized from --seed)")
+    p.add_argument("--variables", "--params", dest="params", default=None,
+                   help="the model's variables: an Orbax checkpoint folder or a Flax msgpack file (none: the model "
+                        "initialized from --seed)")
     p.add_argument("--metrics", default="top_eigenvalue,trace", help=f"comma-separated, from {sorted(METRICS)}")
     p.add_argument("--layers", default=None, help="comma-separated block names (none: every layer)")
     p.add_argument("--subsets", type=int, default=1, help="disjoint data subsets (Q-BERT's spread over data)")
@@ -100,13 +103,16 @@ def _check_msgpack(path: str) -> None:
     """A readable msgpack file (whether it fits the model is known only after initialization)."""
     from flax import serialization
 
-    if not os.path.isfile(path):
-        raise UserError(f"--params {path!r} does not exist; pass a flax.serialization msgpack file")
+    if not os.path.exists(path):
+        raise UserError(f"--variables {path!r} does not exist; pass an Orbax checkpoint folder or a "
+                        f"flax.serialization msgpack file")
+    if os.path.isdir(path):  # an Orbax checkpoint: read after JAX starts (restoring may touch devices)
+        return
     try:
         with open(path, "rb") as f:
             serialization.msgpack_restore(f.read())
     except Exception as e:  # noqa: BLE001 - msgpack raises many types for a file that is not msgpack
-        raise UserError(f"--params {path!r} does not hold model variables: it is not a flax.serialization msgpack "
+        raise UserError(f"--variables {path!r} does not hold model variables: it is not a flax.serialization msgpack "
                         f"file ({type(e).__name__})") from None
 
 
@@ -117,8 +123,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     ------
     UserError : naming the bad setting and what would work.
     """
-    from hqjax.data import DATASETS
-    from hqjax.models import MODELS
+    from hqjax._job import check_names
     from hqjax._workdir import check_writable
 
     metrics = [m for m in args.metrics.split(",") if m]
@@ -135,15 +140,20 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise UserError(f"--tol must be positive, e.g. 1e-3; got {args.tol}")
     if args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
-    if args.model not in MODELS:
-        raise UserError(f"unknown model {args.model!r}; valid models: {', '.join(sorted(MODELS))}")
-    if args.dataset not in DATASETS and args.data_dir is None:
-        raise UserError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}, "
-                        f"or a TensorFlow Datasets name together with --data-dir")
+    check_names(_run_config(args))
     if args.params:
         _check_msgpack(args.params)
     check_writable(args.out)
     return metrics
+
+
+def _run_config(args: argparse.Namespace):
+    """The model, data and variables settings in ``hqjax run``'s terms: the sweep resolves and
+    checks them as the job does (names, factories, .npz files, Orbax or msgpack variables)."""
+    from hqjax.config import RunConfig
+
+    return RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, variables=args.params,
+                     seed=args.seed, out=args.out)
 
 
 def sweep_problem(args: argparse.Namespace):
@@ -157,36 +167,26 @@ def sweep_problem(args: argparse.Namespace):
     import numpy as np
 
     import hqjax
-    from hqjax.data import load_dataset
+    from hqjax._job import Job
     from hqjax.distributed.sweep import job_key, make_jobs
-    from hqjax.models import get_model
+    from hqjax.train import init_variables
 
     metrics = check_args(args)
-    try:
-        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-    except (FileNotFoundError, ImportError, ValueError) as e:  # folder not prepared, extra missing, bad name
-        raise UserError(str(e)) from None
+    job = Job(_run_config(args), log=lambda line: None)
+    data = job.dataset
     need = args.subsets * args.subset_size
     if need > len(data.x_train):
         raise UserError(f"{args.subsets} subsets of {args.subset_size} need {need} examples but {args.dataset!r} "
                          f"has {len(data.x_train)} training examples; lower --subsets or --subset-size")
-    model = get_model(args.model, num_classes=data.num_classes)
-    init = lambda: model.init(jax.random.key(args.seed), jnp.asarray(data.x_train[:1]), train=False)
+    job.check_inputs()  # the model takes the data, the variables fit it
+    model = job.model
+    init = lambda: init_variables(model, jax.random.key(args.seed), data.input_shape)  # noqa: E731
     names = hqjax.blocks(jax.eval_shape(init)["params"]).names  # layer names before any compute
     unknown = [name for name in (args.layers.split(",") if args.layers else []) if name not in names]
     if unknown:
         raise UserError(f"--layers names {unknown}, not layers of {args.model!r}; its layers are {list(names)}")
-    variables = init()
-    if args.params:
-        from flax import serialization
-
-        try:
-            with open(args.params, "rb") as f:
-                variables = serialization.from_bytes(variables, f.read())
-        except Exception as e:  # noqa: BLE001 - msgpack and Flax raise many types for a wrong file
-            raise UserError(f"--params {args.params!r} does not hold {args.model!r} variables ({e}); pass the "
-                            f"msgpack of this model's variables") from None
-    variables = jax.tree.map(np.asarray, variables)
+    variables = job.pretrained
+    variables = jax.tree.map(np.asarray, init() if variables is None else variables)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     blk = hqjax.blocks(params)

@@ -176,3 +176,33 @@ def test_initialize_single_process_is_a_noop_and_partial_multi_process_args_rais
     assert jax.process_count() == 1
     with pytest.raises(ValueError, match="coordinator_address"):
         hd.initialize(num_processes=2, process_id=0)
+
+
+def test_sweep_takes_a_user_factory_and_its_orbax_variables(tmp_path):
+    """``hqjax sweep --model package.module:factory --variables <Orbax folder>``, as ``hqjax run``
+    takes them: variables equal to the factory's initialization give the results of no
+    variables, byte for byte; other weights give other traces; variables of another model fail
+    in one line."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    import hqjax
+    import user_models as um
+    from hqjax.distributed.command import sweep_main
+    from hqjax.train import init_variables
+
+    model, _ = hqjax.from_nnx(um.nnx_cnn())
+    init = init_variables(model, jax.random.key(0), (8, 8, 1))
+    scaled = jax.tree.map(lambda a: a * 1.5, init)
+    for name, v in (("same", init), ("scaled", scaled), ("other", {"params": {"dense": {"kernel": jnp.ones((3, 3))}}})):
+        ocp.PyTreeCheckpointer().save(str(tmp_path / f"{name}_ckpt"), v)
+    args = ["--model", "user_models:nnx_cnn", "--layers", "head", "--metrics", "trace", "--num-probes", "2",
+            "--subset-size", "16", "--loop", "host"]
+    results = {}
+    for name in ("none", "same", "scaled"):
+        extra = [] if name == "none" else ["--variables", str(tmp_path / f"{name}_ckpt")]
+        assert sweep_main(["--out", str(tmp_path / name), *args, *extra]) == 0
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())["jobs"]
+    assert results["same"] == results["none"] and results["scaled"] != results["none"]
+    assert sweep_main(["--out", str(tmp_path / "bad"), *args, "--variables", str(tmp_path / "other_ckpt")]) == 2
+    assert not (tmp_path / "bad" / "results.json").exists()
