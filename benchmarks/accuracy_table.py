@@ -153,7 +153,7 @@ def latency_table(args) -> str:
         from hqjax.train import init_variables
 
         job = Job(seed_config(args, 0))
-        x = jax.ShapeDtypeStruct((1, *job.dataset.input_shape), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, *job.dataset.input_shape), job.dataset.input_dtype)
         variables = jax.eval_shape(lambda: init_variables(job.model, jax.random.PRNGKey(0), job.dataset.input_shape))
         os.makedirs(args.work, exist_ok=True)
         _write(path, measure_latency_table(layer_shapes(job.model, variables, x, train=False),

@@ -129,7 +129,7 @@ class Job:
             given = self._model_and_own[1]
         if given is None:
             return None
-        return check_variables(self.model, given, self.dataset.input_shape, where)
+        return check_variables(self.model, given, self.dataset.input_shape, where, self.dataset.input_dtype)
 
     def check_inputs(self) -> None:
         """Load and check the data, the model and pretrained variables (before any work)."""
@@ -139,7 +139,8 @@ class Job:
         _ = self.dataset, self.model, self.pretrained
         shape = self.dataset.input_shape
         try:
-            shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), shape))
+            shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), shape,
+                                                           self.dataset.input_dtype))
         except (TypeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"model {self.config.model!r} does not take the data's inputs (one example: shape "
@@ -160,16 +161,18 @@ class Job:
         v = self.pretrained
         if v is None:
             trained = self.work.is_done("train", self.fingerprints["train"])
-            v = self.variables if trained else init_variables(self.model, jax.random.PRNGKey(0), d.input_shape)
+            v = self.variables if trained else init_variables(self.model, jax.random.PRNGKey(0), d.input_shape,
+                                                              d.input_dtype)
         qmodel = quantize_model(self.model, uniform_bit_config(blocks(v["params"]), 8, 8))
         v = jax.jit(lambda v, x: qmodel.calibrate(v, x, train=False))(v, d.x_train[:8])
         try:
-            to_integer(qmodel, v, d.input_shape, float_islands=self.config.float_islands)
+            to_integer(qmodel, v, d.input_shape, float_islands=self.config.float_islands, input_dtype=d.input_dtype)
         except ValueError as e:
             msg = str(e)
             if "float_islands=True" not in msg:
                 raise
-            raise UserError(msg[:msg.index("Supported:")].rstrip() + " Run with --float-islands "
+            cut = min(i for i in (msg.find("Supported:"), msg.find("Pass float_islands=True")) if i >= 0)
+            raise UserError(msg[:cut].rstrip() + " Run with --float-islands "
                             "(hqjax.run(..., float_islands=True)) to keep such ops in float between integer "
                             "layers") from None
 

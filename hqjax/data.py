@@ -18,7 +18,8 @@ __all__ = ["Dataset", "dataset_from_arrays", "load_npz", "load_digits", "load_mn
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train/test arrays: images NHWC float32 in [0, 1], integer labels."""
+    """Train/test arrays: images NHWC float32 in [0, 1] (or a user's token ids, int32), integer
+    labels."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -31,6 +32,11 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def input_dtype(self) -> np.dtype:
+        """float32, or int32 for token ids."""
+        return self.x_train.dtype
+
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -39,8 +45,9 @@ def dataset_from_arrays(data, name: str = "arrays", num_classes: int | None = No
     """A :class:`Dataset` from a user's arrays: a ``Dataset``, a mapping with keys
     ``x_train, y_train, x_test, y_test`` (e.g. an opened ``.npz``) or a 4-tuple in that order.
 
-    Inputs become float32 (batch first, as the model takes them), labels int32; the number of
-    classes is the largest label + 1 unless given. Raises ``ValueError`` naming the missing
+    Inputs of a signed integer dtype are token ids and become int32 (an embedding's input);
+    any other input (floats, uint8 images) becomes float32 (batch first, as the model takes
+    them). Labels become int32; the number of classes is the largest label + 1 unless given. Raises ``ValueError`` naming the missing
     key or the arrays whose lengths disagree.
     """
     if isinstance(data, Dataset):
@@ -67,8 +74,11 @@ def dataset_from_arrays(data, name: str = "arrays", num_classes: int | None = No
         raise ValueError(f"{name}: x_train examples have shape {arrays['x_train'].shape[1:]} but x_test "
                          f"{arrays['x_test'].shape[1:]}")
     labels = max(int(arrays["y_train"].max()), int(arrays["y_test"].max())) + 1
-    return Dataset(arrays["x_train"].astype(np.float32), arrays["y_train"].astype(np.int32),
-                   arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int32),
+    ids = np.issubdtype(arrays["x_train"].dtype, np.signedinteger) and np.issubdtype(arrays["x_test"].dtype,
+                                                                                       np.signedinteger)
+    x_dtype = np.int32 if ids else np.float32
+    return Dataset(arrays["x_train"].astype(x_dtype), arrays["y_train"].astype(np.int32),
+                   arrays["x_test"].astype(x_dtype), arrays["y_test"].astype(np.int32),
                    int(num_classes or labels), name)
 
 

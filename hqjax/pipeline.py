@@ -81,7 +81,7 @@ def layer_costs(job: Job, variables=None):
     needed. ``variables`` may be shapes only (``jax.eval_shape``); default the trained ones."""
     from hqjax.alloc import LayerCosts, layer_shapes, measure_latency_table
 
-    x = jax.ShapeDtypeStruct((1, *job.dataset.input_shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, *job.dataset.input_shape), job.dataset.input_dtype)
     shapes = layer_shapes(job.model, job.variables if variables is None else variables, x, train=False)
     costs = LayerCosts.from_shapes(shapes)
     if job.config.budget_kind == "latency":
@@ -150,7 +150,8 @@ def check_budget(job: Job) -> None:
     c = job.config
     if c.budget_kind == "latency":
         return
-    shapes = jax.eval_shape(lambda: init_variables(job.model, jax.random.PRNGKey(0), job.dataset.input_shape))
+    shapes = jax.eval_shape(lambda: init_variables(job.model, jax.random.PRNGKey(0), job.dataset.input_shape,
+                                                   job.dataset.input_dtype))
     costs = layer_costs(job, shapes)
     zero = {n: {b: 0.0 for b in c.weight_bits} for n in costs.names}
     _allocate(zero, costs, c, resolve_budget(c, costs, costs.names))
@@ -272,7 +273,7 @@ def make_quantize_finetune(job: Job, template: dict, *, pack_int4: bool = True) 
         ptq = _calibrate(calibrate, job.variables, calib, bw)
         qat = _calibrate(calibrate, _qat(job, step, optimizer, ptq, bw), calib, bw) if c.qat_epochs else ptq
         integer = to_integer(quantize_model(job.model, bit_config), qat, d.input_shape, pack_int4=pack_int4,
-                             float_islands=c.float_islands)
+                             float_islands=c.float_islands, input_dtype=d.input_dtype)
         return Finetuned(qmodel, bw, ptq, qat, integer)
 
     return finetune

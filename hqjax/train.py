@@ -84,9 +84,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
     return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def init_variables(model, key: jax.Array, input_shape: tuple[int, ...]) -> PyTree:
-    """Flax variables (``params`` and, for BatchNorm models, ``batch_stats``) for one input."""
-    return model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+def init_variables(model, key: jax.Array, input_shape: tuple[int, ...], dtype=jnp.float32) -> PyTree:
+    """Flax variables (``params`` and, for BatchNorm models, ``batch_stats``) for one input
+    (``dtype`` int32 for token ids)."""
+    return model.init(key, jnp.zeros((1, *input_shape), dtype), train=False)
 
 
 def make_loss_fn(model, variables: PyTree) -> Callable[[PyTree, tuple], jax.Array]:
@@ -159,7 +160,7 @@ def train(model, x: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig
         raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({len(x)} examples)")
     key = jax.random.PRNGKey(config.seed)
     if variables is None:
-        variables = init_variables(model, key, x.shape[1:])
+        variables = init_variables(model, key, x.shape[1:], x.dtype)
     variables = flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict) else dict(variables)
     steps_per_epoch = len(x) // config.batch_size
     schedule = optax.cosine_decay_schedule(config.learning_rate, max(config.epochs * steps_per_epoch, 1))

@@ -121,7 +121,8 @@ def _shapes(tree) -> dict[str, tuple]:
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def check_variables(model, variables: PyTree, input_shape: tuple[int, ...], where: str = "--variables") -> dict:
+def check_variables(model, variables: PyTree, input_shape: tuple[int, ...], where: str = "--variables",
+                    dtype=np.float32) -> dict:
     """``variables`` as a plain dict, checked against ``model``'s own variables for one input.
 
     A bare params tree (no ``'params'`` collection) is accepted and wrapped. Raises
@@ -134,7 +135,7 @@ def check_variables(model, variables: PyTree, input_shape: tuple[int, ...], wher
     from hqjax.train import init_variables
 
     variables = flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict) else dict(variables)
-    expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
+    expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape, dtype))
     if "params" not in variables and "params" in expected:
         variables = {"params": variables}
     want, got = _shapes(expected), _shapes(variables)

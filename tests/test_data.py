@@ -87,3 +87,14 @@ def test_cifar10_job_end_to_end_from_a_prepared_tfds_folder(tmp_path, monkeypatc
     assert len(bits) == 20 and bits["stem"]["weight_bits"] == bits["fc"]["weight_bits"] == 8
     stages = read_json(str(out / "metrics.json"))["stages"]
     assert 0 <= stages["integer_only"]["accuracy"] <= 1
+
+
+def test_arrays_of_token_ids_stay_integers_and_images_become_float():
+    from hqjax.data import dataset_from_arrays
+
+    y = np.zeros(4, np.int64)
+    ids = dataset_from_arrays((np.ones((4, 7), np.int64), y, np.ones((4, 7), np.int64), y))
+    assert ids.input_dtype == np.int32 and ids.input_shape == (7,)
+    for dtype in (np.uint8, np.float64):
+        img = dataset_from_arrays((np.ones((4, 8, 8, 1), dtype), y, np.ones((4, 8, 8, 1), dtype), y))
+        assert img.input_dtype == np.float32

@@ -270,3 +270,25 @@ def test_transformer_is_refused_before_training_unless_float_islands(tmp_path, c
                     **SMALL_KW | {"qat_epochs": 1})
     acc = {k: v["accuracy"] for k, v in job.work.read_json("metrics.json")["stages"].items()}
     assert abs(acc["integer_only"] - acc["qat_fake_quant"]) <= 1 / 48 + 1e-9, acc  # at most one test example
+
+
+@pytest.mark.slow
+def test_job_on_token_ids_runs_hqjax_bert_through_every_stage_with_float_islands(tmp_path):
+    """Token-id arrays stay integers through the job (init, analysis, QAT), BertTiny (Q-BERT's
+    setting) is refused before training without --float-islands, and with it the integer-only
+    model (embeddings, LayerNorm, softmax, GELU in float islands) is the QAT model's."""
+    from hqjax.models import BertTiny
+
+    r = np.random.default_rng(0)
+    ids = r.integers(1, 64, size=(144, 12)).astype(np.int64)
+    labels = (ids[:, 0] > 32).astype(np.int64)
+    data = (ids[:96], labels[:96], ids[96:], labels[96:])
+    with pytest.raises(UserError, match=r"integer inputs \(token ids.*--float-islands"):
+        hqjax.run(BertTiny(num_classes=2), None, data, out=str(tmp_path / "bert"), **SMALL_KW)
+    assert not (tmp_path / "bert").exists()
+    job = hqjax.run(BertTiny(num_classes=2), None, data, out=str(tmp_path / "bert"), log=lambda s: None,
+                    float_islands=True, **SMALL_KW | {"epochs": 3, "qat_epochs": 1})
+    assert job.dataset.input_dtype == np.int32
+    acc = {k: v["accuracy"] for k, v in job.work.read_json("metrics.json")["stages"].items()}
+    assert abs(acc["integer_only"] - acc["qat_fake_quant"]) <= 1 / 48 + 1e-9, acc
+    assert "embed/token" in job.work.read_json("bit_config.json")

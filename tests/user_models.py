@@ -28,6 +28,8 @@ __all__ = [
     "NNXRowViT",
     "DropoutMLP",
     "NNXDropoutMLP",
+    "TokenNet",
+    "NNXTokenNet",
     "twin_nnx_from_linen",
     "LINEN_MODELS",
     "NNX_MODELS",
@@ -230,6 +232,28 @@ class NNXDropoutMLP(nnx.Module):
 
     def __call__(self, x):
         return self.head(self.drop(nnx.relu(self.fc(x.reshape((x.shape[0], -1))))))
+
+
+class TokenNet(nn.Module):
+    """Token ids (not images): embed (vocabulary 64) -> dense -> relu -> mean over tokens -> head."""
+
+    @nn.compact
+    def __call__(self, ids, train: bool = False):
+        del train
+        x = nn.relu(nn.Dense(24, name="fc")(nn.Embed(64, 16, name="embed")(ids)))
+        return nn.Dense(10, name="head")(x.mean(axis=1))
+
+
+class NNXTokenNet(nnx.Module):
+    """:class:`TokenNet` in NNX."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(64, 16, rngs=rngs)
+        self.fc = nnx.Linear(16, 24, rngs=rngs)
+        self.head = nnx.Linear(24, 10, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.head(nnx.relu(self.fc(self.embed(ids))).mean(axis=1))
 
 
 def twin_nnx_from_linen(variables) -> TwinNNX:

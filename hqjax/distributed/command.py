@@ -180,7 +180,7 @@ def sweep_problem(args: argparse.Namespace):
                          f"has {len(data.x_train)} training examples; lower --subsets or --subset-size")
     job.check_inputs()  # the model takes the data, the variables fit it
     model = job.model
-    init = lambda: init_variables(model, jax.random.key(args.seed), data.input_shape)  # noqa: E731
+    init = lambda: init_variables(model, jax.random.key(args.seed), data.input_shape, data.input_dtype)  # noqa: E731
     names = hqjax.blocks(jax.eval_shape(init)["params"]).names  # layer names before any compute
     unknown = [name for name in (args.layers.split(",") if args.layers else []) if name not in names]
     if unknown:

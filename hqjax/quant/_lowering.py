@@ -208,9 +208,15 @@ class Lowerer:
 
     # ------------------------------------------------------------------ driver
     def run(self, input_act):
-        s, z, rng = input_act
-        self.env[self.t.invar] = Value(0, "int8", tuple(self.t.invar.aval.shape), np.full(
-            (1,) * self.t.invar.aval.ndim, s), int(z), bound=float(max(rng[1] - z, z - rng[0])))
+        """Lower the program; ``input_act`` is the input quantizer ``(S, z, (qmin, qmax))``, or
+        None for token ids, held as they are (a "float" value: only float islands read it)."""
+        shape = tuple(self.t.invar.aval.shape)
+        if input_act is None:
+            self.env[self.t.invar] = Value(0, "float", shape)
+        else:
+            s, z, rng = input_act
+            self.env[self.t.invar] = Value(0, "int8", shape, np.full((1,) * len(shape), s), int(z),
+                                           bound=float(max(rng[1] - z, z - rng[0])))
         for e in self.t.eqns:
             self.lower(e)
         if not _is_var(self.t.outvar) or self.t.outvar in self.t.consts:

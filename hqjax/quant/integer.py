@@ -42,7 +42,7 @@ from hqjax.quant._int_program import run_program
 from hqjax.quant._lowering import Lowerer, ModelInfo, input_layer
 from hqjax.quant._trace import trace_linen, trace_nnx
 from hqjax.quant.quantizers import int_range, qparams_from_range
-from hqjax.quant.transform import STATS, QuantizedModel, weight_specs
+from hqjax.quant.transform import STATS, QuantizedModel, quantize_params, weight_specs
 
 __all__ = ["int_matmul", "fold_batchnorm", "IntegerModel", "to_integer", "save_integer_model",
            "load_integer_model"]
@@ -95,7 +95,10 @@ class IntegerModel:
         return json.loads(self.meta_json)
 
     def quantize_input(self, x: jax.Array) -> jax.Array:
-        """Float boundary in: the model input as int8 at the first layer's input scale."""
+        """Float boundary in: the model input as int8 at the first layer's input scale (token
+        ids, of a model with integer inputs, pass as int32)."""
+        if self.meta["input_scale"] is None:
+            return jnp.asarray(x, jnp.int32)
         s, z, (lo, hi) = self.meta["input_scale"], self.meta["input_zero"], self.meta["input_range"]
         return jnp.clip(jnp.round(x / s) + z, lo, hi).astype(jnp.int8)
 
@@ -150,16 +153,29 @@ def _act_lookup(qmodel, stats: dict):
     return act
 
 
-def _trace(qmodel, variables, input_shape):
-    """``(traced, flat variables, flat stats, params pure dict)`` of a Linen or NNX fake-quant model."""
-    from hqjax.quant.nnx_transform import QuantizedNNXApply, QuantizedNNXModel
+def _embedding_config(qmodel, params) -> dict:
+    """The part of the BitConfig naming embedding tables: traced fake-quantized, so that a
+    float island's lookup reads the fake-quant model's table (layers are quantized from
+    the float kernels by the lowering itself)."""
+    from hqjax.quant.transform import _owner_leaves
 
-    example = jnp.zeros((1, *input_shape), jnp.float32)
+    owners = _owner_leaves(params)
+    return {k: v for k, v in qmodel.bit_config.items() if k in owners and owners[k][1] == "embedding"}
+
+
+def _trace(qmodel, variables, input_shape, input_dtype=jnp.float32):
+    """``(traced, flat variables, flat stats, params pure dict)`` of a Linen or NNX fake-quant model."""
+    from hqjax.quant.nnx_transform import QuantizedNNXApply, QuantizedNNXModel, quantize_nnx_state
+
+    example = jnp.zeros((1, *input_shape), input_dtype)
     if isinstance(qmodel, QuantizedModel):
         if not isinstance(variables, Mapping) or "params" not in variables:
             raise TypeError("for a Linen QuantizedModel, variables is the calibrated variables dict "
                             f"(params, batch_stats, {STATS!r})")
         float_vars = {k: v for k, v in variables.items() if k != STATS}
+        emb = _embedding_config(qmodel, variables["params"])
+        if emb:
+            float_vars["params"] = quantize_params(variables["params"], emb, qmodel.weight_spec)
         traced = trace_linen(qmodel.model, float_vars, example)
         flat = {**_flat(variables.get("batch_stats", {})), **_flat(variables["params"])}
         return traced, flat, _flat(variables.get(STATS, {})), variables["params"]
@@ -170,8 +186,10 @@ def _trace(qmodel, variables, input_shape):
             raise TypeError("for a QuantizedNNXModel, variables is the tuple (params, rest, stats) that its "
                             "apply takes (params, rest = nnx.split(model, nnx.Param, ...); stats from calibrate)")
         params, rest, stats = variables
-        traced = trace_nnx(qmodel.graphdef, params, rest, example)
         pure = nnx.to_pure_dict(params)
+        emb = _embedding_config(qmodel, pure)
+        traced = trace_nnx(qmodel.graphdef, quantize_nnx_state(params, emb, qmodel.weight_spec) if emb else params,
+                           rest, example)
         return traced, {**_flat(nnx.to_pure_dict(rest)), **_flat(pure)}, _flat(stats or {}), pure
     if isinstance(qmodel, QuantizedNNXApply):  # an NNX model in Linen's convention (hqjax.from_nnx)
         from flax import nnx
@@ -179,11 +197,13 @@ def _trace(qmodel, variables, input_shape):
         if not isinstance(variables, Mapping) or "params" not in variables:
             raise TypeError("for a QuantizedNNXApply, variables is the calibrated variables dict "
                             f"(params, batch_stats, {STATS!r})")
-        module = qmodel.model.merge({k: v for k, v in variables.items() if k != STATS})
+        emb = _embedding_config(qmodel, variables["params"])
+        module = qmodel.model.merge({k: v for k, v in variables.items() if k != STATS},
+                                    params=quantize_params(variables["params"], emb, qmodel.weight_spec) if emb else None)
         qmodel.model.set_mode(module, False)
-        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-        traced = trace_nnx(graphdef, params, rest, example)
-        pure = nnx.to_pure_dict(params)
+        graphdef, qparams, rest = nnx.split(module, nnx.Param, ...)
+        traced = trace_nnx(graphdef, qparams, rest, example)
+        pure = variables["params"]
         return traced, {**_flat(nnx.to_pure_dict(rest)), **_flat(pure)}, _flat(variables.get(STATS, {})), pure
     raise TypeError(f"to_integer takes a QuantizedModel (hqjax.quantize_model) or a QuantizedNNXModel "
                     f"(hqjax.quantize_nnx_model), got {type(qmodel).__name__}")
@@ -209,7 +229,7 @@ def _group_islands(steps, op_meta) -> list[dict]:
 
 
 def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int4: bool = True,
-               float_islands: bool = False) -> IntegerModel:
+               float_islands: bool = False, input_dtype=jnp.float32) -> IntegerModel:
     """Lower a calibrated fake-quant model (Linen or NNX) to an integer-only :class:`IntegerModel`.
 
     The model's own program is traced on one example and lowered op by op
@@ -232,8 +252,17 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
     float_islands : keep ops with no integer form (softmax, LayerNorm, GELU, ...) in float —
         dequantize, float op, requantize at the next layer — and list each in
         ``meta['float_islands']``. Off by default: such an op raises, naming it and its module path.
+    input_dtype : the model input's dtype. An integer dtype means token ids: they enter the
+        program as they are (no input quantizer) and the embedding lookup runs as a float island
+        (with the fake-quant embedding table) up to the first Dense layer, so it needs
+        ``float_islands=True``.
     """
-    traced, flat, stats, params = _trace(qmodel, variables, input_shape)
+    ids = jnp.issubdtype(input_dtype, jnp.integer)
+    if ids and not float_islands:
+        raise ValueError(f"the model takes integer inputs (token ids, one example of shape {tuple(input_shape)}): "
+                         f"its embedding lookup has no integer form here. Pass float_islands=True to run it, and "
+                         f"what follows up to the first Dense layer, in float")
+    traced, flat, stats, params = _trace(qmodel, variables, input_shape, input_dtype)
     layers = [l.path for l in traced.layers if l.kind in ("dense", "conv")]
     missing = [n for n in layers if n not in qmodel.bit_config or qmodel.act_spec(n) is None]
     if missing:
@@ -242,13 +271,13 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
     wspecs = weight_specs(params, qmodel.bit_config, qmodel.weight_spec)
     info = ModelInfo(flat, _act_lookup(qmodel, stats), wspecs.__getitem__, pack_int4)
     lowerer = Lowerer(traced, info, float_islands)
-    s, z, rng = info.act(input_layer(traced))
-    out_reg, out_scale = lowerer.run((s, z, rng))
+    s, z, rng = (None, None, None) if ids else info.act(input_layer(traced))
+    out_reg, out_scale = lowerer.run(None if ids else (s, z, rng))
     islands = _group_islands(lowerer.steps, lowerer.island_meta)
     for i, isl in enumerate(islands):
         logging.getLogger("hqjax").info("to_integer: float island %d at %s: %s", i, isl["paths"], isl["ops"])
     meta = {"program": lowerer.steps, "output_reg": out_reg, "layers": lowerer.layers, "input_scale": s,
-            "input_zero": z, "input_range": list(rng), "output_scale": out_scale, "bit_config": qmodel.bit_config,
+            "input_zero": z, "input_range": None if ids else list(rng), "output_scale": out_scale, "bit_config": qmodel.bit_config,
             "act_mode": qmodel.act_mode, "input_shape": list(input_shape), "float_islands": islands}
     return IntegerModel(lowerer.arrays, json.dumps(meta), backend, tuple(lowerer.islands))
 

@@ -319,6 +319,34 @@ def test_dropout_models_quantize_train_and_lower(kind, digits):
     assert np.all(np.isfinite(losses)) and int(state.step) == 2
 
 
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_token_model_takes_ids_and_looks_up_the_fake_quant_table_in_float(kind):
+    """A model of token ids: the ids enter the program as they are, the lookup of the 3-bit
+    embedding table is a float island reading the fake-quant table, the rest is integer; the
+    logits are the fake-quant model's. Without float islands: one error naming token ids."""
+    ids = np.random.default_rng(0).integers(0, 64, size=(200, 12)).astype(np.int32)
+    cfg = {"embed": {"weight_bits": 3, "act_bits": None}, "fc": {"weight_bits": 4, "act_bits": 8},
+           "head": {"weight_bits": 8, "act_bits": 8}}
+    if kind == "linen":
+        model = um.TokenNet()
+        v = model.init(jax.random.key(0), ids[:1])
+        qm = quantize_model(model, cfg)
+        vq = jax.jit(qm.calibrate)(v, ids[:128])
+        fq = np.asarray(jax.jit(qm.apply)(vq, ids))
+    else:
+        model = um.NNXTokenNet(nnx.Rngs(0))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        qm = quantize_nnx_model(model, cfg)
+        vq = (params, rest, jax.jit(qm.calibrate)(params, rest, None, ids[:128]))
+        fq = np.asarray(jax.jit(qm.apply)(*vq, ids))
+    with pytest.raises(ValueError, match=r"integer inputs \(token ids.*float_islands=True"):
+        to_integer(qm, vq, (12,), input_dtype=jnp.int32)
+    im = to_integer(qm, vq, (12,), input_dtype=jnp.int32, float_islands=True)
+    assert [isl["paths"] for isl in im.meta["float_islands"]] == [["embed"]] and im.meta["layers"] == ["fc", "head"]
+    assert im.quantize_input(ids).dtype == jnp.int32
+    np.testing.assert_allclose(np.asarray(_run(im, ids)), fq, atol=1e-5 * np.abs(fq).max())
+
+
 def init_linen_at(init_np, model, digits):
     return init_np(model, digits.x_train[:2], seed=3)
 
