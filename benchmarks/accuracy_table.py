@@ -110,14 +110,15 @@ def make_evaluate(job):
     """``evaluate(bits, act) -> {ptq, fake_quant, integer, seconds}``: PTQ, QAT (fake-quant)
     and integer-only test accuracy of one configuration. The widths are inputs of one
     quantized model (``hqjax.pipeline.make_quantize_finetune``) and the models are arguments
-    of the compiled evaluations, so only a new integer program (new activation widths)
-    compiles again."""
+    of the compiled evaluations; every configuration's integer model runs one compiled program
+    (``share_program``: its zero points and shifts are array arguments)."""
     import jax
 
     from hqjax.pipeline import make_quantize_finetune
 
     d = job.dataset
-    finetune = make_quantize_finetune(job, ab.bit_config({n: 8 for n in job.blocks.names}, 8), pack_int4=False)
+    finetune = make_quantize_finetune(job, ab.bit_config({n: 8 for n in job.blocks.names}, 8), pack_int4=False,
+                                      share_program=True)
     fake_quant = None
     # called eagerly: IntegerModel.forward compiles per program, which configurations share
     integer = lambda m, xb: m(xb)  # noqa: E731

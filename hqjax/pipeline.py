@@ -244,7 +244,8 @@ class Finetuned(NamedTuple):
     integer: Any
 
 
-def make_quantize_finetune(job: Job, template: dict, *, pack_int4: bool = True) -> Callable[[dict], Finetuned]:
+def make_quantize_finetune(job: Job, template: dict, *, pack_int4: bool = True,
+                           share_program: bool = False) -> Callable[[dict], Finetuned]:
     """PTQ, QAT and integer conversion of the job's full-precision model, for any BitConfig
     over the layers of ``template`` (and its ``act_bits=None`` layers).
 
@@ -254,7 +255,8 @@ def make_quantize_finetune(job: Job, template: dict, *, pack_int4: bool = True) 
     dyadic requantization (HAWQ-V3 Sec. 3-4) into an integer-only model. The widths are
     array inputs of one quantized model (``hqjax.bit_width_arrays``), so calibration and the
     QAT step compile once for every configuration of a sweep. ``pack_int4=False`` keeps the
-    integer models of all configurations in one layout (int8 storage).
+    integer models of all configurations in one layout (int8 storage) and ``share_program=True``
+    in one program (``hqjax.to_integer``), so their integer forward compiles once too.
     """
     import optax
 
@@ -273,7 +275,7 @@ def make_quantize_finetune(job: Job, template: dict, *, pack_int4: bool = True) 
         ptq = _calibrate(calibrate, job.variables, calib, bw)
         qat = _calibrate(calibrate, _qat(job, step, optimizer, ptq, bw), calib, bw) if c.qat_epochs else ptq
         integer = to_integer(quantize_model(job.model, bit_config), qat, d.input_shape, pack_int4=pack_int4,
-                             float_islands=c.float_islands, input_dtype=d.input_dtype)
+                             float_islands=c.float_islands, input_dtype=d.input_dtype, share_program=share_program)
         return Finetuned(qmodel, bw, ptq, qat, integer)
 
     return finetune

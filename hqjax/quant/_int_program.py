@@ -41,16 +41,24 @@ def _patches(x, kernel, strides, pads, dilation, pad_value):
     return jnp.concatenate(cols, axis=-1)
 
 
+def _const(step, a, key):
+    """A calibration-dependent constant (a zero point, a range, a shift): an array argument, so
+    that configurations differing only in such values share one compiled program (in the
+    step itself in models saved before that)."""
+    return a[key] if key in a else step[key]
+
+
 def _linear(step, a, x, backend):
     if step.get("in_reshape"):
         x = x.reshape(-1, *step["in_reshape"])
     conv = step.get("conv")
     if conv:
         x = _patches(x, conv["kernel"], conv["strides"], [tuple(p) for p in conv["pads"]], conv["dilation"],
-                     step["in_zero"])
+                     _const(step, a, "in_zero"))
     acc = int4_matmul(x, a["w4"], backend=backend) if "w4" in a else int_matmul(x, a["w"], backend=backend)
-    if step.get("frac_bits"):  # finer accumulator scale: the bias rounds to 2^-f of a step
-        acc = jnp.left_shift(acc, step["frac_bits"])
+    frac = a.get("frac_bits", step.get("frac_bits", 0))
+    if not isinstance(frac, int) or frac:  # finer accumulator scale: the bias rounds to 2^-f of a step
+        acc = jnp.left_shift(acc, frac)
     acc = acc + a["bias"]
     if step.get("out_reshape"):
         acc = acc.reshape(-1, *step["out_reshape"])
@@ -58,8 +66,8 @@ def _linear(step, a, x, backend):
 
 
 def _requant(step, a, x, backend):
-    y = dyadic_round(x.astype(jnp.int32) - step["in_zero"], a["m"], a["shift"])
-    y = jnp.clip(y, -(2**30), 2**30) + step["out_zero"]  # saturate before the zero point is added
+    y = dyadic_round(x.astype(jnp.int32) - _const(step, a, "in_zero"), a["m"], a["shift"])
+    y = jnp.clip(y, -(2**30), 2**30) + _const(step, a, "out_zero")  # saturate before the zero point is added
     y = jnp.clip(y, a["lo"], a["hi"])
     return y.astype(jnp.int8 if step["dtype"] == "int8" else jnp.int32)
 
@@ -69,7 +77,7 @@ def _clip(step, a, x, backend):
 
 
 def _center(step, a, x, backend):
-    return x.astype(jnp.int32) - step["zero"]
+    return x.astype(jnp.int32) - _const(step, a, "zero")
 
 
 def _add(step, a, x, y, backend):
@@ -110,7 +118,7 @@ def _slice(step, a, x, backend):
 
 
 def _pad(step, a, x, backend):
-    return lax.pad(x, jnp.asarray(step["value"], x.dtype), [(0, 0, 0), *(tuple(c) for c in step["config"])])
+    return lax.pad(x, jnp.asarray(_const(step, a, "value"), x.dtype), [(0, 0, 0), *(tuple(c) for c in step["config"])])
 
 
 def _affine(step, a, x, backend):
@@ -118,12 +126,13 @@ def _affine(step, a, x, backend):
 
 
 def _dequant(step, a, x, backend):
-    y = a["scale"] * (x.astype(jnp.float32) - step["zero"])
-    return jnp.clip(y, step["lo"], step["hi"])
+    y = a["scale"] * (x.astype(jnp.float32) - _const(step, a, "zero"))
+    return jnp.clip(y, _const(step, a, "lo"), _const(step, a, "hi"))
 
 
 def _quant(step, a, x, backend):
-    return jnp.clip(jnp.round(x / step["scale"]) + step["zero"], step["qmin"], step["qmax"]).astype(jnp.int8)
+    q = jnp.round(x / _const(step, a, "scale")) + _const(step, a, "zero")
+    return jnp.clip(q, _const(step, a, "qmin"), _const(step, a, "qmax")).astype(jnp.int8)
 
 
 OPS = {"linear": _linear, "requant": _requant, "clip": _clip, "center": _center, "add": _add,

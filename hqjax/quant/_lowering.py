@@ -99,6 +99,15 @@ def _compact(s: np.ndarray) -> np.ndarray:
     return s
 
 
+def _reduce_to(s: np.ndarray, shape) -> np.ndarray:
+    """``s`` (constant along every axis where ``shape`` is 1) reduced to ``shape``: a shape set by
+    the program's structure, not by which values happen to be equal."""
+    for ax, n in enumerate(shape):
+        if n == 1 and s.shape[ax] > 1:
+            s = s.take([0], axis=ax)
+    return s
+
+
 def _full(v: Value) -> np.ndarray:
     return np.broadcast_to(v.scale, (1, *v.shape[1:]))
 
@@ -129,8 +138,8 @@ class Lowerer:
     """Builds the program: ``steps`` (JSON-able dicts), ``arrays`` (integer constants by step
     name), ``islands`` (float functions) and ``island_meta`` (what each float step is)."""
 
-    def __init__(self, traced: Traced, info: ModelInfo, float_islands: bool):
-        self.t, self.info, self.float_islands = traced, info, float_islands
+    def __init__(self, traced: Traced, info: ModelInfo, float_islands: bool, share_program: bool = False):
+        self.t, self.info, self.float_islands, self.share_program = traced, info, float_islands, share_program
         self.steps, self.arrays, self.islands, self.island_meta = [], {}, [], []
         self.layers: list[str] = []
         self.env: dict = {}
@@ -173,33 +182,37 @@ class Lowerer:
         v = self.settle(v)
         if v.dtype == "int32" and v.zero == 0:
             return v
-        return dataclasses.replace(v, reg=self.emit("center", [v.reg], zero=int(v.zero)), dtype="int32", zero=0)
+        reg = self.emit("center", [v.reg], arrays={"zero": np.int32(v.zero)})
+        return dataclasses.replace(v, reg=reg, dtype="int32", zero=0)
 
-    def requant(self, v: Value, scale, zero: int, rng, dtype: str = "int8") -> Value:
+    def requant(self, v: Value, scale, zero: int, rng, dtype: str = "int8", *, elide: bool = True) -> Value:
         """``v`` at the scalar or per-element ``scale`` with zero point ``zero``, clipped to
-        ``rng`` and the pending clip (exact: rounding is monotone)."""
-        scale = _compact(np.broadcast_to(scale, np.broadcast_shapes(np.shape(scale), (1,) * len(v.shape))))
+        ``rng`` and the pending clip (exact: rounding is monotone). A ``v`` already there is
+        returned as it is, unless ``elide=False``: then a step is emitted all the same (the
+        identity multiplier), so that the program's structure does not depend on the scales."""
+        scale = np.asarray(scale, np.float64)  # its shape as given: array shapes never depend on values
+        scale = scale.reshape((1,) * (len(v.shape) - scale.ndim) + scale.shape)
         if v.dtype == "float":
             if scale.size != 1:
                 raise Unsupported("a float value re-entering the integer program needs a per-tensor scale")
-            reg = self.emit("quant", [v.reg], scale=float(scale.ravel()[0]), zero=int(zero), qmin=int(rng[0]),
-                            qmax=int(rng[1]))
+            reg = self.emit("quant", [v.reg], arrays={"scale": np.float32(scale.ravel()[0]), "zero": np.int32(zero),
+                                                      "qmin": np.int32(rng[0]), "qmax": np.int32(rng[1])})
             return Value(reg, "int8", v.shape, scale, int(zero), bound=float(max(rng[1] - zero, zero - rng[0])))
-        key = (v.reg, scale.tobytes(), scale.shape, zero, tuple(rng), v.lo, v.hi, dtype)
+        key = (v.reg, scale.tobytes(), scale.shape, zero, tuple(rng), v.lo, v.hi, dtype, elide)
         if key in self.cache:
             return self.cache[key]
         s32 = np.float32(scale)
         lo = rng[0] if v.lo == -math.inf else np.maximum(rng[0], zero + np.round(np.float32(v.lo) / s32))
         hi = rng[1] if v.hi == math.inf else np.minimum(rng[1], zero + np.round(np.float32(v.hi) / s32))
-        same = (v.dtype == dtype and v.zero == zero and v.scale.shape == scale.shape
-                and np.array_equal(v.scale, scale) and np.all(lo <= zero - v.bound) and np.all(hi >= zero + v.bound))
+        same = (elide and v.dtype == dtype and v.zero == zero
+                and np.array_equal(*np.broadcast_arrays(v.scale, scale)) and np.all(lo <= zero - v.bound) and np.all(hi >= zero + v.bound))
         if same:
             out = dataclasses.replace(v, lo=-math.inf, hi=math.inf)
         else:
-            m, k = dyadic(_compact(_full(v) / scale))
+            m, k = dyadic(_reduce_to(_full(v) / scale, np.broadcast_shapes(v.scale.shape, scale.shape)))
             reg = self.emit("requant", [v.reg], arrays={"m": m, "shift": k, "lo": np.asarray(lo, np.int32),
-                                                        "hi": np.asarray(hi, np.int32)},
-                            in_zero=int(v.zero), out_zero=int(zero), dtype=dtype)
+                                                        "hi": np.asarray(hi, np.int32), "in_zero": np.int32(v.zero),
+                                                        "out_zero": np.int32(zero)}, dtype=dtype)
             bound = float(max(rng[1] - zero, zero - rng[0])) if dtype == "int8" else float(
                 np.max(v.bound * _full(v) / scale) + 1)
             out = Value(reg, dtype, v.shape, scale, int(zero), bound=bound)
@@ -285,8 +298,9 @@ class Lowerer:
             return v
         key = ("dequant", v.reg, v.lo, v.hi)
         if key not in self.cache:
-            reg = self.emit("dequant", [v.reg], arrays={"scale": np.asarray(v.scale, np.float32)},
-                            zero=int(v.zero), lo=float(v.lo), hi=float(v.hi))
+            reg = self.emit("dequant", [v.reg], arrays={"scale": np.asarray(v.scale, np.float32),
+                                                        "zero": np.float32(v.zero), "lo": np.float32(v.lo),
+                                                        "hi": np.float32(v.hi)})
             self.cache[key] = Value(reg, "float", v.shape)
         return self.cache[key]
 
@@ -356,13 +370,13 @@ class Lowerer:
         xq = self.requant(x, s_x, z_x, rng)
         host = {"name": path, "q_w": q_w, "s_acc": s_w.astype(np.float64) * s_x, "bias": bias, "z_x": int(z_x),
                 "x_bound": xq.bound, "bits": spec.bits}
-        reg = self.emit("linear", [xq.reg], name=path, in_zero=int(z_x), **step)
+        reg = self.emit("linear", [xq.reg], name=path, **step)
         host["step"] = self.steps[-1]
         arrays, scale, bound = self._linear_arrays(host)
         self.arrays[path] = {k: jnp.asarray(v) for k, v in arrays.items()}
         self.layers.append(path)
         self.linear[reg] = host
-        scale = _compact(scale.reshape((1,) * (len(y_shape) - len(out_axes)) + tuple(out_axes)))
+        scale = scale.reshape((1,) * (len(y_shape) - len(out_axes)) + tuple(out_axes))
         return Value(reg, "int32", y_shape, scale, bound=bound)
 
     @staticmethod
@@ -392,7 +406,7 @@ class Lowerer:
         else:
             arrays = {"w": np.asarray(q_w, np.int8)}
         arrays["bias"] = bias.astype(np.int32)
-        host["step"]["frac_bits"] = f
+        arrays["in_zero"], arrays["frac_bits"] = np.int32(host["z_x"]), np.int32(f)
         return arrays, s_acc / 2.0**f, bound
 
     def batchnorm(self, e, layer, x) -> Value:
@@ -483,9 +497,11 @@ class Lowerer:
         fa, fb = _full(a), _full(b)
         # the finer of the two scales, coarsened only where the int32 sum could overflow
         common = np.maximum(np.minimum(fa, fb), (a.bound * fa + b.bound * fb) / _LIMIT)
-        common = _compact(common)
-        ra = self.requant(a, common, 0, _I32, "int32")
-        rb = self.requant(b, common, 0, _I32, "int32")
+        common = _reduce_to(common, np.broadcast_shapes(a.scale.shape, b.scale.shape))
+        # which branch is already at the common scale depends on the calibration: a shared
+        # program rescales both (one more step per add), a lean one only the other
+        ra = self.requant(a, common, 0, _I32, "int32", elide=not self.share_program)
+        rb = self.requant(b, common, 0, _I32, "int32", elide=not self.share_program)
         reg = self.emit("add", [ra.reg, rb.reg])
         return Value(reg, "int32", tuple(e.outvars[0].aval.shape), common, bound=ra.bound + rb.bound)
 
@@ -589,7 +605,7 @@ class Lowerer:
         if any(config[i] != (0, 0, 0) and (config[i][2] or min(config[i][:2]) < 0) for i in varying):
             raise Unsupported("interior or negative padding along an axis with per-channel scales")
         scale = np.pad(x.scale, [(c[0], c[1]) if i in varying else (0, 0) for i, c in enumerate(config)], mode="edge")
-        reg = self.emit("pad", [x.reg], config=[list(c) for c in config[1:]], value=int(x.zero))
+        reg = self.emit("pad", [x.reg], arrays={"value": np.int32(x.zero)}, config=[list(c) for c in config[1:]])
         return dataclasses.replace(x, reg=reg, shape=tuple(e.outvars[0].aval.shape), scale=scale)
 
     def op_concatenate(self, e, *xs):

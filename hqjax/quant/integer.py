@@ -112,9 +112,10 @@ class IntegerModel:
     def forward(self, q: jax.Array) -> jax.Array:
         """Integers only (unless the model has float islands): int8 input -> int32 output.
 
-        Compiled per program, not per model: models with the same program (the same network
-        and zero points, e.g. every weight configuration of a sweep at 8-bit activations)
-        share one compilation, with their integers as arguments."""
+        Compiled per program, not per model: models with the same program share one
+        compilation, with their integers (zero points, shifts and ranges included) as
+        arguments; ``to_integer(..., share_program=True)`` gives every configuration of a
+        network the same program."""
         m = self.meta
         return _forward(json.dumps(m["program"]), m["output_reg"], self.backend, self.islands, self.arrays, q)
 
@@ -229,7 +230,7 @@ def _group_islands(steps, op_meta) -> list[dict]:
 
 
 def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int4: bool = True,
-               float_islands: bool = False, input_dtype=jnp.float32) -> IntegerModel:
+               float_islands: bool = False, input_dtype=jnp.float32, share_program: bool = False) -> IntegerModel:
     """Lower a calibrated fake-quant model (Linen or NNX) to an integer-only :class:`IntegerModel`.
 
     The model's own program is traced on one example and lowered op by op
@@ -256,6 +257,11 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
         program as they are (no input quantizer) and the embedding lookup runs as a float island
         (with the fake-quant embedding table) up to the first Dense layer, so it needs
         ``float_islands=True``.
+    share_program : give every configuration of the network (any weight and activation
+        widths) the same program, so a sweep compiles :meth:`IntegerModel.forward` once: both
+        branches of a residual add are rescaled, one more elementwise step per add. Off: the
+        leanest program for this configuration (whether it matches another one's depends on
+        which calibrated scales are equal). The integers are the same either way.
     """
     ids = jnp.issubdtype(input_dtype, jnp.integer)
     if ids and not float_islands:
@@ -270,7 +276,7 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
                          f"act_bits=None: {missing}. Use e.g. hqjax.uniform_bit_config(blocks, 8, 8)")
     wspecs = weight_specs(params, qmodel.bit_config, qmodel.weight_spec)
     info = ModelInfo(flat, _act_lookup(qmodel, stats), wspecs.__getitem__, pack_int4)
-    lowerer = Lowerer(traced, info, float_islands)
+    lowerer = Lowerer(traced, info, float_islands, share_program)
     s, z, rng = (None, None, None) if ids else info.act(input_layer(traced))
     out_reg, out_scale = lowerer.run(None if ids else (s, z, rng))
     islands = _group_islands(lowerer.steps, lowerer.island_meta)

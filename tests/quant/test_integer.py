@@ -160,3 +160,37 @@ def test_missing_act_bits_raise(trained_cnn, digits):
     vq = jax.jit(qm.calibrate)(v, digits.x_train[:64])
     with pytest.raises(ValueError, match=r"act_bits=None: \['conv2'\]"):
         to_integer(qm, vq, (8, 8, 1))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "projection_resnet"])
+def test_configurations_of_one_network_share_one_compiled_program(name, digits, init_np):
+    """With share_program, activation widths following the weights (W8A8, W4A4, W3A4) and
+    weight-only changes change the integers, not the program: zero points, shifts and ranges
+    are array arguments, both branches of a residual add are rescaled and array shapes never
+    depend on which scales happen to be equal, so a sweep compiles the integer forward once
+    per network. The lean program (the default) computes the same integers."""
+    import user_models as um
+    from hqjax.models import ResNet20
+    from hqjax.quant import integer
+
+    model = ResNet20(num_classes=10) if name == "resnet20" else um.ProjectionResNet()
+    v = init_np(model, digits.x_train[:2], seed=4)
+    names = hqjax.blocks(v["params"]).names
+    programs, outputs, compiled = set(), [], 0
+    for w, a in [(8, 8), (4, 4), (2, 8), (3, 4)]:
+        cfg = {n: {"weight_bits": w if 0 < i < len(names) - 1 else 8, "act_bits": a} for i, n in enumerate(names)}
+        qm = quantize_model(model, cfg)
+        vq = jax.jit(lambda v, x: qm.calibrate(v, x, train=False))(v, digits.x_train[:128])
+        im = to_integer(qm, vq, (8, 8, 1), pack_int4=False, share_program=True)
+        programs.add(im.meta_json.split('"output_reg"')[0])  # the steps, before the per-model metadata
+        before = integer._forward._cache_size()
+        outputs.append(np.asarray(im(digits.x_test[:32])))
+        compiled += integer._forward._cache_size() - before
+        lean = to_integer(qm, vq, (8, 8, 1), pack_int4=False)  # fewer steps, the same integers
+        np.testing.assert_array_equal(np.asarray(lean.forward(lean.quantize_input(digits.x_test[:32]))),
+                                      np.asarray(im.forward(im.quantize_input(digits.x_test[:32]))))
+        fq = np.asarray(qm.apply(vq, digits.x_test[:32], train=False))
+        assert np.mean(fq.argmax(-1) == outputs[-1].argmax(-1)) >= 0.9
+    assert len(programs) == 1
+    assert compiled <= 1
+    assert not np.allclose(outputs[0], outputs[1])  # the configurations differ in their integers
