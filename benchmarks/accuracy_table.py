@@ -147,7 +147,6 @@ def latency_table(args) -> str:
     path = os.path.join(args.work, f"latency_bitserial_{_slug(args, '_')}.json")
     if not os.path.exists(path):
         import jax
-        import jax.numpy as jnp
 
         from hqjax.alloc import bit_serial_op, layer_shapes, measure_latency_table
         from hqjax.pipeline import Job

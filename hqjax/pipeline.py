@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hqjax._analyze import stage_analyze
