@@ -118,11 +118,12 @@ def frontier_pick(table, metric, costs, budget: Budget, names, points: int = 32)
     budgets from all-lowest to all-highest bits; the lowest-sensitivity point within budget."""
     lo = config_cost(costs, budget.kind, names, uniform_bits(names, min(budget.candidates)), budget.act)
     hi = config_cost(costs, budget.kind, names, uniform_bits(names, max(budget.candidates)), budget.act)
+    # with measured latencies the all-lowest configuration need not be the cheapest, so every
+    # sampled point may lie above a budget that is still feasible: then the budget is the point
+    limits = [float(x) for x in np.linspace(lo, hi, points) if x <= budget.limit * (1 + 1e-9)] or [budget.limit]
     best = None
-    for limit in np.linspace(lo, hi, points):
-        if limit > budget.limit * (1 + 1e-9):
-            break
-        bits, obj = _solve(table, metric, costs, budget, names, limit=float(limit))
+    for limit in limits:
+        bits, obj = _solve(table, metric, costs, budget, names, limit=limit)
         if best is None or obj < best[1]:
             best = (bits, obj)
     return best[0]

@@ -78,6 +78,20 @@ def test_every_ilp_method_is_the_brute_force_optimum_of_its_scores_with_edges_at
     assert allocs["uniform"] == ab.uniform_bits(NAMES, max(b for b in cands if b <= width))
 
 
+def test_hawq_v2_pick_when_measured_latencies_make_the_lowest_bits_the_slowest():
+    """Timing noise can make 2-bit layers slower than 3-bit ones: a uniform-3-bit latency
+    budget then lies below every sampled frontier point, and HAWQ-V2 solves at the budget."""
+    costs = _costs().with_latency({n: {2: 12.0, 3: 10.0, 4: 11.0, 8: 20.0} for n in NAMES})
+    rows = _rows()
+    tables = ab.tables(rows, {r["layer"]: 2 * r["trace"] for r in rows}, {r["layer"]: 1.0 for r in rows},
+                       {n: [1.0] for n in NAMES})
+    budget = ab.budget_at(costs, "latency", NAMES, 3.0)
+    table, metric = tables["hawq-v2"]
+    bits = ab.frontier_pick(table, metric, costs, budget, NAMES)
+    assert ab.config_cost(costs, "latency", NAMES, bits, 8) <= budget.limit * (1 + 1e-9)
+    assert bits == {n: (8 if n in ("first", "last") else 3) for n in NAMES}  # the only point within budget
+
+
 def test_random_draws_differ_and_fail_clearly_when_the_band_is_empty():
     costs = _costs()
     budget = ab.budget_at(costs, "size", NAMES, 3.0)
