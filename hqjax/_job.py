@@ -151,8 +151,9 @@ class Job:
                             f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
 
     def check_integer_lowering(self) -> None:
-        """Lower the model at 8 bits on its given (or initial) weights, so that a model with
-        ops that have no integer form is refused before training, not after QAT."""
+        """Lower the model (8-bit weights, the job's activation bits) on its given (or initial)
+        weights, so that a model or setting integer inference cannot take is refused before
+        training, not after QAT."""
         from hqjax.quant import quantize_model, to_integer, uniform_bit_config
         from hqjax.train import init_variables
         from hqjax.tree import blocks
@@ -163,14 +164,14 @@ class Job:
             trained = self.work.is_done("train", self.fingerprints["train"])
             v = self.variables if trained else init_variables(self.model, jax.random.PRNGKey(0), d.input_shape,
                                                               d.input_dtype)
-        qmodel = quantize_model(self.model, uniform_bit_config(blocks(v["params"]), 8, 8))
+        qmodel = quantize_model(self.model, uniform_bit_config(blocks(v["params"]), 8, self.config.act_bits))
         v = jax.jit(lambda v, x: qmodel.calibrate(v, x, train=False))(v, d.x_train[:8])
         try:
             to_integer(qmodel, v, d.input_shape, float_islands=self.config.float_islands, input_dtype=d.input_dtype)
-        except ValueError as e:
+        except ValueError as e:  # the model is outside what integer inference lowers: say so before training
             msg = str(e)
             if "float_islands=True" not in msg:
-                raise
+                raise UserError(f"integer-only inference cannot lower this model: {msg.splitlines()[0]}") from None
             cut = min(i for i in (msg.find("Supported:"), msg.find("Pass float_islands=True")) if i >= 0)
             raise UserError(msg[:cut].rstrip() + " Run with --float-islands "
                             "(hqjax.run(..., float_islands=True)) to keep such ops in float between integer "

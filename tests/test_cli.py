@@ -33,6 +33,12 @@ def test_model_that_does_not_take_the_data_is_refused_before_writing(tmp_path, c
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
+def test_settings_integer_inference_cannot_take_are_refused_before_training(tmp_path, capsys):
+    err = _fails(["run", "--out", str(tmp_path / "o"), "--act-bits", "16", *FAST], capsys,
+                 "integer-only inference cannot lower this model", "act_bits=16 > 8")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_float_islands_flag_reaches_the_config_and_only_its_stage(tmp_path):
     from hqjax.cli import build_parser, resolve_config
     from hqjax.config import stage_fingerprints

@@ -222,7 +222,8 @@ class Lowerer:
     # ------------------------------------------------------------------ driver
     def run(self, input_act):
         """Lower the program; ``input_act`` is the input quantizer ``(S, z, (qmin, qmax))``, or
-        None for token ids, held as they are (a "float" value: only float islands read it)."""
+        None for an input held as it is (token ids, or floats meeting a float op first): a
+        "float" value, which only float islands read."""
         shape = tuple(self.t.invar.aval.shape)
         if input_act is None:
             self.env[self.t.invar] = Value(0, "float", shape)

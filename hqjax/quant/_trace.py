@@ -34,7 +34,7 @@ layer_p.def_impl(lambda x, y, **_: y)
 layer_p.def_abstract_eval(lambda x, y, **_: y)
 
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat": "jaxpr",
+           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat": "jaxpr", "remat2": "jaxpr",
            "checkpoint": "jaxpr"}
 _SCOPE = re.compile(r"hqjaxmod(\d+)")
 

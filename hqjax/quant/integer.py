@@ -96,9 +96,9 @@ class IntegerModel:
 
     def quantize_input(self, x: jax.Array) -> jax.Array:
         """Float boundary in: the model input as int8 at the first layer's input scale (token
-        ids, of a model with integer inputs, pass as int32)."""
+        ids, and an input that meets a float island first, pass as they are)."""
         if self.meta["input_scale"] is None:
-            return jnp.asarray(x, jnp.int32)
+            return jnp.asarray(x, self.meta.get("input_dtype", "int32"))
         s, z, (lo, hi) = self.meta["input_scale"], self.meta["input_zero"], self.meta["input_range"]
         return jnp.clip(jnp.round(x / s) + z, lo, hi).astype(jnp.int8)
 
@@ -277,13 +277,23 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
     wspecs = weight_specs(params, qmodel.bit_config, qmodel.weight_spec)
     info = ModelInfo(flat, _act_lookup(qmodel, stats), wspecs.__getitem__, pack_int4)
     lowerer = Lowerer(traced, info, float_islands, share_program)
-    s, z, rng = (None, None, None) if ids else info.act(input_layer(traced))
-    out_reg, out_scale = lowerer.run(None if ids else (s, z, rng))
+    raw = ids
+    if not ids:
+        try:
+            first = input_layer(traced)
+        except ValueError as e:  # the input meets a float op first (a normalization, a GELU)
+            if not float_islands:
+                raise ValueError(f"{e}. Pass float_islands=True to take the input in float up to the first "
+                                 f"layer") from None
+            raw = True
+    s, z, rng = (None, None, None) if raw else info.act(first)
+    out_reg, out_scale = lowerer.run(None if raw else (s, z, rng))
     islands = _group_islands(lowerer.steps, lowerer.island_meta)
     for i, isl in enumerate(islands):
         logging.getLogger("hqjax").info("to_integer: float island %d at %s: %s", i, isl["paths"], isl["ops"])
     meta = {"program": lowerer.steps, "output_reg": out_reg, "layers": lowerer.layers, "input_scale": s,
-            "input_zero": z, "input_range": None if ids else list(rng), "output_scale": out_scale, "bit_config": qmodel.bit_config,
+            "input_zero": z, "input_range": None if raw else list(rng), "output_scale": out_scale,
+            "input_dtype": str(jnp.dtype(input_dtype)), "bit_config": qmodel.bit_config,
             "act_mode": qmodel.act_mode, "input_shape": list(input_shape), "float_islands": islands}
     return IntegerModel(lowerer.arrays, json.dumps(meta), backend, tuple(lowerer.islands))
 

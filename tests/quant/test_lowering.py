@@ -347,6 +347,52 @@ def test_token_model_takes_ids_and_looks_up_the_fake_quant_table_in_float(kind):
     np.testing.assert_allclose(np.asarray(_run(im, ids)), fq, atol=1e-5 * np.abs(fq).max())
 
 
+class _RematBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(32, name="fc")(x))
+
+
+class _Rematted(nn.Module):
+    """Blocks under ``nn.remat`` (gradient checkpointing): their layers sit inside a
+    ``checkpoint`` call of the traced program."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        for i in range(2):
+            x = nn.remat(_RematBlock)(name=f"block{i}")(x)
+        return nn.Dense(10, name="head")(x)
+
+
+def test_rematerialized_blocks_are_lowered_as_integer_layers(digits, init_np):
+    qm, vq, lower = _lower(_Rematted(), digits, init_np)
+    im = lower()
+    assert im.meta["layers"] == ["block0/fc", "block1/fc", "head"] and not im.meta["float_islands"]
+    fq = np.asarray(jax.jit(qm.apply)(vq, digits.x_test))
+    assert _agreement(fq, np.asarray(_run(im, digits.x_test))) >= 0.99
+
+
+class _InputNorm(nn.Module):
+    """LayerNorm on the raw input, then conv -> relu -> dense: no layer quantizes the input."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.LayerNorm(name="norm")(x)
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv")(x))
+        return nn.Dense(10, name="head")(x.reshape((x.shape[0], -1)))
+
+
+def test_input_meeting_a_float_op_first_enters_as_a_float_island(digits, init_np):
+    qm, vq, lower = _lower(_InputNorm(), digits, init_np)
+    with pytest.raises(ValueError, match="reaches no Dense/Conv layer.*Pass float_islands=True"):
+        lower()
+    im = lower(float_islands=True)
+    assert im.meta["float_islands"][0]["paths"][0] == "norm" and im.quantize_input(digits.x_test).dtype == jnp.float32
+    fq = np.asarray(jax.jit(qm.apply)(vq, digits.x_test))
+    assert _agreement(fq, np.asarray(_run(im, digits.x_test))) >= 0.99
+
+
 def init_linen_at(init_np, model, digits):
     return init_np(model, digits.x_train[:2], seed=3)
 
