@@ -42,7 +42,7 @@ from hqjax.quant._int_program import run_program
 from hqjax.quant._lowering import Lowerer, ModelInfo, input_layer
 from hqjax.quant._trace import trace_linen, trace_nnx
 from hqjax.quant.quantizers import int_range, qparams_from_range
-from hqjax.quant.transform import STATS, QuantizedModel, quantize_params, weight_specs
+from hqjax.quant.transform import STATS, QuantizedModel, _owner_leaves, quantize_params, weight_specs
 
 __all__ = ["int_matmul", "fold_batchnorm", "IntegerModel", "to_integer", "save_integer_model",
            "load_integer_model"]
@@ -158,8 +158,6 @@ def _embedding_config(qmodel, params) -> dict:
     """The part of the BitConfig naming embedding tables: traced fake-quantized, so that a
     float island's lookup reads the fake-quant model's table (layers are quantized from
     the float kernels by the lowering itself)."""
-    from hqjax.quant.transform import _owner_leaves
-
     owners = _owner_leaves(params)
     return {k: v for k, v in qmodel.bit_config.items() if k in owners and owners[k][1] == "embedding"}
 
