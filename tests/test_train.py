@@ -79,6 +79,8 @@ def test_dropout_draws_fresh_masks_each_step_and_none_in_eval(kind, digits):
     fwd = jax.jit(lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k}))
     a, b = np.asarray(fwd(v, jax.random.PRNGKey(1))), np.asarray(fwd(v, jax.random.PRNGKey(2)))
     assert not np.allclose(a, b)
-    np.testing.assert_array_equal(np.asarray(model.apply(v, x, train=False)), np.asarray(model.apply(v, x)))
+    evaluate = jax.jit(lambda v, k: model.apply(v, x, train=False, rngs={"dropout": k}))  # eval: no masks
+    np.testing.assert_array_equal(np.asarray(evaluate(v, jax.random.PRNGKey(1))),
+                                  np.asarray(evaluate(v, jax.random.PRNGKey(2))))
     trained = train(model, digits.x_train, digits.y_train, TrainConfig(epochs=10), variables=v)
     assert accuracy(model.apply, trained, digits.x_test, digits.y_test) > 0.8
