@@ -12,7 +12,7 @@ imports.
 from hqjax.alloc import (
     Allocation, InfeasibleBudgetError, LayerCosts, LayerSensitivity, SensitivityTable, allocate, alpha, get_metric,
     layer_shapes, measure_latency_table, metric_names, metric_needs, pareto_frontier, plot_pareto, register_metric,
-    save_latency_table, sensitivity_scores, sensitivity_table, weight_perturbations,
+    save_latency_table, sensitivity_scores, stacked_modules, sensitivity_table, weight_perturbations,
 )
 from hqjax.curvature import (
     DensityResult, EigenResult, TraceResult, activation_perturbations, activation_traces, block_top_eigenvalues,
@@ -51,7 +51,7 @@ __all__ = [
     "save_integer_model", "load_integer_model", "to_qwix_rules", "qwix_rule_specs", "export_qwix", "qwix_apply",
     # allocation
     "sensitivity_table", "SensitivityTable", "LayerSensitivity", "weight_perturbations", "sensitivity_scores",
-    "register_metric", "get_metric", "metric_names", "metric_needs", "layer_shapes", "LayerCosts", "measure_latency_table",
+    "register_metric", "get_metric", "metric_names", "metric_needs", "layer_shapes", "stacked_modules", "LayerCosts", "measure_latency_table",
     "save_latency_table", "alpha", "allocate", "Allocation", "InfeasibleBudgetError", "pareto_frontier",
     "plot_pareto",
 ]

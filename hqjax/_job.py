@@ -150,6 +150,19 @@ class Job:
             raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
                             f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
 
+    @functools.cached_property
+    def stacked(self) -> tuple[str, ...]:
+        """The model's stacked modules (``nn.scan``/``nnx.scan`` over layers), from a
+        shape-only trace: each of their layers is a block of its own."""
+        from hqjax.alloc import stacked_modules
+        from hqjax.train import init_variables
+
+        d = self.dataset
+        shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), d.input_shape,
+                                                       d.input_dtype))
+        return stacked_modules(self.model, shapes, jax.ShapeDtypeStruct((1, *d.input_shape), d.input_dtype),
+                               train=False)
+
     def check_integer_lowering(self) -> None:
         """Lower the model (8-bit weights, the job's activation bits) on its given (or initial)
         weights, so that a model or setting integer inference cannot take is refused before
@@ -158,6 +171,11 @@ class Job:
         from hqjax.train import init_variables
         from hqjax.tree import blocks
 
+        if self.stacked:
+            raise UserError(f"model {self.config.model!r} runs stacked layers ({', '.join(self.stacked)}: nn.scan / "
+                            f"nnx.scan over layers), whose activations the job's QAT and integer-only stages cannot "
+                            f"quantize; `hqjax allocate` (train, analyze, allocate) and `hqjax sweep` take it: apply "
+                            f"the bits to its weights with the library (hqjax.quantize_params(params, bit_config): weight-only)")
         d = self.dataset
         v = self.pretrained
         if v is None:
@@ -191,7 +209,7 @@ class Job:
     def blocks(self):
         from hqjax.tree import blocks
 
-        return blocks(self.variables["params"]).require(f"the params of {self.config.model}")
+        return blocks(self.variables["params"], stacked=self.stacked).require(f"the params of {self.config.model}")
 
     def logits_fn(self) -> Callable:
         """``(params, x) -> logits`` of the deployed (eval-mode) network, its other

@@ -235,18 +235,26 @@ def path_name(path: Sequence[Any]) -> str:
 class Blocks:
     """A partition of a params pytree's leaves into named layers.
 
+    A leaf belongs to one block, to none, or, for a *stacked* layer (a Linen ``nn.scan`` /
+    ``nn.vmap`` or an NNX ``nnx.vmap`` over layers: params with a leading layer axis), to one
+    block per index along its axis 0: layer ``i`` of the stack ``'stack/fc'`` is the block
+    ``'stack/fc[i]'``, so every per-layer quantity (trace, ``||Q(W)-W||^2``, bit width) is
+    per layer of the stack, as in an unrolled network.
+
     Attributes
     ----------
-    names : block names in first-appearance order (Flax module paths).
-    leaf_block : for each leaf in ``jax.tree.leaves`` order, its block index, or -1 when the
-        leaf belongs to no block (e.g. BatchNorm scale/bias with the default rule).
+    names : block names in first-appearance order (Flax module paths, ``[i]`` for layer ``i``
+        of a stack).
+    leaf_block : for each leaf in ``jax.tree.leaves`` order, its block index, -1 when the
+        leaf belongs to no block (e.g. BatchNorm scale/bias with the default rule), or for a
+        stacked leaf a tuple: the block of each index along axis 0.
     leaf_paths : each leaf's path name (for messages and tables).
     treedef : the params tree structure the partition was made for.
     sizes : number of parameters in each block.
     """
 
     names: tuple[str, ...]
-    leaf_block: tuple[int, ...]
+    leaf_block: tuple[int | tuple[int, ...], ...]
     leaf_paths: tuple[str, ...]
     treedef: Any
     sizes: tuple[int, ...]
@@ -263,18 +271,36 @@ class Blocks:
         except ValueError:
             raise KeyError(f"no block named {name!r}; blocks are {list(self.names)}") from None
 
-    def mask(self, name: str) -> PyTree:
-        """Boolean pytree (one Python bool per leaf): which leaves belong to block ``name``."""
+    def parts(self, name: str) -> list[tuple[int, int | None]]:
+        """Block ``name``'s pieces as ``(leaf index, slice)``: ``slice`` is ``None`` for a
+        whole leaf, else the index along axis 0 of a stacked leaf."""
         i = self.index(name)
-        return jax.tree.unflatten(self.treedef, [b == i for b in self.leaf_block])
+        out = []
+        for leaf, owner in enumerate(self.leaf_block):
+            if isinstance(owner, tuple):
+                out += [(leaf, j) for j, o in enumerate(owner) if o == i]
+            elif owner == i:
+                out.append((leaf, None))
+        return out
+
+    def mask(self, name: str) -> PyTree:
+        """Per leaf, whether it belongs to block ``name``: a Python bool, or for a stacked
+        leaf a boolean array over its axis 0."""
+        i = self.index(name)
+        return jax.tree.unflatten(self.treedef, [np.asarray(b) == i if isinstance(b, tuple) else b == i
+                                                 for b in self.leaf_block])
 
     def restrict(self, tree: PyTree, name: str) -> PyTree:
-        """Zero every leaf outside block ``name`` (projection ``P_b v``)."""
-        i = self.index(name)
-        leaves = jax.tree.leaves(tree)
-        return jax.tree.unflatten(
-            self.treedef, [x if b == i else jnp.zeros_like(x) for x, b in zip(leaves, self.leaf_block)]
-        )
+        """Zero every entry outside block ``name`` (projection ``P_b v``)."""
+        keep = jax.tree.leaves(self.mask(name))
+        out = []
+        for x, k in zip(jax.tree.leaves(tree), keep):
+            if isinstance(k, np.ndarray):
+                x = jnp.where(k.reshape((-1,) + (1,) * (jnp.ndim(x) - 1)), x, jnp.zeros_like(x))
+            elif not k:
+                x = jnp.zeros_like(x)
+            out.append(x)
+        return jax.tree.unflatten(self.treedef, out)
 
     def restrict_operator(self, matvec: Callable[[PyTree], PyTree], name: str) -> Callable[[PyTree], PyTree]:
         """The diagonal block ``P_b M P_b`` of an operator, as an operator on full vectors."""
@@ -282,19 +308,23 @@ class Blocks:
 
     def dots(self, a: PyTree, b: PyTree) -> jax.Array:
         """Per-block inner products ``[<a_b, b_b> for b in names]`` as one array."""
-        per_leaf = [jnp.vdot(x, y).real for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
-        out = []
-        for i in range(len(self.names)):
-            terms = [d for d, blk in zip(per_leaf, self.leaf_block) if blk == i]
-            out.append(sum(terms[1:], terms[0]))
-        if not out:
+        terms: list[list] = [[] for _ in self.names]
+        for x, y, owner in zip(jax.tree.leaves(a), jax.tree.leaves(b), self.leaf_block):
+            if isinstance(owner, tuple):
+                per_slice = jnp.sum(jnp.reshape(jnp.conj(x) * y, (len(owner), -1)), axis=1).real
+                for j, o in enumerate(owner):
+                    terms[o].append(per_slice[j])
+            elif owner >= 0:
+                terms[owner].append(jnp.vdot(x, y).real)
+        if not terms:
             return jnp.zeros((0,), jnp.result_type(float))
-        return jnp.stack(out)
+        return jnp.stack([sum(t[1:], t[0]) for t in terms])
 
     def leaves_of(self, tree: PyTree, name: str) -> dict[str, jax.Array]:
-        """The leaves of ``tree`` in block ``name``, keyed by their path names."""
-        i = self.index(name)
-        return {p: x for p, x, b in zip(self.leaf_paths, jax.tree.leaves(tree), self.leaf_block) if b == i}
+        """The leaves of ``tree`` in block ``name`` (a stacked leaf's slice), keyed by their
+        path names."""
+        leaves = jax.tree.leaves(tree)
+        return {self.leaf_paths[i]: leaves[i] if j is None else leaves[i][j] for i, j in self.parts(name)}
 
     def require(self, what: str = "params") -> "Blocks":
         """``self``, or a ValueError saying why there are no blocks and what to do instead.
@@ -330,7 +360,12 @@ class Blocks:
         return jnp.reshape(w, kernel_view_shape(jnp.shape(w), jnp.shape(bias)))
 
 
-def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None) -> Blocks:
+def _stack_of(path: str, stacked: Sequence[str]) -> str | None:
+    return next((s for s in stacked if path == s or path.startswith(s + "/")), None)
+
+
+def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None, *,
+           stacked: Sequence[str] = ()) -> Blocks:
     """Partition ``params`` into named layer blocks.
 
     Parameters
@@ -340,6 +375,11 @@ def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None) -> B
         name, or ``None`` to leave the leaf out of every block. The default puts every leaf
         of a module that owns a ``kernel`` or ``embedding`` into a block named by the
         module path, and leaves the rest (normalization scales and biases) out.
+    stacked : module paths whose params carry a leading layer axis (a Linen ``nn.scan`` /
+        ``nn.vmap`` with ``variable_axes={'params': 0}``, layers made by ``nnx.vmap``);
+        :func:`hqjax.stacked_modules` finds them from the model. Each layer ``i`` of such
+        a stack is a block of its own, ``'<module>[i]'``, the stack's blocks ordered layer
+        by layer.
 
     Returns
     -------
@@ -349,6 +389,8 @@ def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None) -> B
     if _is_nnx_module(params):
         raise TypeError(f"blocks takes a params pytree, not the {type(params).__name__} module; for an NNX model "
                         f"pass nnx.split(model, nnx.Param, ...)[1] (or hqjax.from_nnx(model)[1]['params'])")
+    if isinstance(stacked, str):
+        stacked = (stacked,)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_name(p) for p, _ in flat]
     if rule is None:
@@ -358,18 +400,45 @@ def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None) -> B
             module = p.rsplit("/", 1)[0] if "/" in p else ""
             return module if module in owners else None
 
+    depth: dict[str, int] = {}  # stack -> its number of layers
+    for s in stacked:
+        under = [(p, np.shape(x)) for p, (_, x) in zip(paths, flat) if _stack_of(p, (s,))]
+        if not under:
+            raise ValueError(f"stacked module {s!r} has no params; stacked modules are module paths such as "
+                             f"{sorted({p.rsplit('/', 1)[0] for p in paths if '/' in p})[:4]}")
+        lengths = {shape[0] if shape else None for _, shape in under}
+        if len(lengths) != 1 or None in lengths:
+            raise ValueError(f"stacked module {s!r}: its params do not share one leading layer axis "
+                             f"({', '.join(f'{p} {shape}' for p, shape in under[:4])})")
+        depth[s] = lengths.pop()
+
+    modules: list[str] = []  # block names before stacks are split into layers
+    leaf_module = [rule(p) for p in paths]
+    for m in leaf_module:
+        if m is not None and m not in modules:
+            modules.append(m)
+    stack_of = {p: _stack_of(p, stacked) for p in paths}
+    module_stack = {m: stack_of[p] for p, m in zip(paths, leaf_module) if m is not None}
     names: list[str] = []
-    leaf_block: list[int] = []
-    for p in paths:
-        name = rule(p)
-        if name is None:
-            leaf_block.append(-1)
-            continue
-        if name not in names:
-            names.append(name)
-        leaf_block.append(names.index(name))
+    for m in modules:
+        s = module_stack[m]
+        if s is None:
+            names.append(m)
+        elif not any(n.startswith(f"{m}[") for n in names):
+            members = [k for k in modules if module_stack[k] == s]
+            names += [f"{k}[{j}]" for j in range(depth[s]) for k in members]
+    index = {n: i for i, n in enumerate(names)}
+    leaf_block: list = []
     sizes = [0] * len(names)
-    for (_, x), b in zip(flat, leaf_block):
-        if b >= 0:
-            sizes[b] += int(np.size(x))
+    for p, (_, x), m in zip(paths, flat, leaf_module):
+        if m is None:
+            leaf_block.append(-1)
+        elif stack_of[p] is None:
+            leaf_block.append(index[m])
+            sizes[index[m]] += int(np.size(x))
+        else:
+            owner = tuple(index[f"{m}[{j}]"] for j in range(depth[stack_of[p]]))
+            leaf_block.append(owner)
+            for o in owner:
+                sizes[o] += int(np.size(x)) // len(owner)
     return Blocks(tuple(names), tuple(leaf_block), tuple(paths), treedef, tuple(sizes))

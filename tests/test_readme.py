@@ -18,9 +18,10 @@ def _section_blocks(title: str) -> list[str]:
 @pytest.mark.slow
 def test_your_own_model_section_runs(tmp_path, monkeypatch):
     """The Linen example and its NNX twin: both allocate, the twin's allocation equals the
-    Linen one (asserted in the README itself), and the fake-quant models run."""
+    Linen one (asserted in the README itself), and the fake-quant models run; the scanned
+    model's allocation gives each layer of its stack a width of its own."""
     blocks = _section_blocks("Your own model")
-    assert len(blocks) == 2  # the Linen example and its NNX twin
+    assert len(blocks) == 3  # the Linen example, its NNX twin, a scanned model
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "readme"}
     for code in blocks:
@@ -28,6 +29,9 @@ def test_your_own_model_section_runs(tmp_path, monkeypatch):
     assert namespace["nnx_bits"] == namespace["bit_config"]
     assert set(namespace["bit_config"]) == {"conv1", "conv2", "head"}
     assert (tmp_path / "runs" / "nnx" / "bit_config.json").exists()
+    layers = {f"blocks/{fc}[{i}]" for i in range(4) for fc in ("fc1", "fc2")}
+    assert namespace["stacked"] == ("blocks",) and set(namespace["scan_bits"]) == layers | {"embed", "head"}
+    assert len({namespace["scan_bits"][n]["weight_bits"] for n in layers}) > 1
 
 
 @pytest.mark.slow

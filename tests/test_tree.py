@@ -142,3 +142,46 @@ def test_kernel_view_merges_the_output_features_named_by_the_bias():
     blk = hqjax.blocks(params)
     np.testing.assert_array_equal(blk.kernel_view(params, "attn/query"), w.reshape(16, 16))
     assert blk.kernel_view(params, "head").shape == (16, 3)
+
+
+def _stacked_params():
+    r = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)  # noqa: E731
+    return {"embed": {"kernel": f(4, 3), "bias": f(3)},
+            "blocks": {"fc1": {"kernel": f(2, 3, 3), "bias": f(2, 3)}, "fc2": {"kernel": f(2, 3, 3), "bias": f(2, 3)},
+                       "norm": {"scale": f(2, 3)}},
+            "head": {"kernel": f(3, 5)}}
+
+
+def test_stacked_modules_give_one_block_per_layer_in_layer_order():
+    p = _stacked_params()
+    blk = hqjax.blocks(p, stacked=("blocks",))
+    assert blk.names == ("blocks/fc1[0]", "blocks/fc2[0]", "blocks/fc1[1]", "blocks/fc2[1]", "embed", "head")
+    assert blk.sizes == (12, 12, 12, 12, 15, 15)
+    assert hqjax.blocks(p).names == ("blocks/fc1", "blocks/fc2", "embed", "head")  # without it: one block a stack
+    parts = blk.leaves_of(p, "blocks/fc2[1]")
+    np.testing.assert_array_equal(parts["blocks/fc2/kernel"], p["blocks"]["fc2"]["kernel"][1])
+    np.testing.assert_array_equal(blk.kernel(p, "blocks/fc1[0]"), p["blocks"]["fc1"]["kernel"][0])
+
+
+def test_stacked_blocks_dots_and_restrict_match_slices():
+    p = _stacked_params()
+    q = jax.tree.map(lambda x: 0.5 * x + 1.0, p)
+    blk = hqjax.blocks(p, stacked=("blocks",))
+    dots = np.asarray(blk.dots(p, q))
+    for i, name in enumerate(blk.names):
+        want = sum(float(np.vdot(a, b)) for a, b in zip(blk.leaves_of(p, name).values(), blk.leaves_of(q, name).values()))
+        np.testing.assert_allclose(dots[i], want, rtol=1e-5)
+    r = blk.restrict(q, "blocks/fc1[1]")
+    np.testing.assert_array_equal(r["blocks"]["fc1"]["kernel"][1], q["blocks"]["fc1"]["kernel"][1])
+    assert not np.any(r["blocks"]["fc1"]["kernel"][0]) and not np.any(r["blocks"]["fc2"]["kernel"])
+    assert not np.any(r["embed"]["kernel"]) and not np.any(r["blocks"]["norm"]["scale"])
+    np.testing.assert_allclose(hqjax.tree.tree_dot(r, r), blk.dots(q, q)[blk.index("blocks/fc1[1]")], rtol=1e-5)
+
+
+def test_stacked_modules_are_checked():
+    p = _stacked_params()
+    with pytest.raises(ValueError, match="stacked module 'stack' has no params"):
+        hqjax.blocks(p, stacked=("stack",))
+    with pytest.raises(ValueError, match="do not share one leading layer axis"):
+        hqjax.blocks(p, stacked=("embed",))

@@ -292,3 +292,24 @@ def test_job_on_token_ids_runs_hqjax_bert_through_every_stage_with_float_islands
     acc = {k: v["accuracy"] for k, v in job.work.read_json("metrics.json")["stages"].items()}
     assert abs(acc["integer_only"] - acc["qat_fake_quant"]) <= 1 / 48 + 1e-9, acc
     assert "embed/token" in job.work.read_json("bit_config.json")
+
+
+def test_stacked_layers_get_their_own_bits_and_the_quantize_stage_is_refused(tmp_path, capsys):
+    """A model scanning its blocks (NNX: nnx.vmap + nnx.scan) is analyzed and allocated per
+    layer of the stack; `hqjax run` refuses it in one line before writing anything, since
+    activations inside a scan cannot be quantized by the job."""
+    assert main(["run", "--model", "user_models:nnx_scan_mlp", "--out", str(tmp_path / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stacked layers (blocks" in err[0] and "hqjax allocate" in err[0]
+    assert not (tmp_path / "run").exists()
+    out = tmp_path / "alloc"
+    assert main(["allocate", "--model", "user_models:nnx_scan_mlp", "--out", str(out), "--epochs", "2",
+                 "--budget", "0.42", *SMALL]) == 0
+    cfg = hqjax.load_bit_config(out / "bit_config.json")
+    layers = {f"blocks/{fc}[{i}]" for i in range(3) for fc in ("fc1", "fc2")}
+    assert set(cfg) == layers | {"embed", "head"}
+    assert len({cfg[n]["weight_bits"] for n in layers}) > 1, cfg  # the layers of the stack differ
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert layers <= set(json.dumps(sens).split('"'))
+    model, variables = hqjax.from_nnx(um.nnx_scan_mlp())
+    hqjax.quantize_params(variables["params"], cfg)  # the allocation applies to the stacked weights

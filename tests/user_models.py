@@ -6,7 +6,8 @@ as ``model.apply(variables, x, train=...)``; NNX models as ``model(x)`` (train/e
 them for parametrized tests; ``TwinLinen`` and ``TwinNNX`` are one network written both ways,
 with :func:`twin_nnx_from_linen` copying Linen variables into the NNX module. ``RowViT`` and
 ``NNXRowViT`` are small transformers (attention, LayerNorm, GELU: float islands in integer
-inference).
+inference). ``ScanMLP`` and ``NNXScanMLP`` run a stack of residual blocks whose params carry a
+leading layer axis (``nn.scan``; ``nnx.vmap`` + ``nnx.scan``), as scanned transformers do.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ __all__ = [
     "NNXDropoutMLP",
     "TokenNet",
     "NNXTokenNet",
+    "ScanMLP",
+    "NNXScanMLP",
     "twin_nnx_from_linen",
     "LINEN_MODELS",
     "NNX_MODELS",
     "init_linen",
     "nnx_cnn",
     "nnx_row_vit",
+    "nnx_scan_mlp",
 ]
 
 
@@ -256,6 +260,57 @@ class NNXTokenNet(nnx.Module):
         return self.head(nnx.relu(self.fc(self.embed(ids))).mean(axis=1))
 
 
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(16, name="fc2")(nn.relu(nn.Dense(16, name="fc1")(x))), None
+
+
+class ScanMLP(nn.Module):
+    """dense -> ``depth`` residual blocks (fc1 -> relu -> fc2) under ``nn.scan`` -> head."""
+
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = nn.relu(nn.Dense(16, name="embed")(x.reshape((x.shape[0], -1))))
+        blocks = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+        x, _ = blocks(name="blocks")(x, None)
+        return nn.Dense(10, name="head")(nn.relu(x))
+
+
+class _NNXScanBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(16, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.fc2(nnx.relu(self.fc1(x)))
+
+
+class NNXScanMLP(nnx.Module):
+    """:class:`ScanMLP` in NNX: the blocks made by ``nnx.vmap``, applied by ``nnx.scan``."""
+
+    def __init__(self, rngs: nnx.Rngs, depth: int = 3):
+        self.embed = nnx.Linear(64, 16, rngs=rngs)
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _NNXScanBlock(rngs)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(x, block):
+            return block(x)
+
+        return self.head(nnx.relu(run(nnx.relu(self.embed(x.reshape((x.shape[0], -1)))), self.blocks)))
+
+
 def twin_nnx_from_linen(variables) -> TwinNNX:
     """A :class:`TwinNNX` holding the weights of :class:`TwinLinen` ``variables``."""
     model = TwinNNX(nnx.Rngs(0))
@@ -275,6 +330,11 @@ def nnx_cnn() -> NNXCNN:
 def nnx_row_vit() -> NNXRowViT:
     """A fresh :class:`NNXRowViT`: a ``package.module:factory`` for ``--model``."""
     return NNXRowViT(nnx.Rngs(0))
+
+
+def nnx_scan_mlp() -> NNXScanMLP:
+    """A fresh :class:`NNXScanMLP`: a ``package.module:factory`` for ``--model``."""
+    return NNXScanMLP(nnx.Rngs(0))
 
 
 LINEN_MODELS = {"vggish": VGGish, "projection_resnet": ProjectionResNet, "mobile_block": MobileBlockNet}

@@ -7,7 +7,7 @@ frontier of sensitivity against size or BOPS).
 """
 
 from hqjax.alloc.costs import (
-    COST_KINDS, LayerCosts, LayerShape, bit_serial_op, layer_shapes, load_latency_table, measure_latency_table,
+    COST_KINDS, LayerCosts, LayerShape, bit_serial_op, layer_shapes, load_latency_table, stacked_modules, measure_latency_table,
     save_latency_table,
 )
 from hqjax.alloc.sensitivity import (
@@ -22,7 +22,7 @@ from hqjax.alloc.pareto import (
 )
 
 __all__ = [
-    "COST_KINDS", "LayerCosts", "LayerShape", "layer_shapes", "load_latency_table",
+    "COST_KINDS", "LayerCosts", "LayerShape", "layer_shapes", "stacked_modules", "load_latency_table",
     "measure_latency_table", "bit_serial_op", "save_latency_table", "LayerSensitivity", "SensitivityTable",
     "get_metric", "hawq_v1_finetune_order", "hawq_v1_order", "metric_names", "metric_needs", "register_metric",
     "sensitivity_scores", "sensitivity_table", "weight_perturbations", "Allocation", "Alpha",

@@ -6,7 +6,10 @@ Embed call records its input, kernel and output shapes under its module path, th
 names ``hqjax.blocks(params)`` gives. An NNX model (an ``nnx.Module``, or the pair from
 ``hqjax.from_nnx``) is traced the same way with its Linear / LinearGeneral / Conv / Embed
 layers hooked (NNX has no method interception), so a Linen network and its NNX twin get the
-same table. MACs are per example.
+same table. MACs are per example. A layer applied from a stack (a Linen ``nn.scan`` /
+``nn.vmap``, NNX ``nnx.vmap``-made layers under ``nnx.scan``) sees one slice of params with a
+leading layer axis; it is listed once per layer of the stack, ``'stack/fc[i]'``, the names
+``hqjax.blocks(params, stacked=stacked_modules(...))`` gives.
 
 Cost definitions (HAWQ-V3 Sec. 3.4):
 - size (bytes) = ``n_weights * w / 8 + n_bias * bias_bits / 8``,
@@ -33,12 +36,14 @@ __all__ = [
     "LayerShape",
     "LayerCosts",
     "layer_shapes",
+    "stacked_modules",
     "load_latency_table",
     "save_latency_table",
     "bit_serial_op",
     "measure_latency_table",
 ]
 
+PyTree = Any
 COST_KINDS = ("size", "bops", "latency")
 
 
@@ -166,15 +171,8 @@ def _nnx_layer_shapes(model, variables, args, kwargs) -> dict[str, LayerShape]:
     return found
 
 
-def layer_shapes(model: nn.Module, variables, *args, **kwargs) -> dict[str, LayerShape]:
-    """Trace ``model.apply(variables, *args, **kwargs)`` (shapes only) and describe each weight layer.
-
-    ``args`` may be arrays or ``jax.ShapeDtypeStruct``; nothing is computed. Pass ``train=``
-    explicitly as the model expects. A layer called several times keeps its first call.
-
-    ``model`` may be a Linen module, an ``nnx.Module`` (then ``variables`` is left out:
-    ``layer_shapes(nnx_model, x)``; its own state is used) or the pair of ``hqjax.from_nnx``.
-    """
+def _traced_shapes(model, variables, args, kwargs) -> tuple[dict[str, LayerShape], PyTree]:
+    """Each weight layer's first call, as traced, and the params it read them from."""
     from hqjax._nnx import NNXApply, from_nnx, is_nnx_module
 
     if is_nnx_module(model):
@@ -185,7 +183,7 @@ def layer_shapes(model: nn.Module, variables, *args, **kwargs) -> dict[str, Laye
         if not found:
             raise ValueError(f"{model.name} called no nnx.Linear, LinearGeneral, Conv or Embed layer; nothing to "
                              f"cost (hqjax costs the layers that own a 'kernel' or 'embedding')")
-        return found
+        return found, variables["params"]
     if not hasattr(model, "apply"):
         raise TypeError(f"layer_shapes needs a Flax Linen or NNX module, got {type(model).__name__}")
     found: dict[str, LayerShape] = {}
@@ -202,7 +200,74 @@ def layer_shapes(model: nn.Module, variables, *args, **kwargs) -> dict[str, Laye
         jax.eval_shape(lambda v, *xs: model.apply(v, *xs, **kwargs), variables, *args)
     if not found:
         raise ValueError(f"{type(model).__name__} called no Dense, DenseGeneral, Conv or Embed layer; nothing to cost")
-    return found
+    return found, variables.get("params", variables)
+
+
+def _stacks(found: Mapping[str, LayerShape], params: PyTree) -> dict[str, tuple[str, int]]:
+    """``{layer: (stack, depth)}`` for each traced layer whose stored owning weight has one
+    more leading axis than the weight it saw: the layer runs ``depth`` times from a stack,
+    and ``stack`` is its highest enclosing module all of whose params and layers share that
+    axis (the scanned module, so its layers group together)."""
+    from hqjax.tree import path_name
+
+    leaves = {path_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    depth = {}
+    for n, rec in found.items():
+        stored = leaves.get(f"{n}/{'embedding' if rec.kind == 'embed' else 'kernel'}")
+        if stored is not None and len(stored) == len(rec.kernel_shape) + 1 and stored[1:] == rec.kernel_shape:
+            depth[n] = stored[0]
+
+    def shares_axis(prefix: str, d: int) -> bool:
+        under = [s for p, s in leaves.items() if p.startswith(prefix + "/")]
+        layers = [n for n in found if n.startswith(prefix + "/")]
+        return all(s[:1] == (d,) for s in under) and all(depth.get(n) == d for n in layers)
+
+    out = {}
+    for n, d in depth.items():
+        stack = n
+        while "/" in stack and shares_axis(stack.rsplit("/", 1)[0], d):
+            stack = stack.rsplit("/", 1)[0]
+        out[n] = (stack, d)
+    return out
+
+
+def layer_shapes(model: nn.Module, variables, *args, **kwargs) -> dict[str, LayerShape]:
+    """Trace ``model.apply(variables, *args, **kwargs)`` (shapes only) and describe each weight layer.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``; nothing is computed. Pass ``train=``
+    explicitly as the model expects. A layer called several times keeps its first call; a
+    layer of a stack (:func:`stacked_modules`) is listed once per layer, ``'<path>[i]'``,
+    grouped layer by layer.
+
+    ``model`` may be a Linen module, an ``nnx.Module`` (then ``variables`` is left out:
+    ``layer_shapes(nnx_model, x)``; its own state is used) or the pair of ``hqjax.from_nnx``.
+    """
+    found, params = _traced_shapes(model, variables, args, kwargs)
+    stacks = _stacks(found, params)
+    out: dict[str, LayerShape] = {}
+    for n, rec in found.items():
+        if n not in stacks:
+            out[n] = rec
+            continue
+        stack, d = stacks[n]
+        if any(k.startswith(f"{n}[") for k in out):
+            continue
+        members = [k for k in found if stacks.get(k, (None,))[0] == stack]
+        out.update({f"{k}[{i}]": dataclasses.replace(found[k], name=f"{k}[{i}]") for i in range(d) for k in members})
+    return out
+
+
+def stacked_modules(model: nn.Module, variables, *args, **kwargs) -> tuple[str, ...]:
+    """Module paths whose params carry a leading layer axis, found from a trace of the model.
+
+    A Linen ``nn.scan`` (or ``nn.vmap``) with ``variable_axes={'params': 0}`` and NNX layers
+    made by ``nnx.vmap`` and applied under ``nnx.scan`` store every layer's weights in one
+    array; each layer sees its slice. Pass the result to ``hqjax.blocks(params,
+    stacked=...)`` so that each layer of the stack is a block (and a bit width) of its own.
+    Arguments as in :func:`layer_shapes`; an empty tuple when nothing is stacked.
+    """
+    found, params = _traced_shapes(model, variables, args, kwargs)
+    return tuple(dict.fromkeys(stack for stack, _ in _stacks(found, params).values()))
 
 
 def _bits_key(key) -> str:

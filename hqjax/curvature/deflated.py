@@ -40,6 +40,12 @@ __all__ = ["deflated_layer_traces"]
 PyTree = Any
 
 
+def _segments(shape, owner, nb: int, dtype) -> jax.Array:
+    """Each entry's block index (``nb``: in no block) for a leaf of ``shape``."""
+    if isinstance(owner, tuple):  # a stacked leaf: one block per index along axis 0
+        return jnp.broadcast_to(jnp.asarray(owner, dtype).reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+    return jnp.full(shape, owner if owner >= 0 else nb, dtype)
+
 
 def deflated_layer_traces(matvec: Callable[[PyTree], PyTree], params: PyTree, key: jax.Array, *, k: int = 10,
                           lanczos_steps: int = 40, eig_tol: float = 1e-3, rtol: float = 0.05, min_probes: int = 10,
@@ -86,7 +92,7 @@ def deflated_layer_traces(matvec: Callable[[PyTree], PyTree], params: PyTree, ke
     flat_mv, ravel, unravel = flat_operator(matvec, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     # Each flat entry's block (nb for leaves in no block), in ravel's order.
-    seg = ravel(jax.tree.unflatten(blk.treedef, [jnp.full(jnp.shape(x), b if b >= 0 else nb, dtype)
+    seg = ravel(jax.tree.unflatten(blk.treedef, [_segments(jnp.shape(x), b, nb, dtype)
                                                  for x, b in zip(jax.tree.leaves(params), blk.leaf_block)]))
     seg = seg.astype(jnp.int32)
     per_block = lambda d: jax.ops.segment_sum(d, seg, nb + 1)[:nb]

@@ -46,21 +46,20 @@ PyTree = Any
 def block_function(f: Callable[[PyTree], jax.Array], params: PyTree, blk: Blocks, name: str):
     """``(f_b, theta_b)``: ``f`` as a function of block ``name``'s leaves only.
 
-    ``theta_b`` is the list of the block's leaves (in ``jax.tree.leaves`` order); ``f_b``
-    puts a list shaped like it back into ``params`` and evaluates ``f``. Every other leaf is
+    ``theta_b`` is the list of the block's leaves (in ``jax.tree.leaves`` order; a stacked
+    leaf's slice); ``f_b`` puts a list shaped like it back into ``params`` and evaluates ``f``. Every other leaf is
     closed over, so derivatives of ``f_b`` touch only what depends on the block.
     """
-    b = blk.index(name)
+    parts = blk.parts(name)
     leaves, treedef = jax.tree.flatten(params)
-    idx = [i for i, owner in enumerate(blk.leaf_block) if owner == b]
 
     def f_b(theta):
         full = list(leaves)
-        for i, t in zip(idx, theta):
-            full[i] = t
+        for (i, j), t in zip(parts, theta):
+            full[i] = t if j is None else full[i].at[j].set(t)
         return f(jax.tree.unflatten(treedef, full))
 
-    return f_b, [leaves[i] for i in idx]
+    return f_b, [leaves[i] if j is None else leaves[i][j] for i, j in parts]
 
 
 def _check_probing(*, dist, rtol, min_probes, max_probes, chunk_size) -> None:

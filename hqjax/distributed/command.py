@@ -181,7 +181,7 @@ def sweep_problem(args: argparse.Namespace):
     job.check_inputs()  # the model takes the data, the variables fit it
     model = job.model
     init = lambda: init_variables(model, jax.random.key(args.seed), data.input_shape, data.input_dtype)  # noqa: E731
-    names = hqjax.blocks(jax.eval_shape(init)["params"]).names  # layer names before any compute
+    names = hqjax.blocks(jax.eval_shape(init)["params"], stacked=job.stacked).names  # before any compute
     unknown = [name for name in (args.layers.split(",") if args.layers else []) if name not in names]
     if unknown:
         raise UserError(f"--layers names {unknown}, not layers of {args.model!r}; its layers are {list(names)}")
@@ -189,7 +189,7 @@ def sweep_problem(args: argparse.Namespace):
     variables = jax.tree.map(np.asarray, init() if variables is None else variables)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
-    blk = hqjax.blocks(params)
+    blk = hqjax.blocks(params, stacked=job.stacked)
     layers = list(blk.names) if not args.layers else args.layers.split(",")
     jobs = make_jobs(layers, metrics, args.subsets)
     opts = {k: getattr(args, k) for k in ("num_probes", "max_iters", "tol", "eigen_method", "num_steps", "loop")}

@@ -27,7 +27,7 @@ from hqjax.quant.bitconfig import validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
 from hqjax.quant.transform import (STATS, WeightSpecFn, _static_width_calibrator, _weight_specs, act_spec_for,
-                                   per_channel_weights, quantize_params)
+                                   _check_stacked_acts, per_channel_weights, quantize_params)
 
 __all__ = ["quantize_nnx_state", "quantize_nnx", "QuantizedNNXModel", "quantize_nnx_model", "QuantizedNNXApply",
            "quantize_nnx_apply"]
@@ -179,6 +179,7 @@ def quantize_nnx_model(model, bit_config: Mapping, *, weight_spec: WeightSpecFn 
     from flax import nnx
 
     cfg = validate_bit_config(bit_config)
+    _check_stacked_acts(cfg)
     if act_mode not in ("asymmetric", "symmetric", "unsigned"):
         raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned wherever the calibrated minimum "
                          f"is 0, e.g. after ReLU), 'symmetric' or 'unsigned'")
@@ -250,6 +251,7 @@ def quantize_nnx_apply(model, bit_config: Mapping, *, weight_spec: WeightSpecFn 
     """
     model, variables = from_nnx(model)
     cfg = validate_bit_config(bit_config)
+    _check_stacked_acts(cfg)
     if act_mode not in ("asymmetric", "symmetric", "unsigned"):
         raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned wherever the calibrated minimum "
                          f"is 0, e.g. after ReLU), 'symmetric' or 'unsigned'")

@@ -35,7 +35,7 @@ import logging
 import re
 from typing import Any, Callable, Mapping, Sequence
 
-from hqjax.quant.bitconfig import validate_bit_config
+from hqjax.quant.bitconfig import _layer_of_stack, validate_bit_config
 
 __all__ = ["qwix_rule_specs", "to_qwix_rules", "QwixChange", "QwixExport", "export_qwix", "qwix_apply"]
 
@@ -57,16 +57,44 @@ def _qtype(layer: str, key: str, bits: int | None, strict: bool, rounded: list) 
     return f"int{bits}"
 
 
+def _widest(bits: list) -> int | None:
+    return None if any(b is None for b in bits) else max(bits)
+
+
+def _merge_stacks(cfg: Mapping) -> tuple[dict, list[tuple[str, tuple, tuple]]]:
+    """One entry per module path: the layers of a stack (``'stack/fc[i]'``) run under one
+    Qwix rule (Qwix matches module paths, and a scanned layer has one), at the widest
+    widths allocated to any of them (``None``, float, is widest). Returns the merged config
+    and ``(layer, allocated, merged)`` for each stack layer whose widths went up."""
+    merged: dict = {}
+    layers: dict[str, list[str]] = {}
+    for name, entry in cfg.items():
+        module, j = _layer_of_stack(name)
+        if j is None:
+            merged[name] = dict(entry)
+        else:
+            layers.setdefault(module, []).append(name)
+    raised = []
+    for module, names in layers.items():
+        wide = {k: _widest([cfg[n][k] for n in names]) for k in ("weight_bits", "act_bits")}
+        merged[module] = wide
+        raised += [(n, (cfg[n]["weight_bits"], cfg[n]["act_bits"]), (wide["weight_bits"], wide["act_bits"]))
+                   for n in names if (cfg[n]["weight_bits"], cfg[n]["act_bits"]) != tuple(wide.values())]
+    return merged, raised
+
+
 def qwix_rule_specs(bit_config: Mapping, *, strict: bool = False,
                     act_static_scale: bool = True) -> tuple[list[dict], list[tuple]]:
     """Plain-data Qwix rules: ``([{'module_path', 'weight_qtype', 'act_qtype', ...}], rounded)``.
 
-    ``rounded`` lists ``(layer, key, bits, exported_bits)`` for widths Qwix cannot represent.
-    Rules are ordered longest path first, and each path is escaped and anchored, so one
-    layer's rule never captures another's (``'conv1'`` vs ``'conv10'``).
+    ``rounded`` lists ``(layer, key, bits, exported_bits)`` for widths Qwix cannot represent,
+    and for the layers of a stack raised to the widest width of the stack (one rule per
+    module path). Rules are ordered longest path first, and each path is escaped and
+    anchored, so one layer's rule never captures another's (``'conv1'`` vs ``'conv10'``).
     """
-    cfg = validate_bit_config(bit_config)
-    rounded: list[tuple] = []
+    cfg, raised = _merge_stacks(validate_bit_config(bit_config))
+    rounded: list[tuple] = [(n, k, a, b) for n, alloc, wide in raised
+                            for k, a, b in zip(("weight_bits", "act_bits"), alloc, wide) if a != b]
     specs = []
     for layer in sorted(cfg, key=lambda n: (-len(n), n)):
         entry = cfg[layer]
@@ -110,7 +138,8 @@ class QwixChange:
     layer : the layer path.
     allocated : ``(weight_bits, act_bits)`` in the BitConfig.
     exported : ``(weight_qtype, act_qtype)`` in the Qwix rule (``None``: float).
-    action : ``'round_up'``, ``'weight_only'``, ``'widen'`` or ``'per_channel'``.
+    action : ``'round_up'``, ``'weight_only'``, ``'widen'``, ``'per_channel'`` or ``'stack'``
+        (a layer of a stack raised to the stack's widest widths).
     reason : why, in one sentence.
     """
 
@@ -194,7 +223,12 @@ def export_qwix(bit_config: Mapping, kinds: Mapping[str, Any], *, provider: str 
     if missing:
         raise ValueError(f"no layer kind for {missing}; pass kinds=hqjax.layer_shapes(model, variables, x, "
                          f"train=False) or {{layer: 'conv' | 'dense' | ...}}")
-    changes: list[QwixChange] = []
+    kind_of.update({_layer_of_stack(n)[0]: kind_of[n] for n in cfg})
+    cfg, raised = _merge_stacks(cfg)
+    changes: list[QwixChange] = [
+        QwixChange(n, alloc, (), "stack", f"Qwix has one rule per module path, and the layers of a stack share "
+                                          f"{_layer_of_stack(n)[0]!r}: raised to the stack's widest W{wide[0]}A{wide[1]}")
+        for n, alloc, wide in raised]
     specs = []
     for layer in sorted(cfg, key=lambda n: (-len(n), n)):
         w_bits, a_bits = cfg[layer]["weight_bits"], cfg[layer]["act_bits"]
@@ -223,7 +257,7 @@ def export_qwix(bit_config: Mapping, kinds: Mapping[str, Any], *, provider: str 
         specs.append(spec)
     for c in changes:
         if not c.exported:
-            exported = next(s for s in specs if s["module_path"] == re.escape(c.layer))
+            exported = next(s for s in specs if s["module_path"] == re.escape(_layer_of_stack(c.layer)[0]))
             changes[changes.index(c)] = dataclasses.replace(c, exported=(exported["weight_qtype"],
                                                                          exported["act_qtype"]))
     if changes:
@@ -231,6 +265,27 @@ def export_qwix(bit_config: Mapping, kinds: Mapping[str, Any], *, provider: str 
                        "; ".join(f"{c.layer}: W{c.allocated[0]}A{c.allocated[1]} -> {c.exported} ({c.action})"
                                  for c in changes))
     return QwixExport(provider, tuple(specs), tuple(changes))
+
+
+def _ptq_params(qwix, params, abstract):
+    """``qwix.quantize_params``, layer by layer through a stack: Qwix derives a weight's
+    quantization from the slice a scanned layer sees (its channel axes count from the
+    slice), so a stacked kernel is quantized one layer at a time and the results stacked,
+    giving the per-layer scales the scanned model reads."""
+    import flax
+    import jax
+
+    out = {}
+    for path, w in flax.traverse_util.flatten_dict(params).items():
+        a = abstract
+        for k in path:
+            a = a[k]
+        q = qwix.quantize_params({"w": w}, {"w": a})["w"]
+        if hasattr(a, "how") and jax.tree.map(jax.numpy.shape, q.array) != jax.tree.map(jax.numpy.shape, a.array):
+            layer = a.replace(array=jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), a.array))
+            q = jax.vmap(lambda x: qwix.quantize_params({"w": x}, {"w": layer})["w"])(w)
+        out[path] = q
+    return flax.traverse_util.unflatten_dict(out)
 
 
 def qwix_apply(model, variables, export: QwixExport, sample_input, **kwargs) -> Callable:
@@ -260,5 +315,5 @@ def qwix_apply(model, variables, export: QwixExport, sample_input, **kwargs) -> 
     variables = jax.tree.map(jax.numpy.asarray, dict(variables))  # Qwix finds weights by identity
     if export.provider == "ptq":
         abstract = jax.eval_shape(lambda x: qmodel.init(jax.random.key(0), x, **kwargs), sample_input)
-        variables = {**variables, "params": qwix.quantize_params(variables["params"], abstract["params"])}
+        variables = {**variables, "params": _ptq_params(qwix, variables["params"], abstract["params"])}
     return jax.jit(lambda x: qmodel.apply(variables, x, **kwargs))

@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hqjax.quant.bitconfig import check_bit_widths, validate_bit_config
+from hqjax.quant.bitconfig import _layer_of_stack, check_bit_widths, validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
 from hqjax.tree import OWNER_LEAVES, kernel_view_shape, path_name
@@ -96,30 +97,49 @@ def _owner_leaves(params: PyTree) -> dict[str, tuple[str, str]]:
 
 
 def coverage(params: PyTree, bit_config: Mapping) -> Coverage:
-    """Match a BitConfig against the quantizable layers of ``params``."""
+    """Match a BitConfig against the quantizable layers of ``params`` (a stacked module is
+    covered when the config names it or any of its layers, ``'stack/fc[i]'``)."""
     owners = _owner_leaves(params)
     cfg = validate_bit_config(bit_config)
+    named = {_layer_of_stack(k)[0] for k in cfg}
     return Coverage(
-        matched=tuple(k for k in cfg if k in owners),
-        unmatched=tuple(k for k in cfg if k not in owners),
-        uncovered=tuple(k for k in owners if k not in cfg),
+        matched=tuple(k for k in cfg if _layer_of_stack(k)[0] in owners),
+        unmatched=tuple(k for k in cfg if _layer_of_stack(k)[0] not in owners),
+        uncovered=tuple(k for k in owners if k not in named),
     )
 
 
-def _weight_specs(params, bit_config, weight_spec):
+def _weight_specs(params, bit_config, weight_spec) -> dict[str, list[tuple[str, str, int, int | None]]]:
+    """``{leaf_path: [(layer, leaf_name, bits, slice)]}``: ``slice`` is ``None`` for a whole
+    kernel, else the layer of a stacked kernel (``'stack/fc[i]'``)."""
     owners = _owner_leaves(params)
     cfg = validate_bit_config(bit_config)
-    unknown = [k for k in cfg if k not in owners]
+    unknown = [k for k in cfg if _layer_of_stack(k)[0] not in owners]
     if unknown:
         raise ValueError(f"BitConfig entries {unknown} match no layer with a kernel or embedding; "
                          f"quantizable layers are {list(owners)}")
-    return {owners[k][0]: (k, owners[k][1], cfg[k]["weight_bits"]) for k in cfg}
+    shapes = {path_name(p): jnp.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out: dict[str, list] = {}
+    for k in cfg:
+        module, j = _layer_of_stack(k)
+        lp, leaf = owners[module]
+        if j is not None and not (len(shapes[lp]) > 2 and j < shapes[lp][0]):
+            raise ValueError(f"BitConfig entry {k!r}: {lp} has shape {shapes[lp]}, which has no layer {j} along a "
+                             f"leading layer axis; name layers of a stack as hqjax.blocks(params, stacked=...) does")
+        out.setdefault(lp, []).append((k, leaf, cfg[k]["weight_bits"], j))
+    for lp, entries in out.items():
+        if len(entries) > 1 and any(j is None for *_, j in entries):
+            raise ValueError(f"BitConfig names both the stack {entries[0][0].split('[')[0]!r} and its layers "
+                             f"({[e[0] for e in entries]}); name either the whole stack or each layer")
+    return out
 
 
-def _view_shapes(params) -> dict[str, tuple]:
+def _view_shapes(params, stacked: bool = False) -> dict[str, tuple]:
     """``{leaf_path: shape its quantizer sees}``: kernels with their output features merged
-    into the last axis (:func:`hqjax.tree.kernel_view_shape`), every other leaf as it is."""
-    shapes = {path_name(p): tuple(jnp.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    into the last axis (:func:`hqjax.tree.kernel_view_shape`), every other leaf as it is;
+    with ``stacked``, the shapes of one layer of each leaf (its leading axis dropped)."""
+    shapes = {path_name(p): tuple(jnp.shape(x))[int(stacked):] for p, x in
+              jax.tree_util.tree_flatten_with_path(params)[0]}
     return {lp: kernel_view_shape(s, shapes.get(lp[:-len("kernel")] + "bias")) if lp.endswith("kernel") else s
             for lp, s in shapes.items()}
 
@@ -127,9 +147,10 @@ def _view_shapes(params) -> dict[str, tuple]:
 def weight_specs(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights) -> dict:
     """``{layer_path: QuantSpec}`` of the weight quantizer of every configured layer (for the
     kernel's view: output features merged into the last axis)."""
-    shapes = _view_shapes(params)
-    return {layer: weight_spec(layer, leaf, shapes[lp], bits)
-            for lp, (layer, leaf, bits) in _weight_specs(params, bit_config, weight_spec).items()}
+    views = (_view_shapes(params), _view_shapes(params, stacked=True))
+    return {layer: weight_spec(layer, leaf, views[j is not None][lp], bits)
+            for lp, entries in _weight_specs(params, bit_config, weight_spec).items()
+            for layer, leaf, bits, j in entries}
 
 
 def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpecFn = per_channel_weights, *,
@@ -156,19 +177,23 @@ def quantize_params(params: PyTree, bit_config: Mapping, weight_spec: WeightSpec
     not name stay float (see :func:`coverage`).
     """
     targets = _weight_specs(params, bit_config, weight_spec)
-    views = _view_shapes(params)
+    views = (_view_shapes(params), _view_shapes(params, stacked=True))
     if bit_widths is not None:
         check_bit_widths(validate_bit_config(bit_config), bit_widths)
 
+    def quantized(w, name, layer, leaf_name, bits, j):
+        traced = None if bit_widths is None else bit_widths[layer]["weight_bits"]
+        view = views[j is not None][name]
+        q = fake_quant(jnp.reshape(w, view), weight_spec(layer, leaf_name, view, bits), bits=traced)
+        return jnp.reshape(q, jnp.shape(w))
+
     def leaf(p, x):
         name = path_name(p)
-        if name not in targets:
-            return x
-        layer, leaf_name, bits = targets[name]
-        traced = None if bit_widths is None else bit_widths[layer]["weight_bits"]
-        view = views[name]
-        q = fake_quant(jnp.reshape(x, view), weight_spec(layer, leaf_name, view, bits), bits=traced)
-        return jnp.reshape(q, jnp.shape(x))
+        for layer, leaf_name, bits, j in targets.get(name, ()):
+            if j is None:
+                return quantized(x, name, layer, leaf_name, bits, j)
+            x = x.at[j].set(quantized(x[j], name, layer, leaf_name, bits, j))
+        return x
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -179,6 +204,17 @@ def act_spec_for(bit_config: Mapping, layer: str, act_mode: str) -> QuantSpec | 
     shared by the Linen and NNX model transforms."""
     bits = bit_config.get(layer, {}).get("act_bits")
     return None if bits is None else QuantSpec(bits=bits, mode=act_mode)
+
+
+def _check_stacked_acts(bit_config: Mapping) -> None:
+    """Refuse activation bits on a layer of a stack (``'stack/fc[i]'``): its input range would
+    have to be calibrated and read per layer inside the user's ``nn.scan``/``nnx.scan``,
+    which carries only the collections the model names."""
+    acts = [k for k, v in bit_config.items() if _layer_of_stack(k)[1] is not None and v.get("act_bits") is not None]
+    if acts:
+        raise ValueError(f"layers {acts[:3]}{' ...' if len(acts) > 3 else ''} of a stacked module (nn.scan / "
+                         f"nnx.scan) have act_bits set; hqjax quantizes only the weights of stacked layers: set "
+                         f"act_bits=None for them (weight-only mixed precision)")
 
 
 def _static_width_calibrator(calibrator: Calibrator, bit_widths) -> None:
@@ -224,7 +260,13 @@ class QuantizedModel:
                 return next_fun(*args, **kwargs)
             x, rest = args[0], args[1:]
             if calibrate:
-                var = mod.scope.variable(STATS, "input", self.calibrator.init)
+                try:
+                    var = mod.scope.variable(STATS, "input", self.calibrator.init)
+                except flax.errors.ScopeCollectionNotFound:
+                    raise ValueError(f"layer {layer!r} has act_bits={spec.bits} but runs inside a Flax lifted "
+                                     f"transform (nn.scan / nn.vmap) that does not carry {STATS!r}; quantize "
+                                     f"only its weights (act_bits=None), naming each layer of a stack as "
+                                     f"hqjax.blocks(params, stacked=hqjax.stacked_modules(...)) does") from None
                 var.value = self.calibrator.update(var.value, jax.lax.stop_gradient(x), spec)
                 return next_fun(x, *rest, **kwargs)
             if not mod.scope.has_variable(STATS, "input"):
@@ -302,6 +344,7 @@ def quantize_model(model: nn.Module, bit_config: Mapping, *, weight_spec: Weight
         return quantize_nnx_apply(model, bit_config, weight_spec=weight_spec, act_mode=act_mode,
                                   calibrator=calibrator)
     cfg = validate_bit_config(bit_config)
+    _check_stacked_acts(cfg)
     if act_mode not in ("asymmetric", "symmetric", "unsigned"):
         raise ValueError(f"act_mode={act_mode!r}: use 'asymmetric' (unsigned wherever the calibrated minimum "
                          f"is 0, e.g. after ReLU), 'symmetric' or 'unsigned'")

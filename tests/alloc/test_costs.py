@@ -117,3 +117,28 @@ def test_bit_serial_op_computes_the_integer_product_exactly(cnn, bits):
         # one product per weight bit plane: the work, and so the time, grows with the width
         text = jax.jit(fn).lower(a, k).as_text()
         assert text.count("convolution" if shape.kind == "conv" else "dot_general") == bits, name
+
+
+def test_layers_of_a_stack_are_costed_one_by_one_in_linen_and_nnx():
+    """A scanned stack's layers see slices of params with a leading layer axis: each is a
+    layer of its own, named as hqjax.blocks(params, stacked=...) names it."""
+    import user_models as um
+    from flax import nnx
+
+    x = jnp.zeros((2, 8, 8, 1))
+    linen = um.ScanMLP()
+    v = linen.init(jax.random.key(0), x)
+    nnx_model = um.NNXScanMLP(nnx.Rngs(0))
+    layers = ["embed", *(f"blocks/{fc}[{i}]" for i in range(3) for fc in ("fc1", "fc2")), "head"]
+    for model, args in ((linen, (v, x)), (nnx_model, (x,))):
+        assert hqjax.stacked_modules(model, *args) == ("blocks",)
+        shapes = hqjax.layer_shapes(model, *args)
+        assert list(shapes) == layers
+        assert all(shapes[n].kernel_shape == (16, 16) and shapes[n].macs == 256 for n in layers[1:-1])
+    names = hqjax.blocks(v["params"], stacked=hqjax.stacked_modules(linen, v, x)).names
+    assert set(names) == set(layers)
+    costs = hqjax.LayerCosts.from_model(linen, v, x)
+    assert costs.size_bytes("blocks/fc2[1]", 4) == 16 * 16 * 4 / 8 + 16 * 4
+    # a model without stacks, and a conv whose kernel's leading axis is not a layer axis
+    cnn = CNN(channels=(3, 6))
+    assert hqjax.stacked_modules(cnn, cnn.init(jax.random.key(0), x), x) == ()

@@ -206,3 +206,15 @@ def test_sweep_takes_a_user_factory_and_its_orbax_variables(tmp_path):
     assert results["same"] == results["none"] and results["scaled"] != results["none"]
     assert sweep_main(["--out", str(tmp_path / "bad"), *args, "--variables", str(tmp_path / "other_ckpt")]) == 2
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_sweep_takes_each_layer_of_a_stack(tmp_path):
+    """A scanned stack's layers are layers of the sweep (``--layers 'blocks/fc1[1]'``)."""
+    from hqjax.distributed.command import sweep_main
+
+    args = ["--model", "user_models:nnx_scan_mlp", "--metrics", "trace", "--num-probes", "2", "--subset-size", "16",
+            "--loop", "host", "--quiet"]
+    assert sweep_main(["--out", str(tmp_path / "one"), *args, "--layers", "blocks/fc1[1]"]) == 0
+    jobs = json.loads((tmp_path / "one" / "results.json").read_text())["jobs"]
+    assert [j["job"]["layer"] for j in jobs] == ["blocks/fc1[1]"] and jobs[0]["result"]["trace"] > 0
+    assert sweep_main(["--out", str(tmp_path / "bad"), *args, "--layers", "blocks/fc1"]) == 2

@@ -194,3 +194,16 @@ def test_configurations_of_one_network_share_one_compiled_program(name, digits, 
     assert len(programs) == 1
     assert compiled <= 1
     assert not np.allclose(outputs[0], outputs[1])  # the configurations differ in their integers
+
+
+def test_layers_of_a_stack_are_refused_in_one_line():
+    import user_models as um
+
+    model = um.ScanMLP()
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (8, 8, 8, 1)), jnp.float32)
+    v = model.init(jax.random.key(0), x[:2])
+    cfg = {"embed": {"weight_bits": 8, "act_bits": 8}, "head": {"weight_bits": 8, "act_bits": 8},
+           **{f"blocks/{f}[{i}]": {"weight_bits": 4, "act_bits": None} for i in range(3) for f in ("fc1", "fc2")}}
+    qm = quantize_model(model, cfg)
+    with pytest.raises(ValueError, match=r"cannot lower the layers of a stacked module.*blocks/fc1\[0\]"):
+        to_integer(qm, qm.calibrate(v, x), (8, 8, 1))

@@ -135,3 +135,39 @@ def test_qwix_serves_a_mixed_allocation_close_to_hqjax_fake_quant(digits):
           f"Qwix gap ptq {gaps['ptq']:+.4f}, qt {gaps['qt']:+.4f}")
     assert acc_hqjax > 0.85
     assert all(abs(g) <= 0.03 for g in gaps.values()), gaps
+
+
+def test_layers_of_a_stack_share_one_rule_at_the_widest_width():
+    cfg = {"blocks/fc1[0]": {"weight_bits": 2, "act_bits": None}, "blocks/fc1[1]": {"weight_bits": 4, "act_bits": None},
+           "head": {"weight_bits": 8, "act_bits": 8}}
+    specs, rounded = qwix_rule_specs(cfg)
+    assert [s["module_path"] for s in specs] == [re.escape("blocks/fc1"), "head"]
+    assert specs[0]["weight_qtype"] == "int4" and rounded == [("blocks/fc1[0]", "weight_bits", 2, 4)]
+    from hqjax.quant.qwix_export import export_qwix
+    ex = export_qwix(cfg, {"blocks/fc1[0]": "dense", "blocks/fc1[1]": "dense", "head": "dense"})
+    assert [(c.layer, c.action, c.exported) for c in ex.changes] == [("blocks/fc1[0]", "stack", ("int4", None))]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("qwix") is None, reason="needs qwix")
+def test_qwix_serves_stacked_layers_in_linen_and_nnx():
+    """Qwix derives a scanned weight's quantization from the slice a layer sees; the PTQ
+    params are made layer by layer, so PTQ serves the stack and equals QT's fake quant."""
+    import hqjax
+    import user_models as um
+    from flax import nnx
+    from hqjax.quant.qwix_export import export_qwix, qwix_apply
+
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (32, 8, 8, 1)), jnp.float32)
+    model = um.ScanMLP()
+    v = model.init(jax.random.key(0), x[:2])
+    shapes = hqjax.layer_shapes(model, v, x[:2])
+    cfg = {n: {"weight_bits": 4, "act_bits": None} for n in shapes if n.startswith("blocks/")}
+    float_out = np.asarray(model.apply(v, x))
+    for served_model, variables in ((model, v), (um.NNXScanMLP(nnx.Rngs(0)), None)):
+        kw = {"train": False} if variables is not None else {}
+        ref = float_out if variables is not None else np.asarray(served_model(x))
+        out = {p: np.asarray(qwix_apply(served_model, variables, export_qwix(cfg, shapes, provider=p), x[:2], **kw)(x))
+               for p in ("ptq", "qt")}
+        np.testing.assert_allclose(out["ptq"], out["qt"], rtol=1e-5, atol=1e-5)
+        err = np.abs(out["ptq"] - ref).max()
+        assert 1e-3 * np.abs(ref).max() < err < 0.2 * np.abs(ref).max(), err  # the stack is 4-bit, not float

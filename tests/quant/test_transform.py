@@ -137,3 +137,50 @@ def test_resnet_batchnorm_train_mode_and_paths(init_np):
     out, new = jax.jit(lambda v, x: qm.apply(v, x, train=True, mutable=["batch_stats"]))(vq, X)
     assert out.shape == (16, 10)
     assert not np.allclose(np.asarray(new["batch_stats"]["stem_bn"]["mean"]), np.asarray(v["batch_stats"]["stem_bn"]["mean"]))
+
+
+# --------------------------------------------------------------------------- stacked layers
+@pytest.fixture(scope="module")
+def scanned():
+    import user_models as um
+
+    model = um.ScanMLP()
+    return model, model.init(jax.random.key(0), X[:2])
+
+
+def _stack_cfg(bits=(2, 8, 4)):
+    cfg = {f"blocks/fc1[{i}]": {"weight_bits": b, "act_bits": None} for i, b in enumerate(bits)}
+    return {**cfg, "head": {"weight_bits": 3, "act_bits": None}}
+
+
+def test_each_layer_of_a_stack_is_quantized_at_its_own_width(scanned):
+    _, v = scanned
+    q = quantize_params(v["params"], _stack_cfg())
+    w = v["params"]["blocks"]["fc1"]["kernel"]
+    for i, b in enumerate((2, 8, 4)):  # per layer and per output channel of that layer
+        np.testing.assert_array_equal(q["blocks"]["fc1"]["kernel"][i], fake_quant(w[i], QuantSpec(bits=b, axis=-1)))
+    np.testing.assert_array_equal(q["blocks"]["fc2"]["kernel"], v["params"]["blocks"]["fc2"]["kernel"])
+    np.testing.assert_array_equal(q["head"]["kernel"], fake_quant(v["params"]["head"]["kernel"], QuantSpec(bits=3, axis=-1)))
+    assert hqjax.quant.weight_specs(v["params"], _stack_cfg())["blocks/fc1[0]"].bits == 2
+    cov = coverage(v["params"], _stack_cfg())
+    assert "blocks/fc1[2]" in cov.matched and cov.uncovered == ("blocks/fc2", "embed")
+    # straight-through gradients reach every layer's float weights
+    g = jax.grad(lambda p: jnp.sum(quantize_params(p, _stack_cfg())["blocks"]["fc1"]["kernel"] ** 2))(v["params"])
+    np.testing.assert_allclose(g["blocks"]["fc1"]["kernel"], 2 * q["blocks"]["fc1"]["kernel"], rtol=1e-6)
+
+
+def test_weight_only_model_of_a_stack_and_what_it_refuses(scanned):
+    model, v = scanned
+    qm = quantize_model(model, _stack_cfg())
+    want = model.apply({"params": quantize_params(v["params"], _stack_cfg())}, X)
+    np.testing.assert_allclose(qm.apply(v, X), want, rtol=1e-6)
+    assert not np.allclose(want, model.apply(v, X), atol=1e-3)
+    with pytest.raises(ValueError, match=r"blocks/fc1\[0\].*act_bits set.*act_bits=None"):
+        quantize_model(model, {"blocks/fc1[0]": {"weight_bits": 4, "act_bits": 8}})
+    with pytest.raises(ValueError, match="names both the stack"):
+        quantize_params(v["params"], {**_stack_cfg(), "blocks/fc1": {"weight_bits": 4, "act_bits": None}})
+    with pytest.raises(ValueError, match=r"no layer 3 along a leading layer axis"):
+        quantize_params(v["params"], {"blocks/fc1[3]": {"weight_bits": 4, "act_bits": None}})
+    whole = quantize_model(model, {"blocks/fc1": {"weight_bits": 4, "act_bits": 8}})
+    with pytest.raises(ValueError, match=r"'blocks/fc1'.*inside a Flax lifted transform.*act_bits=None"):
+        whole.calibrate(v, X)
