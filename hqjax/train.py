@@ -22,10 +22,13 @@ import time
 from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from hqjax._linen import with_train_arg
 
 __all__ = [
     "TrainConfig",
@@ -87,6 +90,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
 def init_variables(model, key: jax.Array, input_shape: tuple[int, ...], dtype=jnp.float32) -> PyTree:
     """Flax variables (``params`` and, for BatchNorm models, ``batch_stats``) for one input
     (``dtype`` int32 for token ids)."""
+    model = with_train_arg(model)
     return model.init(key, jnp.zeros((1, *input_shape), dtype), train=False)
 
 
@@ -98,6 +102,7 @@ def make_loss_fn(model, variables: PyTree) -> Callable[[PyTree, tuple], jax.Arra
     the deployed (eval-mode) network, as in HAWQ.
     """
     rest = {k: v for k, v in variables.items() if k != "params"}
+    model = with_train_arg(model)
 
     def loss_fn(params, batch):
         x, y = batch[0], batch[1]
@@ -115,7 +120,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, apply_fn: Ca
     ``model.apply``; the quantization-aware fine-tuning passes a fake-quantized apply with the
     same signature. ``key`` seeds the step's dropout masks (pass a fresh one each step).
     """
-    apply_fn = apply_fn or model.apply
+    apply_fn = apply_fn or with_train_arg(model).apply
 
     def loss_and_state(params, rest, x, y, key):
         variables = {"params": params, **rest}
@@ -186,7 +191,10 @@ def train(model, x: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig
 
 
 def predict_logits(apply_fn: Callable, variables: PyTree, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Eval-mode logits of ``apply_fn(variables, x, train=False)`` in batches."""
+    """Eval-mode logits of ``apply_fn(variables, x, train=False)`` in batches (a Linen
+    model's own ``apply`` without a ``train`` argument is called through its wrapper)."""
+    if isinstance(getattr(apply_fn, "__self__", None), nn.Module) and apply_fn.__name__ == "apply":
+        apply_fn = with_train_arg(apply_fn.__self__).apply
     fn = jax.jit(lambda v, xb: apply_fn(v, xb, train=False))
     return np.concatenate([np.asarray(fn(variables, x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
 

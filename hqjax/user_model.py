@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import os
 from typing import Any, Callable
 
@@ -66,18 +65,16 @@ def load_factory(spec: str) -> Callable[[], Any]:
 
 
 def as_flax_model(obj, where: str = "the model") -> tuple[Any, PyTree | None]:
-    """``(model, own_variables)``: a Linen module gives ``(module, None)``; an NNX module gives
-    ``hqjax.from_nnx(module)`` (its variables are the weights it holds)."""
+    """``(model, own_variables)``: a Linen module gives ``(module, None)`` (behind
+    :func:`hqjax._linen.with_train_arg` when it takes ``deterministic`` or no mode flag); an
+    NNX module gives ``hqjax.from_nnx(module)`` (its variables are the weights it holds)."""
     import flax.linen as nn
 
+    from hqjax._linen import with_train_arg
     from hqjax._nnx import NNXApply, from_nnx, is_nnx_module
 
     if isinstance(obj, nn.Module):
-        params = inspect.signature(type(obj).__call__).parameters.values()
-        if not any(p.name == "train" or p.kind is p.VAR_KEYWORD for p in params):
-            raise UserError(f"{where} ({type(obj).__name__}) takes no 'train' argument; hqjax calls Linen models as "
-                            f"model.apply(variables, x, train=...): add 'train: bool = False' to its __call__")
-        return obj, None
+        return with_train_arg(obj), None
     if is_nnx_module(obj) or isinstance(obj, NNXApply):
         return from_nnx(obj)
     raise UserError(f"{where} is a {type(obj).__name__}, not a Flax module: return a flax.linen.Module "

@@ -63,15 +63,6 @@ def nnx_factory():
 def not_a_model():
     return 3
 
-
-class NoTrain(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-
-def no_train():
-    return NoTrain()
 '''
 
 METRIC = '''
@@ -159,7 +150,6 @@ def test_user_model_variables_and_npz_from_an_unrelated_folder(project, tmp_path
     (["--model", "nopkg.nets:factory"], r"--model 'nopkg.nets:factory': cannot import module 'nopkg.nets'"),
     (["--model", "tests_pkg.nets:nothing"], r"module 'tests_pkg.nets' has no attribute 'nothing'"),
     (["--model", "tests_pkg.nets:not_a_model"], r"returned is a int, not a Flax module"),
-    (["--model", "tests_pkg.nets:no_train"], r"\(NoTrain\) takes no 'train' argument; .*add 'train: bool = False'"),
     (["--model", "tests_pkg.nets:factory", "--variables", "wrong.msgpack"],
      r"'params/head/kernel' has shape \(64, 7\) but the model expects \(64, 10\)"),
     (["--model", "tests_pkg.nets:factory", "--variables", "missing.msgpack"], r"'missing.msgpack' does not exist"),
@@ -313,3 +303,15 @@ def test_stacked_layers_get_their_own_bits_and_the_quantize_stage_is_refused(tmp
     assert layers <= set(json.dumps(sens).split('"'))
     model, variables = hqjax.from_nnx(um.nnx_scan_mlp())
     hqjax.quantize_params(variables["params"], cfg)  # the allocation applies to the stacked weights
+
+
+@pytest.mark.parametrize("factory", ["user_models:ModelessNet", "user_models:DeterministicNet"])
+def test_models_without_a_train_argument_run_every_stage(tmp_path, factory):
+    """No mode argument, or Flax's ``deterministic`` (dropout trained with masks): the job
+    calls them through a wrapper sharing their scope, and the integer-only model equals QAT's."""
+    out = tmp_path / "out"
+    assert main(["run", "--model", factory, "--out", str(out), "--epochs", "2", *SMALL[:-3], "--qat-epochs", "1",
+                 "--no-progress"]) == 0
+    acc = {k: v["accuracy"] for k, v in json.loads((out / "metrics.json").read_text())["stages"].items()}
+    assert abs(acc["integer_only"] - acc["qat_fake_quant"]) <= 2 / 360, acc
+    assert set(hqjax.load_bit_config(out / "bit_config.json")) in ({"conv", "head"}, {"fc", "head"})

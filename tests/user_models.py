@@ -32,6 +32,8 @@ __all__ = [
     "TokenNet",
     "NNXTokenNet",
     "ScanMLP",
+    "ModelessNet",
+    "DeterministicNet",
     "NNXScanMLP",
     "twin_nnx_from_linen",
     "LINEN_MODELS",
@@ -258,6 +260,24 @@ class NNXTokenNet(nnx.Module):
 
     def __call__(self, ids):
         return self.head(nnx.relu(self.fc(self.embed(ids))).mean(axis=1))
+
+
+class ModelessNet(nn.Module):
+    """conv -> relu -> dense, called as ``model.apply(variables, x)``: no mode argument."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, name="conv")(x))
+        return nn.Dense(10, name="head")(x.reshape((x.shape[0], -1)))
+
+
+class DeterministicNet(nn.Module):
+    """dense -> relu -> dropout -> dense in Flax's ``deterministic`` convention (no ``train``)."""
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        x = nn.relu(nn.Dense(32, name="fc")(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10, name="head")(nn.Dropout(0.5)(x, deterministic=deterministic))
 
 
 class _ScanBlock(nn.Module):

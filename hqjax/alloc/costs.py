@@ -173,6 +173,7 @@ def _nnx_layer_shapes(model, variables, args, kwargs) -> dict[str, LayerShape]:
 
 def _traced_shapes(model, variables, args, kwargs) -> tuple[dict[str, LayerShape], PyTree]:
     """Each weight layer's first call, as traced, and the params it read them from."""
+    from hqjax._linen import with_train_arg
     from hqjax._nnx import NNXApply, from_nnx, is_nnx_module
 
     if is_nnx_module(model):
@@ -186,6 +187,7 @@ def _traced_shapes(model, variables, args, kwargs) -> tuple[dict[str, LayerShape
         return found, variables["params"]
     if not hasattr(model, "apply"):
         raise TypeError(f"layer_shapes needs a Flax Linen or NNX module, got {type(model).__name__}")
+    model = with_train_arg(model)
     found: dict[str, LayerShape] = {}
 
     def interceptor(next_fun, a, kw, context):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hqjax._linen import with_train_arg
 from hqjax.curvature.operators import hessian
 from hqjax.curvature.results import TraceResult
 from hqjax.curvature.trace import trace
@@ -36,6 +37,8 @@ def _owns_kernel(module: nn.Module) -> bool:
 
 def _perturbed_apply(model: nn.Module, variables: PyTree, x, eps: dict | None, record: dict | None, **apply_kwargs):
     """``model.apply`` with ``eps[path]`` added to the first input of each kernel-owning layer."""
+    if "train" in apply_kwargs:
+        model = with_train_arg(model)
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module

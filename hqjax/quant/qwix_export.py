@@ -300,6 +300,7 @@ def qwix_apply(model, variables, export: QwixExport, sample_input, **kwargs) -> 
     """
     import jax
 
+    from hqjax._linen import with_train_arg
     from hqjax._nnx import NNXApply, from_nnx, is_nnx_module
 
     qwix = _import_qwix()
@@ -311,6 +312,7 @@ def qwix_apply(model, variables, export: QwixExport, sample_input, **kwargs) -> 
         module.eval()
         served = qwix.quantize_model(module, export.make_provider(), sample_input)
         return lambda x: served(x)
+    model = with_train_arg(model) if "train" in kwargs else model
     qmodel = qwix.quantize_model(model, export.make_provider())
     variables = jax.tree.map(jax.numpy.asarray, dict(variables))  # Qwix finds weights by identity
     if export.provider == "ptq":

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hqjax._linen import with_train_arg
 from hqjax.quant.bitconfig import _layer_of_stack, check_bit_widths, validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
@@ -350,4 +351,4 @@ def quantize_model(model: nn.Module, bit_config: Mapping, *, weight_spec: Weight
                          f"is 0, e.g. after ReLU), 'symmetric' or 'unsigned'")
     if params is not None:
         _weight_specs(params.get("params", params), cfg, weight_spec)
-    return QuantizedModel(model, cfg, weight_spec, act_mode, get_calibrator(calibrator))
+    return QuantizedModel(with_train_arg(model), cfg, weight_spec, act_mode, get_calibrator(calibrator))
