@@ -168,7 +168,7 @@ def from_nnx(module) -> tuple[NNXApply, dict]:
 def _layer_types():
     from flax import nnx
 
-    return (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Embed)
+    return (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
 
 
 def layer_modules(module, types: tuple | None = None) -> list[tuple[tuple, str, Any]]:

@@ -305,13 +305,17 @@ def test_stacked_layers_get_their_own_bits_and_the_quantize_stage_is_refused(tmp
     hqjax.quantize_params(variables["params"], cfg)  # the allocation applies to the stacked weights
 
 
-@pytest.mark.parametrize("factory", ["user_models:ModelessNet", "user_models:DeterministicNet"])
-def test_models_without_a_train_argument_run_every_stage(tmp_path, factory):
+@pytest.mark.parametrize("factory, layers", [("user_models:ModelessNet", {"conv", "head"}),
+                                             ("user_models:DeterministicNet", {"fc", "head"}),
+                                             ("user_models:EinsumNet", {"heads", "head"}),
+                                             ("user_models:nnx_einsum_net", {"heads", "head"})])
+def test_models_hqjax_did_not_define_run_every_stage(tmp_path, factory, layers):
     """No mode argument, or Flax's ``deterministic`` (dropout trained with masks): the job
-    calls them through a wrapper sharing their scope, and the integer-only model equals QAT's."""
+    calls them through a wrapper sharing their scope. ``nn.Einsum`` / ``nnx.Einsum`` layers are
+    costed, quantized and lowered like DenseGeneral. The integer-only model equals QAT's."""
     out = tmp_path / "out"
     assert main(["run", "--model", factory, "--out", str(out), "--epochs", "2", *SMALL[:-3], "--qat-epochs", "1",
                  "--no-progress"]) == 0
     acc = {k: v["accuracy"] for k, v in json.loads((out / "metrics.json").read_text())["stages"].items()}
     assert abs(acc["integer_only"] - acc["qat_fake_quant"]) <= 2 / 360, acc
-    assert set(hqjax.load_bit_config(out / "bit_config.json")) in ({"conv", "head"}, {"fc", "head"})
+    assert set(hqjax.load_bit_config(out / "bit_config.json")) == layers

@@ -33,6 +33,8 @@ __all__ = [
     "NNXTokenNet",
     "ScanMLP",
     "ModelessNet",
+    "EinsumNet",
+    "NNXEinsumNet",
     "DeterministicNet",
     "NNXScanMLP",
     "twin_nnx_from_linen",
@@ -42,6 +44,7 @@ __all__ = [
     "nnx_cnn",
     "nnx_row_vit",
     "nnx_scan_mlp",
+    "nnx_einsum_net",
 ]
 
 
@@ -280,6 +283,28 @@ class DeterministicNet(nn.Module):
         return nn.Dense(10, name="head")(nn.Dropout(0.5)(x, deterministic=deterministic))
 
 
+class EinsumNet(nn.Module):
+    """Image rows as 8 tokens: ``nn.Einsum('btd,dnh->btnh')`` (2 heads of 4) -> relu -> dense."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = nn.relu(nn.Einsum((8, 2, 4), "btd,dnh->btnh", name="heads")(x.reshape((x.shape[0], 8, 8))))
+        return nn.Dense(10, name="head")(x.reshape((x.shape[0], -1)))
+
+
+class NNXEinsumNet(nnx.Module):
+    """:class:`EinsumNet` in NNX (``nnx.Einsum``)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.heads = nnx.Einsum("btd,dnh->btnh", (8, 2, 4), (2, 4), rngs=rngs)
+        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.heads(x.reshape((x.shape[0], 8, 8))))
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
 class _ScanBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _):
@@ -350,6 +375,11 @@ def nnx_cnn() -> NNXCNN:
 def nnx_row_vit() -> NNXRowViT:
     """A fresh :class:`NNXRowViT`: a ``package.module:factory`` for ``--model``."""
     return NNXRowViT(nnx.Rngs(0))
+
+
+def nnx_einsum_net() -> NNXEinsumNet:
+    """A fresh :class:`NNXEinsumNet`: a ``package.module:factory`` for ``--model``."""
+    return NNXEinsumNet(nnx.Rngs(0))
 
 
 def nnx_scan_mlp() -> NNXScanMLP:

@@ -99,8 +99,17 @@ def _layer_shape(name, kind, x_shape, kernel, bias, out_shape, out_features, str
                       0 if bias is None else int(bias.size), **extra)
 
 
+def _einsum_out_features(equation: str, kernel_shape) -> int:
+    """Output features of an ``Einsum`` layer: the kernel axes its output keeps
+    (``'btd,dnh->btnh'``: ``n * h``)."""
+    inputs, out = equation.replace(" ", "").split("->")
+    kernel_axes = inputs.split(",")[1]
+    return math.prod(int(d) for a, d in zip(kernel_axes, kernel_shape) if a in out)
+
+
 def _record(module, args, out) -> LayerShape | None:
-    kinds = ((nn.Conv, "conv"), (nn.DenseGeneral, "dense_general"), (nn.Dense, "dense"), (nn.Embed, "embed"))
+    kinds = ((nn.Conv, "conv"), (nn.DenseGeneral, "dense_general"), (nn.Dense, "dense"), (nn.Embed, "embed"),
+             (nn.Einsum, "dense_general"))
     kind = next((k for cls, k in kinds if isinstance(module, cls)), None)
     if kind is None or not module.has_variable("params", "kernel" if kind != "embed" else "embedding"):
         return None
@@ -110,7 +119,9 @@ def _record(module, args, out) -> LayerShape | None:
                             out.shape, 0)
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
-    if kind == "dense_general":
+    if isinstance(module, nn.Einsum):
+        out_features = _einsum_out_features(module.einsum_str, kernel.shape)
+    elif kind == "dense_general":
         feats = module.features if isinstance(module.features, Sequence) else (module.features,)
         out_features = math.prod(feats)
     else:
@@ -125,7 +136,8 @@ def _record_nnx(name: str, layer, x, out) -> LayerShape | None:
     """The NNX counterpart of :func:`_record`."""
     from flax import nnx
 
-    kinds = ((nnx.Conv, "conv"), (nnx.LinearGeneral, "dense_general"), (nnx.Linear, "dense"), (nnx.Embed, "embed"))
+    kinds = ((nnx.Conv, "conv"), (nnx.LinearGeneral, "dense_general"), (nnx.Linear, "dense"), (nnx.Embed, "embed"),
+             (nnx.Einsum, "dense_general"))
     kind = next((k for cls, k in kinds if isinstance(layer, cls)), None)
     if kind is None:
         return None
@@ -134,7 +146,9 @@ def _record_nnx(name: str, layer, x, out) -> LayerShape | None:
     kernel = layer.kernel.value
     bias = getattr(layer, "bias", None)
     bias = None if bias is None else getattr(bias, "value", bias)
-    if kind == "dense_general":
+    if isinstance(layer, nnx.Einsum):
+        out_features = _einsum_out_features(layer.einsum_str, kernel.shape)
+    elif kind == "dense_general":
         feats = layer.out_features if isinstance(layer.out_features, Sequence) else (layer.out_features,)
         out_features = math.prod(feats)
     else:

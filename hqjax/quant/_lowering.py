@@ -348,6 +348,9 @@ class Lowerer:
             if lb or rb or tuple(lc) != tuple(range(xnd - k, xnd)) or tuple(rc) != tuple(range(k)):
                 raise ValueError(f"layer {path!r}: integer Dense layers contract the trailing input axes with the "
                                  f"leading kernel axes; got dimension numbers {dot.params['dimension_numbers']}")
+            if layer_slice(self.t, e, "transpose"):  # an einsum putting the kernel's axes before the input's
+                raise ValueError(f"layer {path!r} ({layer.module_type}): its product's axes are reordered; integer "
+                                 f"Dense layers keep the input's leading axes first ('...i,io->...o')")
             if k > 1 or kernel.ndim > 2:
                 step["in_reshape"] = [*x.shape[1:xnd - k], int(np.prod(x.shape[xnd - k:]))]
                 step["out_reshape"] = list(y_shape[1:])

@@ -27,7 +27,7 @@ from jax.extend.core import Literal, Primitive
 __all__: list[str] = []
 
 LAYER_KINDS = {"Dense": "dense", "Conv": "conv", "BatchNorm": "batchnorm",
-               "Linear": "dense", "DenseGeneral": "dense", "LinearGeneral": "dense"}
+               "Linear": "dense", "DenseGeneral": "dense", "LinearGeneral": "dense", "Einsum": "dense"}
 
 layer_p = Primitive("hqjax_layer")
 layer_p.def_impl(lambda x, y, **_: y)
@@ -115,7 +115,7 @@ def trace_linen(model, variables, example) -> Traced:
         mod = context.module
         path = "/".join(mod.path)
         kind = LAYER_KINDS.get(type(mod).__name__) if isinstance(
-            mod, (nn.Dense, nn.Conv, nn.DenseGeneral, nn.BatchNorm)) else None
+            mod, (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum, nn.BatchNorm)) else None
         with rec.scope(path, type(mod).__name__):
             y = next_fun(*args, **kwargs)
             if context.method_name != "__call__" or kind is None or not args:
@@ -143,7 +143,7 @@ def trace_nnx(graphdef, params, rest, example) -> Traced:
 
     rec = _Recorder()
     model = nnx.merge(graphdef, params, rest, copy=True)
-    layer_types = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.BatchNorm)
+    layer_types = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.BatchNorm)
     training = [name for _, name, n in layer_modules(model, (nnx.BatchNorm,)) if not n.use_running_average]
     if training:
         raise ValueError(f"BatchNorm {training[0]!r} is in training mode; integer inference folds its running "

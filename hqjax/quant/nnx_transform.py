@@ -61,7 +61,7 @@ def quantize_nnx(model, bit_config: Mapping, weight_spec: WeightSpecFn = per_cha
 def _act_layer_types():
     from flax import nnx
 
-    return (nnx.Linear, nnx.Conv, nnx.LinearGeneral)  # an embedding's input is token ids: never quantized
+    return (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)  # an embedding's input is token ids: never quantized
 
 
 def _input_hooks(spec_for, calibrator, new_stats: dict, calibrate: bool, bit_widths=None):

@@ -44,7 +44,7 @@ __all__ = [
 PyTree = Any
 WeightSpecFn = Callable[[str, str, tuple, int], QuantSpec]
 STATS = "quant_stats"
-_LAYERS = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Embed)
+_LAYERS = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum, nn.Embed)
 
 
 # --------------------------------------------------------------------------- weight specs

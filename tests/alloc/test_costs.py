@@ -142,3 +142,15 @@ def test_layers_of_a_stack_are_costed_one_by_one_in_linen_and_nnx():
     # a model without stacks, and a conv whose kernel's leading axis is not a layer axis
     cnn = CNN(channels=(3, 6))
     assert hqjax.stacked_modules(cnn, cnn.init(jax.random.key(0), x), x) == ()
+
+
+def test_einsum_layers_are_costed_like_dense_general_in_linen_and_nnx():
+    import user_models as um
+
+    x = jnp.zeros((2, 8, 8, 1))
+    linen = um.EinsumNet()
+    v = linen.init(jax.random.key(0), x)
+    for shapes in (hqjax.layer_shapes(linen, v, x), hqjax.layer_shapes(um.nnx_einsum_net(), x)):
+        s = shapes["heads"]
+        assert (s.kind, s.kernel_shape, s.output_shape) == ("dense_general", (8, 2, 4), (2, 8, 2, 4))
+        assert s.macs == 8 * 8 * 2 * 4 and s.n_weights == 64 and s.n_bias == 8  # 8 tokens x (8 in, 8 out)

@@ -472,3 +472,32 @@ def test_nnx_batchnorm_is_folded_in_eval_mode_only(digits):
     im = to_integer(qm, (params, rest, stats), (8, 8, 1))
     assert [s["op"] for s in im.meta["program"]].count("affine") == 0  # folded into the conv
     assert _close(jax.jit(qm.apply)(params, rest, stats, digits.x_test), _run(im, digits.x_test)) >= 0.99
+
+
+class _ReorderedEinsum(nn.Module):
+    """An einsum whose product puts the kernel's output axis first ('bi,io->ob')."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(16, name="fc")(x.reshape((x.shape[0], -1))))
+        return nn.Einsum((16, 10), "bi,io->ob", use_bias=False, name="mix")(x).T
+
+
+def test_einsum_layers_lower_as_dense_layers_in_linen_and_nnx(digits, init_np):
+    """``nn.Einsum`` / ``nnx.Einsum`` ('btd,dnh->btnh'): integer layers like DenseGeneral;
+    integers agree with fake-quant (trained, so the argmax means something); an einsum that
+    reorders the product's axes is refused by name."""
+    linen = um.EinsumNet()
+    v = train_linen(linen, init_np(linen, digits.x_train[:2], seed=2), digits)
+    nnx_model, nv = hqjax.from_nnx(train_nnx(um.NNXEinsumNet(nnx.Rngs(0)), digits))
+    for model, variables in ((linen, v), (nnx_model, nv)):
+        qm = quantize_model(model, _mixed(hqjax.blocks(variables["params"]).names))
+        vq = jax.jit(qm.calibrate)(variables, digits.x_train[:512])
+        im = to_integer(qm, vq, (8, 8, 1))
+        assert im.meta["layers"] == ["heads", "head"] and not im.meta["float_islands"]
+        fq = np.asarray(jax.jit(qm.apply)(vq, digits.x_test))
+        assert np.mean(fq.argmax(-1) == digits.y_test) > 0.8
+        assert _agreement(fq, _run(im, digits.x_test)) >= 0.99
+    _, _, lower = _lower(_ReorderedEinsum(), digits, init_np)
+    with pytest.raises(ValueError, match=r"layer 'mix': integer Dense layers contract the trailing input axes"):
+        lower()
