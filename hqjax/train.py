@@ -89,9 +89,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
 
 def init_variables(model, key: jax.Array, input_shape: tuple[int, ...], dtype=jnp.float32) -> PyTree:
     """Flax variables (``params`` and, for BatchNorm models, ``batch_stats``) for one input
-    (``dtype`` int32 for token ids)."""
+    (``dtype`` int32 for token ids), unboxed: a model annotated with ``nn.with_partitioning``
+    gives plain arrays (its ``nn.Partitioned`` metadata is for placing them on a mesh)."""
     model = with_train_arg(model)
-    return model.init(key, jnp.zeros((1, *input_shape), dtype), train=False)
+    return nn.meta.unbox(model.init(key, jnp.zeros((1, *input_shape), dtype), train=False))
 
 
 def make_loss_fn(model, variables: PyTree) -> Callable[[PyTree, tuple], jax.Array]:

@@ -127,11 +127,13 @@ def check_variables(model, variables: PyTree, input_shape: tuple[int, ...], wher
     with both shapes.
     """
     import flax
+    import flax.linen as nn
     import jax.numpy as jnp
 
     from hqjax.train import init_variables
 
     variables = flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict) else dict(variables)
+    variables = nn.meta.unbox(variables)  # nn.with_partitioning's boxes: their arrays
     expected = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape, dtype))
     if "params" not in variables and "params" in expected:
         variables = {"params": variables}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -308,14 +309,28 @@ def test_stacked_layers_get_their_own_bits_and_the_quantize_stage_is_refused(tmp
 @pytest.mark.parametrize("factory, layers", [("user_models:ModelessNet", {"conv", "head"}),
                                              ("user_models:DeterministicNet", {"fc", "head"}),
                                              ("user_models:EinsumNet", {"heads", "head"}),
-                                             ("user_models:nnx_einsum_net", {"heads", "head"})])
+                                             ("user_models:nnx_einsum_net", {"heads", "head"}),
+                                             ("user_models:ShardedNet", {"fc", "head"})])
 def test_models_hqjax_did_not_define_run_every_stage(tmp_path, factory, layers):
     """No mode argument, or Flax's ``deterministic`` (dropout trained with masks): the job
     calls them through a wrapper sharing their scope. ``nn.Einsum`` / ``nnx.Einsum`` layers are
-    costed, quantized and lowered like DenseGeneral. The integer-only model equals QAT's."""
+    costed, quantized and lowered like DenseGeneral. ``nn.with_partitioning`` kernels are
+    unboxed. The integer-only model equals QAT's."""
     out = tmp_path / "out"
     assert main(["run", "--model", factory, "--out", str(out), "--epochs", "2", *SMALL[:-3], "--qat-epochs", "1",
                  "--no-progress"]) == 0
     acc = {k: v["accuracy"] for k, v in json.loads((out / "metrics.json").read_text())["stages"].items()}
     assert abs(acc["integer_only"] - acc["qat_fake_quant"]) <= 2 / 360, acc
     assert set(hqjax.load_bit_config(out / "bit_config.json")) == layers
+
+
+def test_boxed_variables_of_a_partitioned_model_are_taken_as_their_arrays():
+    """``model.init`` of a model written for a mesh returns ``nn.Partitioned`` boxes; given as
+    pretrained variables they are checked and used as the arrays they hold."""
+    model = um.ShardedNet()
+    boxed = model.init(jax.random.key(3), jnp.zeros((1, 8, 8, 1)))
+    assert isinstance(boxed["params"]["fc"]["kernel"], nn.Partitioned)
+    from hqjax.user_model import check_variables
+    plain = check_variables(model, boxed, (8, 8, 1))
+    np.testing.assert_array_equal(plain["params"]["fc"]["kernel"], boxed["params"]["fc"]["kernel"].value)
+    assert list(hqjax.layer_shapes(model, boxed, jnp.zeros((1, 8, 8, 1)))) == ["fc", "head"]

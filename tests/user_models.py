@@ -34,6 +34,7 @@ __all__ = [
     "ScanMLP",
     "ModelessNet",
     "EinsumNet",
+    "ShardedNet",
     "NNXEinsumNet",
     "DeterministicNet",
     "NNXScanMLP",
@@ -281,6 +282,18 @@ class DeterministicNet(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         x = nn.relu(nn.Dense(32, name="fc")(x.reshape((x.shape[0], -1))))
         return nn.Dense(10, name="head")(nn.Dropout(0.5)(x, deterministic=deterministic))
+
+
+class ShardedNet(nn.Module):
+    """dense -> relu -> dense with ``nn.with_partitioning`` kernels (a model written for a mesh)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        init = nn.initializers.lecun_normal()
+        x = nn.relu(nn.Dense(32, kernel_init=nn.with_partitioning(init, (None, "model")), name="fc")(
+            x.reshape((x.shape[0], -1))))
+        return nn.Dense(10, kernel_init=nn.with_partitioning(init, ("model", None)), name="head")(x)
 
 
 class EinsumNet(nn.Module):

@@ -202,6 +202,7 @@ def _traced_shapes(model, variables, args, kwargs) -> tuple[dict[str, LayerShape
     if not hasattr(model, "apply"):
         raise TypeError(f"layer_shapes needs a Flax Linen or NNX module, got {type(model).__name__}")
     model = with_train_arg(model)
+    variables = nn.meta.unbox(variables)  # nn.with_partitioning: layers read the arrays
     found: dict[str, LayerShape] = {}
 
     def interceptor(next_fun, a, kw, context):
