@@ -149,6 +149,22 @@ class Job:
         if not blocks(shapes["params"]).names:
             raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
                             f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
+        if np.issubdtype(self.dataset.input_dtype, np.integer):
+            self._check_token_ids(shapes["params"])
+
+    def _check_token_ids(self, shapes) -> None:
+        """Token ids index an embedding table: an id outside every table would be looked up
+        as NaN (``jnp.take``'s fill) and poison training and the Hessian."""
+        rows = [s.shape[0] for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]
+                if getattr(p[-1], "key", None) == "embedding"]
+        d = self.dataset
+        lo = min(int(np.min(d.x_train)), int(np.min(d.x_test)))
+        hi = max(int(np.max(d.x_train)), int(np.max(d.x_test)))
+        if rows and (lo < 0 or hi >= max(rows)):
+            bad = lo if lo < 0 else hi
+            raise UserError(f"the data's token ids run from {lo} to {hi}, but the model's largest embedding table "
+                            f"has {max(rows)} rows: id {bad} has no row. Give ids in [0, {max(rows)}) (map unknown "
+                            f"tokens to an id of their own), or a model with a vocabulary that covers them")
 
     @functools.cached_property
     def stacked(self) -> tuple[str, ...]:

@@ -334,3 +334,16 @@ def test_boxed_variables_of_a_partitioned_model_are_taken_as_their_arrays():
     plain = check_variables(model, boxed, (8, 8, 1))
     np.testing.assert_array_equal(plain["params"]["fc"]["kernel"], boxed["params"]["fc"]["kernel"].value)
     assert list(hqjax.layer_shapes(model, boxed, jnp.zeros((1, 8, 8, 1)))) == ["fc", "head"]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_writing(tmp_path):
+    r = np.random.default_rng(0)
+    x = r.integers(0, 64, (200, 12)).astype(np.int32)
+    y = (x[:, 0] % 10).astype(np.int32)
+    for bad, message in ((64, r"token ids run from 0 to 64.*64 rows: id 64 has no row"), (-1, r"id -1 has no row")):
+        xb = x.copy()
+        xb[150, 3] = bad  # in the test split
+        for model in (um.TokenNet(), um.NNXTokenNet(nnx.Rngs(0))):
+            with pytest.raises(UserError, match=message):
+                hqjax.run(model, None, (xb[:150], y[:150], xb[150:], y[150:]), out=str(tmp_path / "o"), epochs=1)
+            assert not (tmp_path / "o").exists()
