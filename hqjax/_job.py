@@ -151,6 +151,23 @@ class Job:
                             f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
         if np.issubdtype(self.dataset.input_dtype, np.integer):
             self._check_token_ids(shapes["params"])
+        self._check_logits(shapes)
+
+    def _check_logits(self, shapes) -> None:
+        """The model must give one logit per class ``[batch, classes]``: the train step, the
+        curvature and every accuracy read its output as classification logits."""
+        d = self.dataset
+        example = jax.ShapeDtypeStruct((1, *d.input_shape), d.input_dtype)
+        out = jax.eval_shape(lambda v, x: self.model.apply(v, x, train=False), shapes, example)
+        shape = getattr(out, "shape", None)
+        if shape is None or len(shape) != 2:
+            what = f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+            raise UserError(f"model {self.config.model!r} returns {what} for one example; hqjax trains and measures "
+                            f"it on classification logits of shape [batch, classes]: give a model (or a wrapper "
+                            f"module) that returns them")
+        if shape[1] < d.num_classes:
+            raise UserError(f"model {self.config.model!r} gives {shape[1]} logits, but the data has {d.num_classes} "
+                            f"classes (labels 0..{d.num_classes - 1}); give the model {d.num_classes} outputs")
 
     def _check_token_ids(self, shapes) -> None:
         """Token ids index an embedding table: an id outside every table would be looked up

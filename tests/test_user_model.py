@@ -347,3 +347,25 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_writing(tmp_path):
             with pytest.raises(UserError, match=message):
                 hqjax.run(model, None, (xb[:150], y[:150], xb[150:], y[150:]), out=str(tmp_path / "o"), epochs=1)
             assert not (tmp_path / "o").exists()
+
+
+class _DictOut(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return {"logits": nn.Dense(10, name="head")(x.reshape((x.shape[0], -1)))}
+
+
+class _FiveLogits(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(5, name="head")(x.reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize("model, message", [
+    (_DictOut(), r"returns a dict for one example; .*logits of shape \[batch, classes\]"),
+    (_FiveLogits(), r"gives 5 logits, but the data has 10 classes \(labels 0..9\)"),
+])
+def test_a_model_that_gives_no_class_logits_is_refused_before_writing(tmp_path, model, message):
+    with pytest.raises(UserError, match=message):
+        hqjax.run(model, None, _data(), out=str(tmp_path / "o"), epochs=1)
+    assert not (tmp_path / "o").exists()
