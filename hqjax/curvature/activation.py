@@ -45,6 +45,11 @@ def _perturbed_apply(model: nn.Module, variables: PyTree, x, eps: dict | None, r
         if context.method_name != "__call__" or not args or not _owns_kernel(mod):
             return next_fun(*args, **kwargs)
         path = _layer_path(mod)
+        lifted = [p for p in getattr(mod.scope, "debug_path", ()) if str(p).startswith(("scan(", "vmap("))]
+        if lifted:
+            raise ValueError(f"layer {path!r} runs inside {lifted[0]}: one perturbation of its input would be "
+                             f"shared by every layer of the stack, so activation traces are not per layer there; "
+                             f"use the weight traces, which are (hqjax.blocks(params, stacked=...))")
         if record is not None:
             record.setdefault(path, jax.ShapeDtypeStruct(jnp.shape(args[0]), jnp.result_type(args[0])))
         if eps is not None and path in eps:

@@ -78,3 +78,12 @@ def test_hutchinson_and_deflated_traces_cover_the_exact_blocks(stacked):
                                       lanczos_steps=12, blocks=c["blocks"], rtol=0.05, max_probes=300)):
         for name, (t, se) in res.per_block().items():
             assert abs(t - c["exact"][name]) <= 4 * se + 1e-4 * abs(c["exact"][name]), (res.method, name, t, se)
+
+
+def test_activation_traces_refuse_layers_inside_a_scan(digits):
+    model = ScanMLP()
+    x, y = jnp.asarray(digits.x_train[:8]), jnp.asarray(digits.y_train[:8])
+    v = model.init(jax.random.key(0), x)
+    loss = lambda out: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()  # noqa: E731
+    with pytest.raises(ValueError, match=r"layer 'blocks/fc1' runs inside scan\(blocks\).*not per layer"):
+        hqjax.activation_traces(model, v, x, loss, jax.random.key(0), num_probes=2)
