@@ -187,7 +187,14 @@ def stage_allocate(job: Job) -> None:
     scores = sensitivity_scores(table, c.weight_bits, c.metric)
     uniform = [{"bits": b, "cost": uniform_cost(costs, c.budget_kind, table.names, b, c.act_bits),
                 "sensitivity": float(sum(scores[n][b] for n in table.names))} for b in c.weight_bits]
-    work.write_json("bit_config.json", alloc.bit_config)
+    bit_config = alloc.bit_config
+    if job.stacked:  # only the weights of a stack's layers are quantized (hqjax.quantize_model refuses act bits)
+        stacked = [n for n in bit_config if n.endswith("]") and "[" in n]
+        bit_config = {n: {**e, "act_bits": None} if n in stacked else e for n, e in bit_config.items()}
+        job.log(f"[allocate] {len(stacked)} layers of stacked modules ({', '.join(job.stacked)}) are weight-only: "
+                f"act_bits None in bit_config.json" + (f" (the {c.budget_kind} budget counts their inputs at "
+                                                        f"{c.act_bits} bits)" if c.budget_kind != "size" else ""))
+    work.write_json("bit_config.json", bit_config)
     work.write_json("allocation.json", {**alloc.to_dict(), "budget_kind": c.budget_kind, "budget": limit,
                                         "unit": _UNITS[c.budget_kind], "costs_table": costs.to_dict()})
     work.write_json("pareto.json", {"kind": c.budget_kind, "unit": _UNITS[c.budget_kind], "metric": c.metric,

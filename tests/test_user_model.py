@@ -302,8 +302,15 @@ def test_stacked_layers_get_their_own_bits_and_the_quantize_stage_is_refused(tmp
     assert len({cfg[n]["weight_bits"] for n in layers}) > 1, cfg  # the layers of the stack differ
     sens = json.loads((out / "sensitivity.json").read_text())
     assert layers <= set(json.dumps(sens).split('"'))
+    assert all(cfg[n]["act_bits"] is None for n in layers) and cfg["head"]["act_bits"] == 8  # stacks: weight-only
     model, variables = hqjax.from_nnx(um.nnx_scan_mlp())
-    hqjax.quantize_params(variables["params"], cfg)  # the allocation applies to the stacked weights
+    x_cal, _, x, _ = _data()
+    qm = hqjax.quantize_model(model, cfg)  # the allocation applies as it is
+    out = qm.apply(qm.calibrate(variables, x_cal), x)
+    # the same as the stack's weights quantized first, then the rest of the allocation
+    pre = {**variables, "params": hqjax.quantize_params(variables["params"], {n: cfg[n] for n in layers})}
+    rest = hqjax.quantize_model(model, {n: cfg[n] for n in ("embed", "head")})
+    np.testing.assert_allclose(out, rest.apply(rest.calibrate(pre, x_cal), x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("factory, layers", [("user_models:ModelessNet", {"conv", "head"}),
