@@ -177,6 +177,7 @@ def pareto_points(table, costs, config: RunConfig, num: int = 24) -> list[dict]:
 def stage_allocate(job: Job) -> None:
     """Bits per layer of least summed sensitivity within the budget (HAWQ-V3 Eq. 12)."""
     from hqjax.alloc import sensitivity_scores
+    from hqjax.tree import stack_layer
 
     c, work = job.config, job.work
     rows = work.read_json("sensitivity.json")["layers"]
@@ -189,7 +190,7 @@ def stage_allocate(job: Job) -> None:
                 "sensitivity": float(sum(scores[n][b] for n in table.names))} for b in c.weight_bits]
     bit_config = alloc.bit_config
     if job.stacked:  # only the weights of a stack's layers are quantized (hqjax.quantize_model refuses act bits)
-        stacked = [n for n in bit_config if n.endswith("]") and "[" in n]
+        stacked = [n for n in bit_config if stack_layer(n)[1] is not None]
         bit_config = {n: {**e, "act_bits": None} if n in stacked else e for n, e in bit_config.items()}
         job.log(f"[allocate] {len(stacked)} layers of stacked modules ({', '.join(job.stacked)}) are weight-only: "
                 f"act_bits None in bit_config.json" + (f" (the {c.budget_kind} budget counts their inputs at "

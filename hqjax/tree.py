@@ -11,6 +11,7 @@ the same strings a person reads in ``model.tabulate`` and the keys of a BitConfi
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -35,6 +36,7 @@ __all__ = [
     "blocks",
     "path_name",
     "kernel_view_shape",
+    "stack_layer",
 ]
 
 PyTree = Any
@@ -358,6 +360,16 @@ class Blocks:
         if bias is None or not any(p.rsplit("/", 1)[-1] == "kernel" for p in leaves):
             return w
         return jnp.reshape(w, kernel_view_shape(jnp.shape(w), jnp.shape(bias)))
+
+
+_STACK_LAYER = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def stack_layer(name: str) -> tuple[str, int | None]:
+    """A block name split into its module path and its layer in a stack:
+    ``'blocks/fc1[2]'`` -> ``('blocks/fc1', 2)``; a name of no stack -> ``(name, None)``."""
+    m = _STACK_LAYER.match(name)
+    return (m[1], int(m[2])) if m else (name, None)
 
 
 def _stack_of(path: str, stacked: Sequence[str]) -> str | None:

@@ -159,6 +159,8 @@ def test_stacked_modules_give_one_block_per_layer_in_layer_order():
     assert blk.names == ("blocks/fc1[0]", "blocks/fc2[0]", "blocks/fc1[1]", "blocks/fc2[1]", "embed", "head")
     assert blk.sizes == (12, 12, 12, 12, 15, 15)
     assert hqjax.blocks(p).names == ("blocks/fc1", "blocks/fc2", "embed", "head")  # without it: one block a stack
+    assert [hqjax.tree.stack_layer(n) for n in blk.names[:2]] == [("blocks/fc1", 0), ("blocks/fc2", 0)]
+    assert hqjax.tree.stack_layer("layers/0/fc") == ("layers/0/fc", None)  # an nnx.List path is no stack
     parts = blk.leaves_of(p, "blocks/fc2[1]")
     np.testing.assert_array_equal(parts["blocks/fc2/kernel"], p["blocks"]["fc2"]["kernel"][1])
     np.testing.assert_array_equal(blk.kernel(p, "blocks/fc1[0]"), p["blocks"]["fc1"]["kernel"][0])

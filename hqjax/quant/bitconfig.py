@@ -10,7 +10,6 @@ It is saved as JSON that a person can read and edit.
 from __future__ import annotations
 
 import os
-import re
 from typing import Iterable, Mapping
 
 from hqjax._bits import ACT_BITS, WEIGHT_BITS
@@ -19,13 +18,6 @@ from hqjax._schema import read_json, stamp, unstamp
 __all__ = ["validate_bit_config", "uniform_bit_config", "bit_width_arrays", "save_bit_config", "load_bit_config"]
 
 _KEYS = ("weight_bits", "act_bits")
-_STACKED_NAME = re.compile(r"^(.*)\[(\d+)\]$")
-
-
-def _layer_of_stack(name: str) -> tuple[str, int | None]:
-    """``'stack/fc[2]'`` -> ``('stack/fc', 2)`` (layer 2 of a stacked module); else ``(name, None)``."""
-    m = _STACKED_NAME.match(name)
-    return (m[1], int(m[2])) if m else (name, None)
 
 
 def _check_bits(layer: str, key: str, value, allowed) -> None:

@@ -41,9 +41,9 @@ from hqjax.kernels import int_matmul as kernel_matmul
 from hqjax.quant._int_program import run_program
 from hqjax.quant._lowering import Lowerer, ModelInfo, input_layer
 from hqjax.quant._trace import trace_linen, trace_nnx
-from hqjax.quant.bitconfig import _layer_of_stack
 from hqjax.quant.quantizers import int_range, qparams_from_range
 from hqjax.quant.transform import STATS, QuantizedModel, _owner_leaves, quantize_params, weight_specs
+from hqjax.tree import stack_layer
 
 __all__ = ["int_matmul", "fold_batchnorm", "IntegerModel", "to_integer", "save_integer_model",
            "load_integer_model"]
@@ -267,7 +267,7 @@ def to_integer(qmodel, variables, input_shape, *, backend: str = "xla", pack_int
         raise ValueError(f"the model takes integer inputs (token ids, one example of shape {tuple(input_shape)}): "
                          f"its embedding lookup has no integer form here. Pass float_islands=True to run it, and "
                          f"what follows up to the first Dense layer, in float")
-    stacked = [k for k in qmodel.bit_config if _layer_of_stack(k)[1] is not None]
+    stacked = [k for k in qmodel.bit_config if stack_layer(k)[1] is not None]
     if stacked:
         raise ValueError(f"integer-only inference cannot lower the layers of a stacked module (nn.scan / nnx.scan): "
                          f"{stacked[:3]}{' ...' if len(stacked) > 3 else ''}; serve their quantized weights "

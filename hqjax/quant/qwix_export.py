@@ -35,7 +35,8 @@ import logging
 import re
 from typing import Any, Callable, Mapping, Sequence
 
-from hqjax.quant.bitconfig import _layer_of_stack, validate_bit_config
+from hqjax.quant.bitconfig import validate_bit_config
+from hqjax.tree import stack_layer
 
 __all__ = ["qwix_rule_specs", "to_qwix_rules", "QwixChange", "QwixExport", "export_qwix", "qwix_apply"]
 
@@ -69,7 +70,7 @@ def _merge_stacks(cfg: Mapping) -> tuple[dict, list[tuple[str, tuple, tuple]]]:
     merged: dict = {}
     layers: dict[str, list[str]] = {}
     for name, entry in cfg.items():
-        module, j = _layer_of_stack(name)
+        module, j = stack_layer(name)
         if j is None:
             merged[name] = dict(entry)
         else:
@@ -223,11 +224,11 @@ def export_qwix(bit_config: Mapping, kinds: Mapping[str, Any], *, provider: str 
     if missing:
         raise ValueError(f"no layer kind for {missing}; pass kinds=hqjax.layer_shapes(model, variables, x, "
                          f"train=False) or {{layer: 'conv' | 'dense' | ...}}")
-    kind_of.update({_layer_of_stack(n)[0]: kind_of[n] for n in cfg})
+    kind_of.update({stack_layer(n)[0]: kind_of[n] for n in cfg})
     cfg, raised = _merge_stacks(cfg)
     changes: list[QwixChange] = [
         QwixChange(n, alloc, (), "stack", f"Qwix has one rule per module path, and the layers of a stack share "
-                                          f"{_layer_of_stack(n)[0]!r}: raised to the stack's widest W{wide[0]}A{wide[1]}")
+                                          f"{stack_layer(n)[0]!r}: raised to the stack's widest W{wide[0]}A{wide[1]}")
         for n, alloc, wide in raised]
     specs = []
     for layer in sorted(cfg, key=lambda n: (-len(n), n)):
@@ -257,7 +258,7 @@ def export_qwix(bit_config: Mapping, kinds: Mapping[str, Any], *, provider: str 
         specs.append(spec)
     for c in changes:
         if not c.exported:
-            exported = next(s for s in specs if s["module_path"] == re.escape(_layer_of_stack(c.layer)[0]))
+            exported = next(s for s in specs if s["module_path"] == re.escape(stack_layer(c.layer)[0]))
             changes[changes.index(c)] = dataclasses.replace(c, exported=(exported["weight_qtype"],
                                                                          exported["act_qtype"]))
     if changes:

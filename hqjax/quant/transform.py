@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from hqjax._linen import with_train_arg
-from hqjax.quant.bitconfig import _layer_of_stack, check_bit_widths, validate_bit_config
+from hqjax.quant.bitconfig import check_bit_widths, validate_bit_config
 from hqjax.quant.calibration import Calibrator, get_calibrator, state_range
 from hqjax.quant.quantizers import QuantSpec, fake_quant
-from hqjax.tree import OWNER_LEAVES, kernel_view_shape, path_name
+from hqjax.tree import OWNER_LEAVES, kernel_view_shape, path_name, stack_layer
 
 __all__ = [
     "per_channel_weights",
@@ -102,10 +102,10 @@ def coverage(params: PyTree, bit_config: Mapping) -> Coverage:
     covered when the config names it or any of its layers, ``'stack/fc[i]'``)."""
     owners = _owner_leaves(params)
     cfg = validate_bit_config(bit_config)
-    named = {_layer_of_stack(k)[0] for k in cfg}
+    named = {stack_layer(k)[0] for k in cfg}
     return Coverage(
-        matched=tuple(k for k in cfg if _layer_of_stack(k)[0] in owners),
-        unmatched=tuple(k for k in cfg if _layer_of_stack(k)[0] not in owners),
+        matched=tuple(k for k in cfg if stack_layer(k)[0] in owners),
+        unmatched=tuple(k for k in cfg if stack_layer(k)[0] not in owners),
         uncovered=tuple(k for k in owners if k not in named),
     )
 
@@ -115,14 +115,14 @@ def _weight_specs(params, bit_config, weight_spec) -> dict[str, list[tuple[str, 
     kernel, else the layer of a stacked kernel (``'stack/fc[i]'``)."""
     owners = _owner_leaves(params)
     cfg = validate_bit_config(bit_config)
-    unknown = [k for k in cfg if _layer_of_stack(k)[0] not in owners]
+    unknown = [k for k in cfg if stack_layer(k)[0] not in owners]
     if unknown:
         raise ValueError(f"BitConfig entries {unknown} match no layer with a kernel or embedding; "
                          f"quantizable layers are {list(owners)}")
     shapes = {path_name(p): jnp.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     out: dict[str, list] = {}
     for k in cfg:
-        module, j = _layer_of_stack(k)
+        module, j = stack_layer(k)
         lp, leaf = owners[module]
         if j is not None and not (len(shapes[lp]) > 2 and j < shapes[lp][0]):
             raise ValueError(f"BitConfig entry {k!r}: {lp} has shape {shapes[lp]}, which has no layer {j} along a "
@@ -211,7 +211,7 @@ def _check_stacked_acts(bit_config: Mapping) -> None:
     """Refuse activation bits on a layer of a stack (``'stack/fc[i]'``): its input range would
     have to be calibrated and read per layer inside the user's ``nn.scan``/``nnx.scan``,
     which carries only the collections the model names."""
-    acts = [k for k, v in bit_config.items() if _layer_of_stack(k)[1] is not None and v.get("act_bits") is not None]
+    acts = [k for k, v in bit_config.items() if stack_layer(k)[1] is not None and v.get("act_bits") is not None]
     if acts:
         raise ValueError(f"layers {acts[:3]}{' ...' if len(acts) > 3 else ''} of a stacked module (nn.scan / "
                          f"nnx.scan) have act_bits set; hqjax quantizes only the weights of stacked layers: set "
