@@ -376,6 +376,22 @@ def _stack_of(path: str, stacked: Sequence[str]) -> str | None:
     return next((s for s in stacked if path == s or path.startswith(s + "/")), None)
 
 
+def _stack_depths(paths: Sequence[str], shapes: Sequence[tuple], stacked: Sequence[str]) -> dict[str, int]:
+    """``{stack: number of layers}``, the leading axis every param under the stack shares."""
+    depth = {}
+    for s in stacked:
+        under = [(p, shape) for p, shape in zip(paths, shapes) if _stack_of(p, (s,))]
+        if not under:
+            raise ValueError(f"stacked module {s!r} has no params; stacked modules are module paths such as "
+                             f"{sorted({p.rsplit('/', 1)[0] for p in paths if '/' in p})[:4]}")
+        lengths = {shape[0] if shape else None for _, shape in under}
+        if len(lengths) != 1 or None in lengths:
+            raise ValueError(f"stacked module {s!r}: its params do not share one leading layer axis "
+                             f"({', '.join(f'{p} {shape}' for p, shape in under[:4])})")
+        depth[s] = lengths.pop()
+    return depth
+
+
 def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None, *,
            stacked: Sequence[str] = ()) -> Blocks:
     """Partition ``params`` into named layer blocks.
@@ -412,18 +428,7 @@ def blocks(params: PyTree, rule: Callable[[str], str | None] | None = None, *,
             module = p.rsplit("/", 1)[0] if "/" in p else ""
             return module if module in owners else None
 
-    depth: dict[str, int] = {}  # stack -> its number of layers
-    for s in stacked:
-        under = [(p, np.shape(x)) for p, (_, x) in zip(paths, flat) if _stack_of(p, (s,))]
-        if not under:
-            raise ValueError(f"stacked module {s!r} has no params; stacked modules are module paths such as "
-                             f"{sorted({p.rsplit('/', 1)[0] for p in paths if '/' in p})[:4]}")
-        lengths = {shape[0] if shape else None for _, shape in under}
-        if len(lengths) != 1 or None in lengths:
-            raise ValueError(f"stacked module {s!r}: its params do not share one leading layer axis "
-                             f"({', '.join(f'{p} {shape}' for p, shape in under[:4])})")
-        depth[s] = lengths.pop()
-
+    depth = _stack_depths(paths, [np.shape(x) for _, x in flat], stacked)
     modules: list[str] = []  # block names before stacks are split into layers
     leaf_module = [rule(p) for p in paths]
     for m in leaf_module:
