@@ -130,7 +130,7 @@ def _weight_specs(params, bit_config, weight_spec) -> dict[str, list[tuple[str, 
         out.setdefault(lp, []).append((k, leaf, cfg[k]["weight_bits"], j))
     for lp, entries in out.items():
         if len(entries) > 1 and any(j is None for *_, j in entries):
-            raise ValueError(f"BitConfig names both the stack {entries[0][0].split('[')[0]!r} and its layers "
+            raise ValueError(f"BitConfig names both the stack {stack_layer(entries[0][0])[0]!r} and its layers "
                              f"({[e[0] for e in entries]}); name either the whole stack or each layer")
     return out
 
