@@ -181,6 +181,26 @@ def layer_modules(module, types: tuple | None = None) -> list[tuple[tuple, str, 
             if path and isinstance(node, types)]
 
 
+def _kernel_ndim(layer) -> int | None:
+    """The rank of ``layer``'s kernel as the layer itself builds it (``None``: not known)."""
+    from flax import nnx
+
+    if isinstance(layer, nnx.Einsum):
+        return len(layer.kernel_shape)
+    if isinstance(layer, nnx.LinearGeneral):
+        return len(layer.in_features) + len(layer.out_features)
+    if isinstance(layer, nnx.Conv):
+        return len(layer.kernel_size) + 2
+    return 2 if isinstance(layer, nnx.Linear) else None
+
+
+def stacked_layers(module) -> list[str]:
+    """Layers whose kernel has more axes than the layer builds: made by ``nnx.vmap`` (a stack
+    of layers applied under ``nnx.scan``)."""
+    return [name for _, name, layer in layer_modules(module)
+            if _kernel_ndim(layer) is not None and layer.kernel.ndim > _kernel_ndim(layer)]
+
+
 def _get(node, key):
     return node[key] if isinstance(key, int) else getattr(node, key)
 

@@ -179,3 +179,25 @@ def test_nnx_model_nested_layers_and_batchnorm_state():
     assert float(jnp.abs(moved).max()) > 0  # training-mode BatchNorm statistics came back
     np.testing.assert_array_equal(np.asarray(model.blocks[0].bn.mean[...]), 0.0)  # input model untouched
     assert y.shape == (4, 3)
+
+
+def test_act_bits_on_a_stacked_nnx_layer_are_refused_by_name():
+    """Layers made by nnx.vmap and applied under nnx.scan: their input ranges would leak the
+    scan's tracers, so act_bits on them are refused (both NNX routes); weights alone work."""
+    import hqjax
+    import user_models as um
+    from flax import nnx
+
+    x = jnp.ones((4, 8, 8, 1))
+    cfg = {"blocks/fc1": {"weight_bits": 4, "act_bits": 8}, "head": {"weight_bits": 4, "act_bits": 8}}
+    model, v = hqjax.from_nnx(um.nnx_scan_mlp())
+    qm = hqjax.quantize_model(model, cfg)
+    with pytest.raises(ValueError, match=r"\['blocks/fc1'\] run stacked .*act_bits=None"):
+        jax.jit(qm.calibrate)(v, x)
+    module = um.NNXScanMLP(nnx.Rngs(0))
+    qn = hqjax.quantize_nnx_model(module, cfg)
+    _, params, rest = nnx.split(module, nnx.Param, ...)
+    with pytest.raises(ValueError, match=r"\['blocks/fc1'\] run stacked"):
+        qn.calibrate(params, rest, None, x)
+    weights_only = hqjax.quantize_model(model, {**cfg, "blocks/fc1": {"weight_bits": 4, "act_bits": None}})
+    assert weights_only.apply(weights_only.calibrate(v, x), x).shape == (4, 10)
