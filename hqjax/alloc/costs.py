@@ -506,10 +506,19 @@ def measure_latency_table(
         sub-byte kernel here where the device has one: with the default, 2-8 bits run the
         same int8 code and so measure alike, which is the truth of such a device.
     repeats : timed calls per entry after one warm-up call (compile time excluded).
+
+    The layers of a stack (``'stack/fc[i]'``) run one op: it is timed once, for the first.
     """
+    from hqjax.tree import stack_layer
+
     build = op or _reference_op
     table: dict[str, dict[str, float]] = {}
+    timed: dict[str, dict[str, float]] = {}  # a stack's module -> its first layer's row
     for name, shape in shapes.items():
+        module, layer = stack_layer(name)
+        if layer is not None and module in timed:  # the same op as the stack's first layer
+            table[name] = dict(timed[module])
+            continue
         row = {}
         for b in bits:
             fn, args = build(shape, int(b))
@@ -522,4 +531,6 @@ def measure_latency_table(
                 times.append(time.perf_counter() - t0)
             row[str(int(b))] = float(np.median(times) * 1e6)
         table[name] = row
+        if layer is not None:
+            timed[module] = row
     return table

@@ -154,3 +154,20 @@ def test_einsum_layers_are_costed_like_dense_general_in_linen_and_nnx():
         s = shapes["heads"]
         assert (s.kind, s.kernel_shape, s.output_shape) == ("dense_general", (8, 2, 4), (2, 8, 2, 4))
         assert s.macs == 8 * 8 * 2 * 4 and s.n_weights == 64 and s.n_bias == 8  # 8 tokens x (8 in, 8 out)
+
+
+def test_a_stacks_layers_are_timed_once():
+    import user_models as um
+
+    x = jnp.zeros((2, 8, 8, 1))
+    model = um.ScanMLP()
+    shapes = hqjax.layer_shapes(model, model.init(jax.random.key(0), x), x)
+    calls = []
+
+    def op(shape, bits):
+        calls.append(shape.name)
+        return (lambda a: a + 1), (jnp.zeros(3),)
+
+    table = hqjax.measure_latency_table(shapes, [8], op=op, repeats=1)
+    assert set(table) == set(shapes) and calls == ["embed", "blocks/fc1[0]", "blocks/fc2[0]", "head"]
+    assert table["blocks/fc1[2]"] == table["blocks/fc1[0]"]
