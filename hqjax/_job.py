@@ -193,8 +193,11 @@ class Job:
         d = self.dataset
         shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), d.input_shape,
                                                        d.input_dtype))
-        return stacked_modules(self.model, shapes, jax.ShapeDtypeStruct((1, *d.input_shape), d.input_dtype),
-                               train=False)
+        try:
+            return stacked_modules(self.model, shapes, jax.ShapeDtypeStruct((1, *d.input_shape), d.input_dtype),
+                                   train=False)
+        except ValueError as e:  # nested stacks
+            raise UserError(f"model {self.config.model!r}: {e}") from None
 
     def check_integer_lowering(self) -> None:
         """Lower the model (8-bit weights, the job's activation bits) on its given (or initial)

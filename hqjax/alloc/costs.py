@@ -231,8 +231,13 @@ def _stacks(found: Mapping[str, LayerShape], params: PyTree) -> dict[str, tuple[
     depth = {}
     for n, rec in found.items():
         stored = leaves.get(f"{n}/{'embedding' if rec.kind == 'embed' else 'kernel'}")
-        if stored is not None and len(stored) == len(rec.kernel_shape) + 1 and stored[1:] == rec.kernel_shape:
+        extra = None if stored is None else len(stored) - len(rec.kernel_shape)
+        if extra == 1 and stored[1:] == rec.kernel_shape:
             depth[n] = stored[0]
+        elif extra and extra > 1 and stored[extra:] == rec.kernel_shape:
+            raise ValueError(f"layer {n!r} runs in nested stacks: its stored kernel {stored} carries {extra} layer "
+                             f"axes in front of the {rec.kernel_shape} it uses; hqjax splits one layer axis (one "
+                             f"nn.scan / nnx.scan over layers)")
 
     def shares_axis(prefix: str, d: int) -> bool:
         under = [s for p, s in leaves.items() if p.startswith(prefix + "/")]

@@ -171,3 +171,28 @@ def test_a_stacks_layers_are_timed_once():
     table = hqjax.measure_latency_table(shapes, [8], op=op, repeats=1)
     assert set(table) == set(shapes) and calls == ["embed", "blocks/fc1[0]", "blocks/fc2[0]", "head"]
     assert table["blocks/fc1[2]"] == table["blocks/fc1[0]"]
+
+
+
+def test_nested_stacks_are_refused_by_layer():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(16, name="fc")(x), None
+
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+            return scan(name="inner")(x, None)[0], None
+
+    class Nested(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Inner, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scan(name="outer")(x, None)[0]
+
+    x = jnp.zeros((2, 16))
+    model = Nested()
+    with pytest.raises(ValueError, match=r"'outer/inner/fc' runs in nested stacks: .*\(3, 2, 16, 16\) carries 2"):
+        hqjax.stacked_modules(model, model.init(jax.random.key(0), x), x)
