@@ -51,7 +51,8 @@ __all__ = [
     "save_integer_model", "load_integer_model", "to_qwix_rules", "qwix_rule_specs", "export_qwix", "qwix_apply",
     # allocation
     "sensitivity_table", "SensitivityTable", "LayerSensitivity", "weight_perturbations", "sensitivity_scores",
-    "register_metric", "get_metric", "metric_names", "metric_needs", "layer_shapes", "stacked_modules", "LayerCosts", "measure_latency_table",
+    "register_metric", "get_metric", "metric_names", "metric_needs", "layer_shapes", "stacked_modules", "LayerCosts",
+    "measure_latency_table",
     "save_latency_table", "alpha", "allocate", "Allocation", "InfeasibleBudgetError", "pareto_frontier",
     "plot_pareto",
 ]

@@ -133,19 +133,10 @@ class Job:
 
     def check_inputs(self) -> None:
         """Load and check the data, the model and pretrained variables (before any work)."""
-        from hqjax.train import init_variables
         from hqjax.tree import blocks
 
         _ = self.dataset, self.model, self.pretrained
-        shape = self.dataset.input_shape
-        try:
-            shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), shape,
-                                                           self.dataset.input_dtype))
-        except (TypeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"model {self.config.model!r} does not take the data's inputs (one example: shape "
-                            f"{tuple(shape)}): {first}; choose a model for this data, or data (--dataset file.npz, "
-                            f"hqjax.run(..., data)) of the shape the model takes") from None
+        shapes = self.init_shapes
         if not blocks(shapes["params"]).names:
             raise UserError(f"model {self.config.model!r} has no layer with a 'kernel' or 'embedding' parameter "
                             f"(Linen Dense/Conv/Embed, NNX Linear/Conv/Embed), so there is nothing to quantize")
@@ -184,18 +175,31 @@ class Job:
                             f"tokens to an id of their own), or a model with a vocabulary that covers them")
 
     @functools.cached_property
+    def init_shapes(self):
+        """Shapes of the model's variables for the data's inputs (``jax.eval_shape`` of its
+        initialization: nothing is computed); a model that does not take them is a UserError."""
+        from hqjax.train import init_variables
+
+        d = self.dataset
+        try:
+            return jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), d.input_shape,
+                                                         d.input_dtype))
+        except (TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model {self.config.model!r} does not take the data's inputs (one example: shape "
+                            f"{tuple(d.input_shape)}): {first}; choose a model for this data, or data (--dataset "
+                            f"file.npz, hqjax.run(..., data)) of the shape the model takes") from None
+
+    @functools.cached_property
     def stacked(self) -> tuple[str, ...]:
         """The model's stacked modules (``nn.scan``/``nnx.scan`` over layers), from a
         shape-only trace: each of their layers is a block of its own."""
         from hqjax.alloc import stacked_modules
-        from hqjax.train import init_variables
 
         d = self.dataset
-        shapes = jax.eval_shape(lambda: init_variables(self.model, jax.random.PRNGKey(0), d.input_shape,
-                                                       d.input_dtype))
         try:
-            return stacked_modules(self.model, shapes, jax.ShapeDtypeStruct((1, *d.input_shape), d.input_dtype),
-                                   train=False)
+            return stacked_modules(self.model, self.init_shapes,
+                                   jax.ShapeDtypeStruct((1, *d.input_shape), d.input_dtype), train=False)
         except ValueError as e:  # nested stacks
             raise UserError(f"model {self.config.model!r}: {e}") from None
 
@@ -210,8 +214,8 @@ class Job:
         if self.stacked:
             raise UserError(f"model {self.config.model!r} runs stacked layers ({', '.join(self.stacked)}: nn.scan / "
                             f"nnx.scan over layers), whose activations the job's QAT and integer-only stages cannot "
-                            f"quantize; `hqjax allocate` (train, analyze, allocate) and `hqjax sweep` take it: apply "
-                            f"the bits to its weights with the library (hqjax.quantize_params(params, bit_config): weight-only)")
+                            f"quantize; `hqjax allocate` (train, analyze, allocate) and `hqjax sweep` take it, and "
+                            f"hqjax.quantize_model(model, bit_config) applies its allocation (weight-only there)")
         d = self.dataset
         v = self.pretrained
         if v is None:

@@ -7,7 +7,8 @@ frontier of sensitivity against size or BOPS).
 """
 
 from hqjax.alloc.costs import (
-    COST_KINDS, LayerCosts, LayerShape, bit_serial_op, layer_shapes, load_latency_table, stacked_modules, measure_latency_table,
+    COST_KINDS, LayerCosts, LayerShape, bit_serial_op, layer_shapes, load_latency_table, stacked_modules,
+    measure_latency_table,
     save_latency_table,
 )
 from hqjax.alloc.sensitivity import (

@@ -205,7 +205,8 @@ class Lowerer:
         lo = rng[0] if v.lo == -math.inf else np.maximum(rng[0], zero + np.round(np.float32(v.lo) / s32))
         hi = rng[1] if v.hi == math.inf else np.minimum(rng[1], zero + np.round(np.float32(v.hi) / s32))
         same = (elide and v.dtype == dtype and v.zero == zero
-                and np.array_equal(*np.broadcast_arrays(v.scale, scale)) and np.all(lo <= zero - v.bound) and np.all(hi >= zero + v.bound))
+                and np.array_equal(*np.broadcast_arrays(v.scale, scale))
+                and np.all(lo <= zero - v.bound) and np.all(hi >= zero + v.bound))
         if same:
             out = dataclasses.replace(v, lo=-math.inf, hi=math.inf)
         else:

@@ -58,7 +58,7 @@ def quantize_nnx(model, bit_config: Mapping, weight_spec: WeightSpecFn = per_cha
     return nnx.merge(graphdef, quantize_nnx_state(params, bit_config, weight_spec), rest, copy=True)
 
 
-def _refuse_stacked_acts(module, act_spec) -> None:
+def _check_no_acts_in_nnx_stacks(module, act_spec) -> None:
     """A layer stacked by ``nnx.vmap`` and applied under ``nnx.scan`` cannot record its input
     range per layer (the hook would leak the scan's tracers): refuse its act_bits by name."""
     stacked = [n for n in stacked_layers(module) if act_spec(n) is not None]
@@ -139,7 +139,7 @@ class QuantizedNNXModel:
         # training mode would write BatchNorm statistics into the caller's model.
         qparams = quantize_nnx_state(params, self.bit_config, self.weight_spec, bit_widths=bit_widths)
         model = nnx.merge(self.graphdef, qparams, rest, copy=True)
-        _refuse_stacked_acts(model, self.act_spec)
+        _check_no_acts_in_nnx_stacks(model, self.act_spec)
         new_stats = dict(stats or {})
         hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate, bit_widths)
         with with_layer_hooks(model, hooks, _act_layer_types()):  # restored after, so split(model) matches `rest`
@@ -225,7 +225,7 @@ class QuantizedNNXApply:
         qparams = quantize_params(variables["params"], self.bit_config, self.weight_spec, bit_widths=bit_widths)
         module = self.model.merge({k: v for k, v in variables.items() if k != STATS}, params=qparams)
         self.model.set_mode(module, train, kwargs.pop("rngs", None))
-        _refuse_stacked_acts(module, self.act_spec)
+        _check_no_acts_in_nnx_stacks(module, self.act_spec)
         new_stats = dict(variables.get(STATS) or {})
         hooks = _input_hooks(self.act_spec, self.calibrator, new_stats, calibrate, bit_widths)
         with with_layer_hooks(module, hooks, _act_layer_types()):
